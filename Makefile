@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# VENV can point outside the clone (CI keeps it in ~/.cache/genval-aug/venv).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.genval-aug-installed
+STAMP_KEY := $(shell cat pyproject.toml | sha1sum | cut -c1-16)-$(shell pwd | sha1sum | cut -c1-8)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+$(PY):
+	@$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	@if [ "$$(cat $(STAMP) 2>/dev/null)" != "$(STAMP_KEY)" ]; then \
+	  echo "genval-aug: installing into $(VENV) (torch 2.14.1 / torchvision 0.29.1 pinned here; first run takes ~2 min)"; \
+	  $(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored: it is neither" || true; \
+	  $(PY) -m pip install -q --disable-pip-version-check -e '.[all,dev]' torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored: it is neither" || true; \
+	  $(PY) -c "import genval_aug, torch, torchvision, cv2, lmdb" || exit 1; \
+	  echo "$(STAMP_KEY)" > $(STAMP); \
+	fi
+
+demo: install
+	@$(PY) -m genval_aug.demo
+
+test: install
+	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	@$(VENV)/bin/ruff check genval_aug tests benchmarks examples
+
+bench: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

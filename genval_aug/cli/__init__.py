@@ -1,0 +1,57 @@
+"""The ``genval-aug`` command line.
+
+Each command group lives in its own module under ``genval_aug.cli`` and exposes
+``register(subparsers)``; the module list below is the only place that names them.
+Handlers return an exit code; a ``GenValAugError`` becomes a one-line reason and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from genval_aug import __version__
+from genval_aug.errors import GenValAugError
+
+COMMAND_MODULES = ["bank", "preview", "yolo", "agents", "worker"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genval-aug", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"genval-aug {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"genval_aug.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"genval_aug.cli.{name}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args, extra) if getattr(args, "accepts_extra", False) else args.func(args) or 0)
+    except GenValAugError as e:
+        print(f"genval-aug: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("genval-aug: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

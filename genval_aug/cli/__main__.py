@@ -1,0 +1,5 @@
+import sys
+
+from genval_aug.cli import main
+
+sys.exit(main())

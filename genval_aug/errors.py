@@ -1,0 +1,26 @@
+"""Exceptions raised by genval_aug. Each message names the file, record or field at fault."""
+from __future__ import annotations
+
+
+class GenValAugError(Exception):
+    """Base class of every genval_aug error."""
+
+
+class BankError(GenValAugError):
+    """The bank at a path is missing, unreadable or inconsistent."""
+
+
+class BadRecordError(BankError):
+    """A single bank record cannot be decoded or fails validation."""
+
+
+class BadInstanceError(GenValAugError, ValueError):
+    """An instance offered to the bank is not a usable RGBA image (wrong shape, empty alpha, ...)."""
+
+
+class DatasetError(GenValAugError):
+    """A dataset file (labels, annotations, images) is missing or malformed."""
+
+
+class ConfigError(GenValAugError, ValueError):
+    """A configuration value is invalid."""
