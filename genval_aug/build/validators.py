@@ -1,0 +1,79 @@
+"""Built-in validators: ``none`` (keep every pre-filtered instance) and ``agent`` (a VLM judge)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from genval_aug.build.registry import register_validator
+from genval_aug.errors import ConfigError
+
+__all__ = ["KeepAll", "make_backend"]
+
+
+class KeepAll:
+    """Accepts everything that passed the pre-filters (for harvest/folder builds or smoke tests)."""
+
+    name = "none"
+
+    def validate(self, rgbas: list[np.ndarray], categories: list[str]) -> list[dict[str, Any]]:  # noqa: ARG002
+        return [{"keep": True, "score": 1.0, "criteria": {}, "reasons": {}, "model": "none",
+                 "prompt_version": None} for _ in rgbas]
+
+
+@register_validator("none")
+def _none(spec, config, device=None):  # noqa: ARG001
+    return KeepAll()
+
+
+def make_backend(params: dict[str, Any], field: str, device: str | None = None):
+    """Build a ``ChatBackend`` from ``{kind: openai|transformers|transformers-vision, model: ..., ...}``."""
+    params = dict(params)
+    kind = params.pop("kind", "openai")
+    try:
+        from genval_aug.agents import backends
+    except ImportError as e:
+        raise ConfigError(f"{field}: the agents module is not available: {e}") from e
+    classes = {
+        "openai": "OpenAICompatibleBackend",
+        "transformers": "TransformersChatBackend",
+        "transformers-vision": "TransformersVisionBackend",
+    }
+    if kind not in classes:
+        raise ConfigError(f"{field}.kind: unknown backend {kind!r} (one of {', '.join(classes)})")
+    cls = getattr(backends, classes[kind], None)
+    if cls is None:
+        raise ConfigError(f"{field}.kind: genval_aug.agents.backends has no {classes[kind]}")
+    if "model" not in params:
+        raise ConfigError(f"{field}.model: missing")
+    if kind != "openai" and device is not None and "device" not in params:
+        params["device"] = device
+    ctor = getattr(cls, "from_pretrained", None) if kind != "openai" else None
+    try:
+        return ctor(params.pop("model"), **params) if ctor else cls(**params)
+    except TypeError as e:
+        raise ConfigError(f"{field}: {classes[kind]} rejected its parameters: {e}") from e
+
+
+@register_validator("agent")
+def _agent(spec, config, device=None):
+    try:
+        from genval_aug.agents import ValidationAgent
+    except ImportError as e:
+        raise ConfigError(f"validator.kind: 'agent' needs genval_aug.agents: {e}") from e
+    params = dict(spec.params)
+    if "backend" not in params:
+        raise ConfigError("validator.params.backend: missing (e.g. {kind: openai, model: ..., base_url: ...})")
+    backend = make_backend(params.pop("backend"), "validator.params.backend", device=device)
+    kwargs: dict[str, Any] = {}
+    if "prompt_version" in params:
+        kwargs["prompt_version"] = params.pop("prompt_version")
+    if config.prefilter is not None:
+        from genval_aug.quality import QualityRules
+
+        kwargs["rules"] = QualityRules(**config.prefilter)
+    if params:
+        raise ConfigError(f"validator.params.{sorted(params)[0]}: unknown field (allowed: backend, prompt_version)")
+    agent = ValidationAgent(backend, **kwargs)
+    agent.name = f"agent:{getattr(backend, 'model', '?')}"
+    return agent
