@@ -241,7 +241,8 @@ class BankBuilder:
             return self._prompts[name]
         t0 = time.monotonic()
         pc = self.config.prompts
-        fp = _spec_fingerprint((pc.kind, pc.n, pc.templates, sorted(pc.params.items(), key=str), st.spec))
+        fp = _spec_fingerprint((pc.kind, pc.n, pc.templates, sorted(pc.params.items(), key=str),
+                                st.spec.name, st.spec.definition, st.spec.synonyms))
         key = f"prompts:{self.config.name}:{name}"
         cached = bank.get_status(key) if os.path.isfile(os.path.join(self.bank_path, "data.mdb")) else None
         if cached and cached.get("fingerprint") == fp and len(cached.get("prompts", [])) == pc.n:
