@@ -74,6 +74,13 @@ def scan_units(bank: InstanceBank, build: str) -> dict[str, set[int]]:
     return bank._read(fn)
 
 
+def _keep(v: Any) -> bool:
+    if v is None:
+        return False
+    d = v if isinstance(v, dict) else (v.to_dict() if hasattr(v, "to_dict") else {"keep": getattr(v, "keep", False)})
+    return bool(d.get("keep", False)) and "error" not in d
+
+
 def _json_str(s: str) -> str:
     import json
 
@@ -103,6 +110,7 @@ class BuildReport:
     added: Counter = field(default_factory=Counter)         # category -> records added
     rejected: Counter = field(default_factory=Counter)      # reason -> count
     units: int = 0                                          # units processed this run
+    rejected_units: int = 0
     duplicates: int = 0
     stages: dict[str, StageStats] = field(default_factory=dict)
     deficits: dict[str, int] = field(default_factory=dict)  # category -> still missing at the end
@@ -117,7 +125,7 @@ class BuildReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "added": self.total_added, "added_per_class": dict(self.added), "rejected": dict(self.rejected),
-            "units": self.units, "duplicates": self.duplicates, "wall_s": round(self.wall_s, 3),
+            "units": self.units, "rejected_units": self.rejected_units, "duplicates": self.duplicates, "wall_s": round(self.wall_s, 3),
             "deficits": dict(self.deficits), "gave_up": list(self.gave_up), "stopped": self.stopped,
             "stages": {k: {"items": s.items, "batches": s.batches, "busy_s": round(s.busy_s, 3),
                            "items_per_s": None if math.isnan(s.rate) else round(s.rate, 3)}
@@ -126,7 +134,7 @@ class BuildReport:
 
     def summary(self) -> str:
         lines = [f"units processed: {self.units}   added: {self.total_added}   "
-                 f"rejected: {sum(self.rejected.values())}   wall: {self.wall_s:.1f}s"
+                 f"rejected: {self.rejected_units}   wall: {self.wall_s:.1f}s"
                  + ("   (stopped early)" if self.stopped else "")]
         for s in self.stages.values():
             rate = "-" if math.isnan(s.rate) else f"{s.rate:.2f}/s"
@@ -529,6 +537,8 @@ class BankBuilder:
             src.update(build=self.config.name, unit=u.index)
             if u.prompt is not None:
                 src.setdefault("prompt", u.prompt)
+            if c.error is not None or rs or "error" in (v if isinstance(v, dict) else {}) or not _keep(v):
+                report.rejected_units += 1
             if c.error is not None:       # not stored: retried by a later run
                 batch_reasons[c.error.split(":")[0]] += 1
                 continue
@@ -585,7 +595,7 @@ class BankBuilder:
         out = {
             "build": self.config.name, "state": state, "pid": os.getpid(),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "added": report.total_added, "rejected": int(sum(report.rejected.values())),
+            "added": report.total_added, "rejected": report.rejected_units,
             "reasons": dict(report.rejected), "units": report.units,
             "deficit": dict(sorted(deficit.items(), key=lambda kv: -kv[1])[:50]),
             "classes_below_target": len(deficit), "missing": int(sum(deficit.values())),

@@ -220,3 +220,96 @@ def _folder(spec, config, device=None):  # noqa: ARG001
     if "root" not in spec.params:
         raise ConfigError("source.params.root: missing (a folder with one sub-folder per class)")
     return FolderSource(**spec.params)
+
+
+# ----------------------------------------------------------------------------- harvest (labeled datasets)
+
+
+class _Collector:
+    """Duck-typed BankWriter that keeps the harvester's kept crops in memory, in dataset order."""
+
+    def __init__(self):
+        self.items: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
+        self.added = 0
+        self.duplicates = 0
+        self._seen: set[str] = set()
+
+    def add(self, rgba, *, category, category_id=None, source=None, verdict=None):  # noqa: ARG002
+        from genval_aug.bank.record import content_id, normalize_rgba
+
+        rgba = normalize_rgba(rgba)
+        rid = content_id(category, rgba)
+        if rid in self._seen:
+            self.duplicates += 1
+        else:
+            self._seen.add(rid)
+            self.items.setdefault(category, []).append((rgba, dict(source or {})))
+            self.added += 1
+        return rid
+
+    def add_rejected(self, *a, **k):
+        pass
+
+    def flush(self):
+        pass
+
+    def record_rejections(self, reasons):
+        pass
+
+    def set_size_prior(self, category, prior):
+        pass
+
+    def set_status(self, name, status):
+        pass
+
+
+class HarvestSource:
+    """Real instances cut out of a labeled dataset (YOLO-seg, COCO, VOC, YOLO boxes via GrabCut).
+
+    The dataset is harvested once (in memory) with :class:`genval_aug.harvest.core.Harvester`; unit
+    ``i`` of a class is its ``i``-th kept instance in dataset order. Class names must match the
+    dataset's (``classes.names`` or the category table).
+    """
+
+    needs_prompts = False
+    name = "harvest"
+
+    def __init__(self, data: str | Path, format: str = "auto", split: str | None = None, **harvest_options: Any):
+        try:
+            from genval_aug.harvest.core import HarvestConfig, Harvester
+            from genval_aug.harvest.formats import open_source
+        except ImportError as e:
+            raise ConfigError(f"source.kind: 'harvest' needs genval_aug.harvest: {e}") from e
+        self.data = str(data)
+        try:
+            hcfg = HarvestConfig(**harvest_options)
+        except TypeError as e:
+            raise ConfigError(f"source.params: {e}") from e
+        self._collector = _Collector()
+        src = open_source(self.data, format=format, split=split)
+        self.report = Harvester(hcfg).run(src, self._collector)
+        log.info("harvest source %s: %d instances in %d classes", self.data, self._collector.added,
+                 len(self._collector.items))
+
+    def capacity(self, cls) -> int | None:
+        return len(self._collector.items.get(cls.name, ()))
+
+    def produce(self, units: list[WorkUnit]) -> list[Candidate]:
+        out = []
+        for u in units:
+            items = self._collector.items.get(u.category, [])
+            if u.index >= len(items):
+                out.append(Candidate(u, None, error="harvest_index_out_of_range"))
+                continue
+            rgba, prov = items[u.index]
+            prov = dict(prov)
+            prov.setdefault("kind", "harvest")
+            out.append(Candidate(u, rgba, source=prov))
+        return out
+
+
+@register_source("harvest")
+def _harvest(spec, config, device=None):  # noqa: ARG001
+    if "data" not in spec.params:
+        raise ConfigError("source.params.data: missing (a YOLO-seg yaml/folder, COCO json or VOC root)")
+    return HarvestSource(**spec.params)

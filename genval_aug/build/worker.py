@@ -102,7 +102,7 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
             totals["cycles"] += 1
             totals["added"] += report.total_added
             totals["units"] += report.units
-            totals["rejected"] += int(sum(report.rejected.values()))
+            totals["rejected"] += report.rejected_units
             totals["reasons"].update(report.rejected)
             final = dict(builder.status)
             if report.total_added or report.units:
