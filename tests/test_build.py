@@ -248,3 +248,14 @@ def test_harvest_source_fills_targets_from_a_real_dataset(coco128_seg, tmp_path)
     # classes the first 24 images do not hold enough of are reported, not looped on
     for name in ("car", "zebra"):
         assert bank.count(name) == 5 or name in r.gave_up
+
+
+def test_example_lvis_config_is_valid(shared_data, monkeypatch):
+    monkeypatch.setenv("LVIS_CATEGORIES", str(shared_data / "lvis_v1_categories.json"))
+    cfg = load_config(Path(__file__).parents[1] / "examples" / "build_lvis_rare.yaml")
+    rare = [c for c in cfg.classes if c.target > 0]
+    assert len(rare) == 337 and all(c.group == "r" and c.target == 1000 for c in rare)
+    assert cfg.source.kind == "layerdiffusion" and cfg.validator.kind == "agent"
+    monkeypatch.delenv("LVIS_CATEGORIES")
+    with pytest.raises(ConfigError, match=r"classes\.table: unset environment variable"):
+        load_config(Path(__file__).parents[1] / "examples" / "build_lvis_rare.yaml")

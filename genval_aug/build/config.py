@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,10 @@ class _Ctx:
         return value
 
     def path(self, value: Any, fld: str) -> str:
-        p = Path(self.str_(value, fld)).expanduser()
+        raw = os.path.expandvars(self.str_(value, fld))
+        if "$" in raw:
+            raise self.fail(fld, f"unset environment variable in {value!r}")
+        p = Path(raw).expanduser()
         return str(p if p.is_absolute() else self.base_dir / p)
 
 

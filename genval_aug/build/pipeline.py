@@ -17,6 +17,7 @@ restarts and how many processes share the work (see :mod:`genval_aug.build.distr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -324,7 +325,7 @@ class BankBuilder:
 
     # -- run ----------------------------------------------------------------------------------
     def run(self, targets: dict[str, int] | None = None, stop: threading.Event | Any | None = None,
-            extra_status: dict[str, Any] | None = None) -> BuildReport:
+            extra_status: dict[str, Any] | Callable[[BuildReport], dict[str, Any]] | None = None) -> BuildReport:
         """Build until every class reaches its target (``targets`` overrides the config's), the
         attempt limit, or ``stop`` is set. Returns a report; the bank holds everything committed."""
         t_start = time.monotonic()
@@ -449,6 +450,7 @@ class BankBuilder:
                     break
                 # 1. schedule rounds for classes with nothing in flight
                 if not pending:
+                    rounds: list[list[WorkUnit]] = []
                     for st in states.values():
                         if st.inflight == 0 and st.deficit > 0 and not st.gave_up:
                             idx = self._schedule(st)
@@ -457,15 +459,20 @@ class BankBuilder:
                             prompts = None
                             if getattr(source, "needs_prompts", False):
                                 prompts = self._class_prompts(st, writer, bank, report)
+                            units = []
                             for i in idx:
                                 pi = i % len(prompts) if prompts else None
-                                pending.append(WorkUnit(st.spec.name, i, unit_seed(cfg.seed, st.spec.name, i),
-                                                        prompts[pi] if prompts else None, pi))
+                                units.append(WorkUnit(st.spec.name, i, unit_seed(cfg.seed, st.spec.name, i),
+                                                      prompts[pi] if prompts else None, pi))
                                 st.done.add(i)
+                            rounds.append(units)
                             st.inflight += len(idx)
                             bars["generate"].total = (bars["generate"].total or 0) + len(idx)
                             bars["validate"].total = bars["generate"].total
                             bars["generate"].refresh()
+                    # interleave classes so all of them progress together (a worker stopped early
+                    # has helped every class, not just the first ones)
+                    pending = [u for group in itertools.zip_longest(*rounds) for u in group if u is not None]
                 # 2. feed the generator (bounded)
                 while pending and not q_units.full():
                     batch, pending = pending[:src_bs], pending[src_bs:]
@@ -521,7 +528,7 @@ class BankBuilder:
         return check_instance(a, rules)
 
     def _write(self, item, writer: BankWriter, bank: InstanceBank, states: dict[str, _ClassState],
-               report: BuildReport, bars: dict[str, Any], extra_status: dict[str, Any] | None) -> None:
+               report: BuildReport, bars: dict[str, Any], extra_status: Any) -> None:
         cands, reasons, verdicts = item
         t0 = time.monotonic()
         batch_reasons: Counter = Counter()
@@ -590,7 +597,7 @@ class BankBuilder:
             pass  # e.g. an empty alpha: nothing to audit; counted in the reasons
 
     def _status(self, states: dict[str, _ClassState], report: BuildReport,
-                extra: dict[str, Any] | None, state: str) -> dict[str, Any]:
+                extra: Any, state: str) -> dict[str, Any]:
         deficit = {n: st.deficit for n, st in states.items() if st.deficit > 0}
         out = {
             "build": self.config.name, "state": state, "pid": os.getpid(),
@@ -600,6 +607,8 @@ class BankBuilder:
             "deficit": dict(sorted(deficit.items(), key=lambda kv: -kv[1])[:50]),
             "classes_below_target": len(deficit), "missing": int(sum(deficit.values())),
         }
+        if callable(extra):
+            extra = extra(report)
         if extra:
             out.update(extra)
         self.status = out

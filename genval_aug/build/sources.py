@@ -74,6 +74,7 @@ def _layerdiffusion(spec, config, device=None):  # noqa: ARG001
     gen_kwargs = params.pop("generate", {}) or {}
     if device is not None:
         params["device"] = device
+    params.setdefault("batch_size", spec.batch_size)
     if "base_model" not in params:
         raise ConfigError("source.params.base_model: missing (a diffusers model id or local path)")
     gen = LayerDiffusionGenerator.from_pretrained(params.pop("base_model"), **params)

@@ -27,32 +27,35 @@ def _none(spec, config, device=None):  # noqa: ARG001
 
 
 def make_backend(params: dict[str, Any], field: str, device: str | None = None):
-    """Build a ``ChatBackend`` from ``{kind: openai|transformers|transformers-vision, model: ..., ...}``."""
+    """Build a ``ChatBackend`` from ``{kind: openai|transformers|transformers-vision, model: ..., ...}``
+    with :func:`genval_aug.agents.backends.load_backend` (API keys come from the environment only)."""
     params = dict(params)
     kind = params.pop("kind", "openai")
     try:
-        from genval_aug.agents import backends
+        from genval_aug.agents.backends import load_backend
     except ImportError as e:
         raise ConfigError(f"{field}: the agents module is not available: {e}") from e
-    classes = {
-        "openai": "OpenAICompatibleBackend",
-        "transformers": "TransformersChatBackend",
-        "transformers-vision": "TransformersVisionBackend",
-    }
-    if kind not in classes:
-        raise ConfigError(f"{field}.kind: unknown backend {kind!r} (one of {', '.join(classes)})")
-    cls = getattr(backends, classes[kind], None)
-    if cls is None:
-        raise ConfigError(f"{field}.kind: genval_aug.agents.backends has no {classes[kind]}")
     if "model" not in params:
         raise ConfigError(f"{field}.model: missing")
-    if kind != "openai" and device is not None and "device" not in params:
-        params["device"] = device
-    ctor = getattr(cls, "from_pretrained", None) if kind != "openai" else None
+    if kind != "openai" and device is not None:
+        params.setdefault("device", device)
     try:
-        return ctor(params.pop("model"), **params) if ctor else cls(**params)
+        return load_backend(kind, params.pop("model"), **params)
     except TypeError as e:
-        raise ConfigError(f"{field}: {classes[kind]} rejected its parameters: {e}") from e
+        raise ConfigError(f"{field}: backend {kind!r} rejected its parameters: {e}") from e
+
+
+class _AgentValidator:
+    """Adapts ``ValidationAgent`` to the build's validator protocol, passing class definitions."""
+
+    def __init__(self, agent: Any, definitions: dict[str, str | None]):
+        self.agent = agent
+        self.definitions = definitions
+        self.name = f"agent:{getattr(agent.backend, 'model', '?')}"
+
+    def validate(self, rgbas: list[np.ndarray], categories: list[str]) -> list[Any]:
+        names = [c.replace("_", " ") for c in categories]
+        return self.agent.validate(rgbas, names, definitions=[self.definitions.get(c) for c in categories])
 
 
 @register_validator("agent")
@@ -74,6 +77,4 @@ def _agent(spec, config, device=None):
         kwargs["rules"] = QualityRules(**config.prefilter)
     if params:
         raise ConfigError(f"validator.params.{sorted(params)[0]}: unknown field (allowed: backend, prompt_version)")
-    agent = ValidationAgent(backend, **kwargs)
-    agent.name = f"agent:{getattr(backend, 'model', '?')}"
-    return agent
+    return _AgentValidator(ValidationAgent(backend, **kwargs), {c.name: c.definition for c in config.classes})

@@ -27,6 +27,7 @@ from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, load_config
 from genval_aug.build.draws import default_draws_dir, read_draws
 from genval_aug.build.pipeline import BankBuilder
+from genval_aug.errors import BankError
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,14 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
     extra: dict[str, int] = {k: int(v) for k, v in ((prev or {}).get("extra") or {}).items()}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    def extra_status(state: str) -> dict[str, Any]:
-        return {"worker_state": state, "started": started, "extra": dict(extra), "cycles": totals["cycles"],
-                "total_added": totals["added"], "total_rejected": totals["rejected"],
-                "total_reasons": dict(totals["reasons"]), "draws_dir": str(draws_dir)}
+    def extra_status(state: str):
+        def make(report=None) -> dict[str, Any]:
+            reasons = totals["reasons"] + (report.rejected if report is not None else Counter())
+            return {"worker_state": state, "started": started, "extra": dict(extra), "cycles": totals["cycles"],
+                    "total_added": totals["added"] + (report.total_added if report is not None else 0),
+                    "total_rejected": totals["rejected"] + (report.rejected_units if report is not None else 0),
+                    "total_reasons": dict(reasons), "draws_dir": str(draws_dir)}
+        return make
 
     builder = BankBuilder(cfg, bank=bank_path, device=device, status_name=STATUS_NAME, progress=False)
     classes = [c.name for c in cfg.classes]
@@ -128,12 +133,12 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
                 continue
             if exit_when_done:
                 break
-            final = _write_status(bank_path, {**builder.status, **extra_status("idle")})
+            final = _write_status(bank_path, {**builder.status, **extra_status("idle")()})
             stop.wait(poll)
     finally:
         builder.close()
         state = "stopped" if stop.is_set() else "finished"
-        final = _write_status(bank_path, {**(builder.status or {}), **extra_status(state),
+        final = _write_status(bank_path, {**(builder.status or {}), **extra_status(state)(),
                                           "state": state, "pid": os.getpid()})
     return final
 
@@ -195,7 +200,10 @@ class WorkerHandle:
         """The worker's last status in the bank (added, rejected, per-class deficit, state)."""
         if not (Path(self.bank) / "data.mdb").is_file():
             return None
-        return InstanceBank(self.bank, refresh_interval=None).get_status(STATUS_NAME)
+        try:
+            return InstanceBank(self.bank, refresh_interval=None).get_status(STATUS_NAME)
+        except BankError:  # the worker is creating the bank right now (sub-databases not committed yet)
+            return None
 
     def wait(self, timeout: float | None = None) -> int | None:
         self.process.join(timeout)
