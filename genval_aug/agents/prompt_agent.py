@@ -57,7 +57,7 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 def _shingles(text: str) -> set[str]:
     words = _WORD.findall(text.lower())
-    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:], strict=False)}
 
 
 def similarity(a: str, b: str) -> float:
@@ -205,7 +205,7 @@ class PromptAgent:
             batch = [self.messages(r.category, n - len(r.prompts), defs[r.category], avoid=r.prompts or None)
                      for r in todo]
             replies = self.backend.chat_batch(batch, **{**self.params, "seed": self.seed + attempt})
-            for r, reply in zip(todo, replies):
+            for r, reply in zip(todo, replies, strict=True):
                 r.attempts += 1
                 r.raw.append(reply)
                 try:

@@ -123,7 +123,7 @@ class CachedBackend:
         todo = [i for i, r in enumerate(out) if r is None]
         if todo:
             fresh = self.backend.chat_batch([batch[i] for i in todo], **params)
-            for i, r in zip(todo, fresh):
+            for i, r in zip(todo, fresh, strict=True):
                 out[i] = r
                 self.cache.put(keys[i], r, ident)
         logger.debug("response cache: %d hits, %d misses", len(batch) - len(todo), len(todo))
