@@ -142,7 +142,9 @@ class ValidationAgent:
     Args:
         backend: a vision-capable :class:`ChatBackend`.
         prompt_version: system-prompt version (``None`` = shipped default, ``"latest"``, ``"v3"`` or a path).
-        rules: alpha pre-filter thresholds (:class:`genval_aug.quality.QualityRules`).
+        rules: alpha pre-filter thresholds (:class:`genval_aug.quality.QualityRules`); the default also
+            rejects objects touching the canvas border (cut off), which suits generated instances on their
+            own canvas; pass ``QualityRules()`` for crops cut tight around the object.
         definitions: category definitions shown to the judge.
         image_size: longer side of the image shown to the judge.
         background: RGB of the flat canvas the instance is composited on.
@@ -159,7 +161,7 @@ class ValidationAgent:
         self.backend = backend
         self.prompt_file: PromptFile = load_prompt(self.agent_name, prompt_version, prompt_dir)
         self.system_prompt = system_prompt if system_prompt is not None else self.prompt_file.system
-        self.rules = rules if rules is not None else QualityRules()
+        self.rules = rules if rules is not None else QualityRules(reject_border=True)
         self.definitions = definitions if definitions is not None else CategoryDefinitions.from_env()
         if image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {image_size}")
@@ -234,15 +236,35 @@ class ValidationAgent:
 
 def store_verdicts(writer, rgbas: list[np.ndarray], categories: list[str], verdicts: list[Verdict],
                    sources: list[dict[str, Any] | None] | None = None,
-                   category_ids: list[int | None] | None = None) -> tuple[list[str], list[str]]:
+                   category_ids: list[int | None] | None = None,
+                   keep_prefiltered: bool = True) -> tuple[list[str], list[str]]:
     """Write kept instances to the bank (with their verdict) and rejected ones to its audit table.
-    Returns (kept ids, rejected ids)."""
+
+    Rejection reasons are also counted in the bank statistics (``BankWriter.record_rejections``): the
+    pre-filter reasons as they are, VLLM rejections as ``vllm_<criterion>`` per failed criterion, and
+    unparseable replies as ``vllm_invalid``. Instances with an empty alpha are only counted (the bank
+    cannot store them); ``keep_prefiltered=False`` counts every pre-filter rejection without storing it.
+    Returns (kept ids, rejected ids).
+    """
     kept, rejected = [], []
+    counts: dict[str, int] = {}
     for i, (rgba, cat, v) in enumerate(zip(rgbas, categories, verdicts, strict=True)):
         src = sources[i] if sources else None
         if v.keep:
             kept.append(writer.add(rgba, category=cat, category_id=category_ids[i] if category_ids else None,
                                    source=src, verdict=v.to_dict()))
+            continue
+        if v.status == "prefilter":
+            reasons = [r.strip() for r in v.reasons.get("prefilter", "").split(",") if r.strip()]
+        elif v.status == "invalid":
+            reasons = ["vllm_invalid"]
         else:
+            reasons = [f"vllm_{c}" for c, ok in v.criteria.items() if not ok]
+        for r in reasons:
+            counts[r] = counts.get(r, 0) + 1
+        storable = np.asarray(rgba)[..., 3].any() and (v.status != "prefilter" or keep_prefiltered)
+        if storable:
             rejected.append(writer.add_rejected(rgba, category=cat, source=src, verdict=v.to_dict()))
+    if counts:
+        writer.record_rejections(counts)
     return kept, rejected

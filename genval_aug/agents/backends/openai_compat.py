@@ -68,7 +68,8 @@ class OpenAICompatibleBackend:
                 f"api_key_env={self.api_key_env!r})")
 
     def cache_identity(self) -> dict[str, Any]:
-        return {"backend": "openai-compatible", "base_url": self.base_url, "model": self.model}
+        return {"backend": "openai-compatible", "base_url": self.base_url, "model": self.model,
+                "defaults": self.default_params}
 
     def close(self) -> None:
         self._client.close()

@@ -112,7 +112,8 @@ class TransformersChatBackend(_GenerateMixin):
         return cls(model, tok, name=str(model_id_or_path), device=device, **kwargs)
 
     def cache_identity(self) -> dict[str, Any]:
-        return {"backend": "transformers-chat", "model": self.model}
+        return {"backend": "transformers-chat", "model": self.model, "max_new_tokens": self.max_new_tokens,
+                "dtype": str(getattr(self.model_obj, "dtype", ""))}
 
     def _generate(self, batch: list[list[Message]], params: dict[str, Any]) -> list[str]:
         import torch
@@ -162,7 +163,8 @@ class TransformersVisionBackend(_GenerateMixin):
         return cls(model, proc, name=str(model_id_or_path), device=device, **kwargs)
 
     def cache_identity(self) -> dict[str, Any]:
-        return {"backend": "transformers-vision", "model": self.model}
+        return {"backend": "transformers-vision", "model": self.model, "max_new_tokens": self.max_new_tokens,
+                "dtype": str(getattr(self.model_obj, "dtype", ""))}
 
     @staticmethod
     def _convert(messages: list[Message]):
