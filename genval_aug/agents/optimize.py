@@ -290,7 +290,7 @@ class PromptAgentObjective:
         self.evaluator_backend = evaluator_backend
         self.tokenizer = tokenizer
         self.n = int(n_prompts)
-        self.definitions = definitions if definitions is not None else CategoryDefinitions()
+        self.definitions = definitions if definitions is not None else CategoryDefinitions.from_env()
         self.evaluator_weight = float(evaluator_weight) if evaluator_backend is not None else 0.0
         self.agent_kwargs = {"max_retries": 0, **(agent_kwargs or {})}
 
