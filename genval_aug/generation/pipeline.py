@@ -362,7 +362,7 @@ class LayerDiffusionGenerator:
             p, s = prompts[start : start + self.batch_size], seeds[start : start + self.batch_size]
             with torch.inference_mode():
                 rgbas = self.decode_latents(self._latents(p, s, negative_prompt))
-            for prompt, seed, rgba in zip(p, s, rgbas):
+            for prompt, seed, rgba in zip(p, s, rgbas, strict=True):
                 crop, box = crop_to_alpha(rgba, self.crop_threshold, self.crop_pad)
                 prov = self.provenance(prompt, seed, negative_prompt)
                 prov["crop_box"] = list(box) if box is not None else None

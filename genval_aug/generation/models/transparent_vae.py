@@ -284,7 +284,7 @@ def load_transparent_decoder(
         model = TransparentVAEDecoder(**(config or {}))
     model = model.to_empty(device="cpu")
     _load_strict(model, path)
-    return model.to(device=device, dtype=dtype)
+    return _to(model, device, dtype)
 
 
 def load_offset_encoder(
@@ -293,4 +293,9 @@ def load_offset_encoder(
     """Build a :class:`LatentTransparencyOffsetEncoder` and load ``path`` strictly."""
     model = LatentTransparencyOffsetEncoder()
     _load_strict(model, path)
-    return model.to(device=device, dtype=dtype)
+    return _to(model, device, dtype)
+
+
+def _to(model: ModelMixin, device: str | torch.device, dtype: torch.dtype) -> ModelMixin:
+    model = model.to(device)
+    return model.to(dtype=dtype) if model.dtype != dtype else model
