@@ -16,8 +16,14 @@ from safetensors.torch import save_file
 
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.errors import ConfigError
-from genval_aug.generation import GeneratedInstance, InstanceGenerator, add_to_bank, alpha_box, crop_to_alpha
-from genval_aug.generation import to_rgba_uint8
+from genval_aug.generation import (
+    GeneratedInstance,
+    InstanceGenerator,
+    add_to_bank,
+    alpha_box,
+    crop_to_alpha,
+    to_rgba_uint8,
+)
 from genval_aug.generation.hub import WeightsNotFoundError
 from genval_aug.generation.loaders import (
     apply_layerdiffuse_weights,
@@ -542,3 +548,43 @@ def test_benchmark_tiny_smoke(capsys):
     mod = _load_script(ROOT / "benchmarks" / "generate.py")
     assert mod.main(["--tiny", "--arch", "sd15", "--batch-size", "2", "--n", "2", "--steps", "2", "--warmup", "0"]) == 0
     assert "instances/s" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- offset encoder path
+def test_pad_rgb_fills_transparent_area_from_foreground():
+    from genval_aug.generation.transparent_encode import pad_rgb
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = [255, 0, 0, 255]  # opaque red left half, transparent right half
+    out = pad_rgb(rgba)
+    assert out.shape == (32, 32, 3) and out.dtype == np.float32
+    assert np.allclose(out[:, :16], [1, 0, 0], atol=1e-5)
+    assert np.allclose(out[:, 16:], [1, 0, 0], atol=1e-3)  # only red is available to fill from
+    opaque = np.dstack([np.random.default_rng(0).integers(0, 256, (16, 16, 3)), np.full((16, 16), 255)])
+    assert np.allclose(pad_rgb(opaque.astype(np.uint8)), opaque[..., :3] / 255.0, atol=1e-5)
+
+
+def test_encode_transparent_uses_offset():
+    from genval_aug.generation.tiny import tiny_vae
+    from genval_aug.generation.transparent_encode import encode_transparent
+
+    vae, enc = tiny_vae().eval(), LatentTransparencyOffsetEncoder().eval()
+    rgba = np.random.default_rng(0).integers(0, 256, (64, 64, 4)).astype(np.uint8)
+    z0 = encode_transparent(vae, enc, [rgba])  # zero-initialised output conv: no offset, the posterior mean
+    feed = torch.from_numpy((rgba[..., :3] / 255.0 * 2 - 1) * (rgba[..., 3:] / 255.0)).float().permute(2, 0, 1)[None]
+    with torch.no_grad():
+        dist = vae.encode(feed).latent_dist
+    assert z0.shape == (1, 4, 8, 8) and torch.allclose(z0, dist.mean, atol=1e-5)
+    with torch.no_grad():
+        enc.blocks[16].bias.fill_(1e-3)
+    z1 = encode_transparent(vae, enc, [rgba])
+    assert torch.allclose(z1, dist.mean + dist.std * 0.3, atol=1e-4)
+
+
+def test_package_import_is_light():
+    import subprocess
+
+    code = ("import sys, genval_aug.generation as g; assert 'diffusers' not in sys.modules "
+            "and 'transformers' not in sys.modules, sorted(sys.modules); print(g.GeneratedInstance.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -18,6 +18,8 @@ _LAZY = {
     "WeightsError": "genval_aug.generation.models.transparent_vae",
     "apply_layerdiffuse_weights": "genval_aug.generation.loaders",
     "WeightsNotFoundError": "genval_aug.generation.hub",
+    "encode_transparent": "genval_aug.generation.transparent_encode",
+    "pad_rgb": "genval_aug.generation.transparent_encode",
 }
 
 

@@ -108,6 +108,18 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: torch.dtype |
     return dev, dtype
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Recent diffusers name the argument ``dtype`` (``torch_dtype`` is deprecated); older ones ``torch_dtype``."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        if hasattr(deprecation_utils, "_resolve_dtype"):
+            return {"dtype": dtype}
+    except ImportError:  # pragma: no cover
+        pass
+    return {"torch_dtype": dtype}
+
+
 def load_base_pipeline(
     base_model: str | Path,
     arch: str,
@@ -132,13 +144,14 @@ def load_base_pipeline(
         if p.is_file():
             if p.suffix != ".safetensors":
                 raise WeightsError(f"{p}: only .safetensors checkpoints are accepted (no pickle formats)")
-            return cls.from_single_file(str(p), torch_dtype=dtype, local_files_only=local_files_only, **extra)
+            return cls.from_single_file(str(p), local_files_only=local_files_only, **_dtype_kwarg(dtype), **extra)
         if p.is_dir():
             if not (p / "model_index.json").is_file():
                 raise WeightsNotFoundError(f"{p / 'model_index.json'}: not a diffusers pipeline directory")
-            return cls.from_pretrained(str(p), torch_dtype=dtype, use_safetensors=True, local_files_only=True, **extra)
+            return cls.from_pretrained(str(p), use_safetensors=True, local_files_only=True, **_dtype_kwarg(dtype),
+                                       **extra)
         return cls.from_pretrained(
-            str(base_model), torch_dtype=dtype, use_safetensors=True, local_files_only=local_files_only,
+            str(base_model), use_safetensors=True, local_files_only=local_files_only, **_dtype_kwarg(dtype),
             revision=revision, cache_dir=str(cache_dir) if cache_dir else None, **extra,
         )
     except (WeightsError, WeightsNotFoundError):
