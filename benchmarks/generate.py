@@ -41,7 +41,7 @@ def _sync():
 
 
 def _rate(gen, n, warmup):
-    prompts = ["a red apple, isolated on a plain background"] * n
+    prompts = ["a red apple"] * n
     for _ in range(warmup):
         gen.generate(prompts[: gen.batch_size], list(range(gen.batch_size)))
     _sync()

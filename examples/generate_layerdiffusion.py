@@ -63,14 +63,9 @@ def build_generator(args: argparse.Namespace):
         settings.update(width=w or 64, height=h or 64)
         return LayerDiffusionGenerator(tiny_pipeline(args.arch), tiny_decoder(), arch=args.arch,
                                        base_model=f"tiny-random-{args.arch}", device="cpu", **settings)
-    vae = None
-    if args.vae:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=args.local_files_only, use_safetensors=True)
     return LayerDiffusionGenerator.from_pretrained(
         args.base_model, layerdiffuse_repo=args.layerdiffuse_repo, arch=args.arch, device=args.device,
-        dtype=args.dtype, local_files_only=args.local_files_only, vae=vae, **settings)
+        dtype=args.dtype, local_files_only=args.local_files_only, vae=args.vae, **settings)
 
 
 def main(argv: list[str] | None = None) -> int:

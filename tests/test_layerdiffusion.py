@@ -454,6 +454,11 @@ def test_generator_in_memory_batches_and_validates(tmp_path):
     assert gen.generate([], []) == []
     out = gen.generate(["a", "b", "c"], [1, 2, 3])
     assert len(out) == 3 and out[0].provenance["tta_passes"] == 8
+    # per-sample seeded noise: an instance does not depend on its batch mates (up to float rounding)
+    alone = gen.generate(["b"], [2])[0]
+    assert alone.rgba.shape == out[1].rgba.shape
+    assert np.abs(alone.rgba.astype(int) - out[1].rgba.astype(int)).max() <= 2
+    assert np.abs(alone.rgba.astype(int) - out[0].rgba.astype(int)).max() > 10
     with pytest.raises(ConfigError, match="seeds"):
         gen.generate(["a"], [1, 2])
     with pytest.raises(ConfigError, match="multiples of 64"):
@@ -494,6 +499,11 @@ def test_missing_local_weights_and_base_model_are_named(tmp_path):
     assert time.perf_counter() - t < 10
     with pytest.raises(WeightsError, match="only .safetensors"):
         LayerDiffusionGenerator.from_pretrained("x/y", layerdiffuse_repo=ld, arch="sd15", unet_weights="w.bin")
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"pickle")
+    with pytest.raises(WeightsError, match=r"model\.ckpt.*only .safetensors"):
+        LayerDiffusionGenerator.from_pretrained(ckpt, layerdiffuse_repo=ld, arch="sd15",
+                                                decoder_config=TINY_DECODER_CONFIG)
 
 
 # ----------------------------------------------------------------------------- post-processing and bank helper

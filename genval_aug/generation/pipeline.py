@@ -268,7 +268,8 @@ class LayerDiffusionGenerator:
         ``unet_weights`` / ``decoder_weights`` override the file names (or give paths). ``scheduler``:
         ``"default"`` (arch reference: DPM++ 2M SDE Karras for SDXL, DPM++ 2M Karras for SD1.5), a short name of
         :func:`make_scheduler`, a scheduler instance, or None to keep the pipeline's. ``vae``: an
-        ``AutoencoderKL`` to use instead of the base model's (e.g. ``madebyollin/sdxl-vae-fp16-fix`` for fp16).
+        ``AutoencoderKL`` (or its hub id / directory) to use instead of the base model's (e.g.
+        ``madebyollin/sdxl-vae-fp16-fix`` for fp16 without upcasting).
         Other keyword arguments go to the constructor (height, width, num_inference_steps, tta_passes, ...).
         LayerDiffuse files are resolved first, so a missing file fails before the base model loads.
         """
@@ -288,6 +289,14 @@ class LayerDiffusionGenerator:
         decoder.load_state_dict(dec_sd, strict=True)
         del dec_sd
 
+        if isinstance(vae, (str, Path)):
+            from diffusers import AutoencoderKL
+
+            try:
+                vae = AutoencoderKL.from_pretrained(str(vae), local_files_only=local_files_only, use_safetensors=True,
+                                                    **_dtype_kwarg(dt))
+            except OSError as e:
+                raise WeightsNotFoundError(f"VAE {vae}: could not be loaded ({e})") from e
         extra = {"vae": vae} if vae is not None else {}
         pipe = load_base_pipeline(
             base_model, arch, dtype=dt, local_files_only=local_files_only, revision=revision,
