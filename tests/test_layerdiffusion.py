@@ -598,3 +598,42 @@ def test_package_import_is_light():
             "and 'transformers' not in sys.modules, sorted(sys.modules); print(g.GeneratedInstance.__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, src: Path) -> None:
+    """Lay out ``src`` as a Hugging Face hub cache entry of ``repo_id`` (what a prior download leaves behind)."""
+    import shutil
+
+    rev = "0" * 40
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(rev)
+    shutil.copytree(src, root / "snapshots" / rev)
+
+
+def test_hub_ids_resolve_from_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = tiny_pipeline("sdxl")
+    pipe.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    _write_layerdiffuse_dir(tmp_path / "ld", "sdxl", pipe)
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "someone/tiny-sdxl", tmp_path / "base")
+    _fake_hub_cache(cache, "LayerDiffusion/layerdiffusion-v1", tmp_path / "ld")
+    gen = LayerDiffusionGenerator.from_pretrained(
+        "someone/tiny-sdxl", arch="sdxl", cache_dir=cache, local_files_only=True, decoder_config=TINY_DECODER_CONFIG,
+        height=64, width=64, num_inference_steps=2, tta_passes=1)
+    assert gen.layerdiffuse["repo"] == "LayerDiffusion/layerdiffusion-v1"
+    assert gen.layerdiffuse["unet_weights"] == "layer_xl_transparent_attn.safetensors"
+    assert gen.generate(["a cup"], [5])[0].rgba.dtype == np.uint8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tiny_pipeline_on_cuda_half_precision(dtype):
+    gen = LayerDiffusionGenerator(tiny_pipeline("sdxl"), tiny_decoder(), arch="sdxl", height=64, width=64,
+                                  num_inference_steps=2, tta_passes=8, batch_size=4, device="cuda", dtype=dtype)
+    assert gen.pipe.unet.dtype == dtype and gen.decoder.dtype == dtype
+    out = gen.generate(["a"] * 4, [0, 1, 2, 3])
+    assert len(out) == 4 and all(o.rgba.dtype == np.uint8 for o in out)
+    assert out[0].provenance["dtype"] == str(dtype).removeprefix("torch.") and out[0].provenance["device"] == "cuda"
