@@ -261,3 +261,20 @@ def test_optimize_cli_with_loopback_servers(tmp_path, clip_tok, capsys):
     pf = load_prompt("prompt_agent", "v2", tmp_path / "out")
     assert pf.optimizer_model == "opt-llm" and pf.task_model == "task-llm"
     assert all(r["model"] == "task-llm" for r in t.requests)
+
+
+def test_tiny_random_llm_as_task_and_optimizer(tmp_path, clip_tok):
+    """Real local backend end to end: garbage from a random LLM must give a failed (reverted) step, no crash."""
+    import torch
+    from agents_support import tiny_llama
+
+    from genval_aug.agents.backends import TransformersChatBackend
+
+    torch.set_num_threads(1)
+    model, tok = tiny_llama()
+    llm = TransformersChatBackend(model, tok, max_new_tokens=12)
+    res = optimize_prompt_agent(llm, llm, ["dog"], ["cat"], tokenizer=clip_tok, steps=1, batch_size=1,
+                                n_prompts=2, out_dir=tmp_path)
+    assert res.val_before == 0.0 and len(res.history) == 1 and not res.history[0].accepted
+    assert "IMPROVED_VARIABLE" in res.history[0].note
+    assert res.prompt_file is None and not res.changed
