@@ -272,3 +272,12 @@ def test_eval_validator_cli_on_real_cutouts(rgba_objects, tmp_path, capsys):
     verdicts = {Path(v["image"]).name: v for v in json.loads((tmp_path / "m.json").read_text())["verdicts"]}
     assert "touches_border" in verdicts["rembg_girl-2.png"]["reasons"]["prefilter"]
     assert verdicts["rembg_car-1.png"]["criteria"]["single_object"] is False
+
+
+def test_long_lists_are_sent_in_chunks():
+    sizes = []
+    backend = ScriptedBackend(lambda m, p: verdict_json())
+    orig = backend.chat_batch
+    backend.chat_batch = lambda b, **p: (sizes.append(len(b)), orig(b, **p))[1]
+    vs = ValidationAgent(backend, chunk_size=3).validate([blob()] * 7, ["dog"] * 7)
+    assert sizes == [3, 3, 1] and all(v.keep for v in vs)

@@ -149,6 +149,7 @@ class ValidationAgent:
         image_size: longer side of the image shown to the judge.
         background: RGB of the flat canvas the instance is composited on.
         max_retries: extra model calls for replies that do not parse; then the verdict is ``invalid``.
+        chunk_size: instances sent per ``chat_batch`` call (bounds memory for long lists).
     """
 
     agent_name = "validation_agent"
@@ -157,8 +158,10 @@ class ValidationAgent:
                  rules: QualityRules | None = None, *, prompt_dir: str | os.PathLike | None = None,
                  definitions: CategoryDefinitions | None = None, image_size: int = 448,
                  background: tuple[int, int, int] = (128, 128, 128), max_retries: int = 1,
-                 params: dict[str, Any] | None = None, system_prompt: str | None = None):
+                 params: dict[str, Any] | None = None, system_prompt: str | None = None,
+                 chunk_size: int = 64):
         self.backend = backend
+        self.chunk_size = max(1, int(chunk_size))
         self.prompt_file: PromptFile = load_prompt(self.agent_name, prompt_version, prompt_dir)
         self.system_prompt = system_prompt if system_prompt is not None else self.prompt_file.system
         self.rules = rules if rules is not None else QualityRules(reject_border=True)
@@ -208,6 +211,11 @@ class ValidationAgent:
                                       description=f"alpha stats {stats.to_dict()}")
             else:
                 todo.append(i)
+        for start in range(0, len(todo), self.chunk_size):  # bounds the encoded images held at once
+            self._judge(todo[start:start + self.chunk_size], rgbas, categories, defs, verdicts)
+        return [v for v in verdicts if v is not None]
+
+    def _judge(self, todo: list[int], rgbas, categories, defs, verdicts: list[Verdict | None]) -> None:
         messages = {i: self.messages(rgbas[i], categories[i], defs[i]) for i in todo}
         errors: dict[int, str] = {}
         for attempt in range(self.max_retries + 1):
@@ -228,7 +236,6 @@ class ValidationAgent:
         for i in todo:
             logger.info("validation agent: invalid reply for instance %d (%s): %s", i, categories[i], errors[i])
             verdicts[i] = self._invalid(errors[i])
-        return [v for v in verdicts if v is not None]
 
     def validate_one(self, rgba: np.ndarray, category: str, definition: str | None = None) -> Verdict:
         return self.validate([rgba], [category], [definition])[0]

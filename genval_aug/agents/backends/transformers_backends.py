@@ -189,12 +189,12 @@ class TransformersVisionBackend(_GenerateMixin):
             c, im = self._convert(msgs)
             convs.append(c)
             images.append(im)
-        texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
         flat = [im for ims in images for im in ims]
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-        if flat:
-            kwargs["images"] = flat
         try:
+            texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+            kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+            if flat:
+                kwargs["images"] = flat
             enc = self.processor(**kwargs).to(self.device)
             tok = getattr(self.processor, "tokenizer", self.processor)
             kw = self._generation_kwargs(params, getattr(tok, "pad_token_id", None))
