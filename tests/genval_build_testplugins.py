@@ -99,3 +99,14 @@ def make_tiny_generator(spec, config, device=None):  # noqa: ARG001
     from genval_aug.build.sources import GeneratorSource
 
     return GeneratorSource(TinyRandomGenerator(**spec.params), name="tiny-random")
+
+
+def make_tiny_layerdiffusion(spec, config, device=None):  # noqa: ARG001
+    """The real LayerDiffusionGenerator on tiny random SD1.5 components (no downloads)."""
+    from genval_aug.build.sources import GeneratorSource
+    from genval_aug.generation.pipeline import LayerDiffusionGenerator
+    from genval_aug.generation.tiny import tiny_decoder, tiny_pipeline
+
+    gen = LayerDiffusionGenerator(tiny_pipeline("sd15"), tiny_decoder(), arch="sd15", height=64, width=64,
+                                  num_inference_steps=2, tta_passes=1, batch_size=spec.batch_size)
+    return GeneratorSource(gen, negative_prompt=spec.params.get("negative_prompt"), name="layerdiffusion")

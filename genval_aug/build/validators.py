@@ -71,10 +71,12 @@ def _agent(spec, config, device=None):
     kwargs: dict[str, Any] = {}
     if "prompt_version" in params:
         kwargs["prompt_version"] = params.pop("prompt_version")
-    if config.prefilter is not None:
-        from genval_aug.quality import QualityRules
+    from genval_aug.quality import QualityRules
 
-        kwargs["rules"] = QualityRules(**config.prefilter)
+    # the agent re-checks the pipeline's pre-filter rules (cheap); `prefilter: null` turns both off
+    kwargs["rules"] = (QualityRules(**config.prefilter) if config.prefilter is not None else
+                       QualityRules(min_area=None, min_side=None, coverage=None, min_largest_fraction=None,
+                                    max_aspect=None))
     if params:
         raise ConfigError(f"validator.params.{sorted(params)[0]}: unknown field (allowed: backend, prompt_version)")
     return _AgentValidator(ValidationAgent(backend, **kwargs), {c.name: c.definition for c in config.classes})
