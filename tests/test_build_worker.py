@@ -3,7 +3,9 @@ clean stop on SIGTERM, crash safety on SIGKILL, resume without duplicates, most-
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,13 @@ def wait_for(pred, timeout: float, what: str):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def safe_count(path) -> int:
+    try:
+        return InstanceBank(path, refresh_interval=None).count()
+    except Exception:  # not created yet / being created by the worker
+        return 0
 
 
 def units_by_class(path) -> dict[str, list[int]]:
@@ -238,3 +247,53 @@ def test_draw_counter_is_per_process_and_atomic(tmp_path):
 
 def _child_draws(counter):
     counter.record(["z"] * 4)   # forked copy: its own counts, its own file (flushed at exit too)
+
+
+def test_worker_cli_and_bank_stats_show_status(tmp_path, capsys):
+    from genval_aug.cli import main
+
+    cfg = write_cfg(tmp_path, target=5)
+    assert main(["worker", "--config", str(cfg), "--once"]) == 0
+    out = capsys.readouterr().out
+    assert '"state": "finished"' in out and '"total_added": 15' in out
+    assert main(["bank", "stats", str(tmp_path / "bank.lmdb")]) == 0
+    stats = capsys.readouterr().out
+    assert re.search(r"worker: finished \(pid \d+, .*\): \+15 added, \d+ rejected; 0 classes below target", stats)
+    assert "prefilter:" in stats and "validator:plausible" in stats      # rejection reasons recorded
+    # a foreground worker stops cleanly on SIGINT / SIGTERM
+    cfg2 = write_cfg(tmp_path, target=500, delay=0.05, name="long.yaml")
+    p = subprocess.Popen([sys.executable, "-m", "genval_aug.cli", "worker", "--config", str(cfg2)],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                          str(Path(__file__).parent)])})
+    wait_for(lambda: safe_count(tmp_path / "bank.lmdb") > 18, 60, "CLI worker")
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err[-2000:]
+    assert '"state": "stopped"' in out
+    assert verify(tmp_path / "bank.lmdb").ok
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()           # exited, waiting to be reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_worker_stops_when_its_parent_dies(tmp_path):
+    cfg = write_cfg(tmp_path, target=500, delay=0.05)
+    code = ("import sys, time; from genval_aug.build import start_worker\n"
+            f"w = start_worker(None, {str(cfg)!r}); print(w.pid, flush=True); time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                               str(Path(__file__).parent)])})
+    pid = int(parent.stdout.readline())
+    wait_for(lambda: safe_count(tmp_path / "bank.lmdb") > 3, 60, "worker")
+    parent.kill()                                       # training process crashes: no stop() call
+    parent.wait(10)
+    wait_for(lambda: _gone(pid), 30, "orphaned worker to exit")
+    assert InstanceBank(tmp_path / "bank.lmdb").get_status("worker")["state"] == "stopped"
+    assert verify(tmp_path / "bank.lmdb").ok

@@ -11,6 +11,7 @@ from genval_aug.build.registry import (
     register_source,
     register_validator,
 )
+from genval_aug.build.worker import WorkerHandle, run_worker, start_worker
 
 __all__ = [
     "BankBuilder",
@@ -27,4 +28,7 @@ __all__ = [
     "register_prompt_maker",
     "register_source",
     "register_validator",
+    "run_worker",
+    "start_worker",
+    "WorkerHandle",
 ]
