@@ -447,6 +447,13 @@ class BankBuilder:
                     raise errors[0]
                 if stop.is_set():
                     report.stopped = True
+                    while True:   # keep work that is already judged (cheap to write), drop the rest
+                        try:
+                            item = q_out.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is not _STOP:
+                            self._write(item, writer, bank, states, report, bars, extra_status)
                     break
                 # 1. schedule rounds for classes with nothing in flight
                 if not pending:
@@ -492,9 +499,12 @@ class BankBuilder:
             if not stop.is_set() and not report.stopped:
                 sent_stop = put(q_units, _STOP)
         finally:
-            abort.set() if not sent_stop else None
-            for t in threads:
-                t.join(timeout=0.5 if abort.is_set() else 5.0)
+            if not sent_stop:
+                abort.set()
+            for t in threads:   # a stage finishes its current batch (a GPU call) before the models are freed
+                t.join(timeout=120.0)
+                if t.is_alive():
+                    log.warning("build %s: stage thread %s still busy after 120 s", cfg.name, t.name)
             abort.set()
             bank.refresh()
             counts = self._counts(bank)
