@@ -110,3 +110,20 @@ def make_tiny_layerdiffusion(spec, config, device=None):  # noqa: ARG001
     gen = LayerDiffusionGenerator(tiny_pipeline("sd15"), tiny_decoder(), arch="sd15", height=64, width=64,
                                   num_inference_steps=2, tta_passes=1, batch_size=spec.batch_size)
     return GeneratorSource(gen, negative_prompt=spec.params.get("negative_prompt"), name="layerdiffusion")
+
+
+class PickyPrompts(CountingPrompts):
+    """Batched prompt maker that has nothing to say about kites."""
+
+    def prompts_many(self, classes, n):
+        CountingPrompts.calls += 1
+        return {c.name: ([] if c.name == "kite" else self.prompts(c, n)) for c in classes}
+
+    def prompts(self, cls, n):
+        if cls.name == "kite":
+            raise RuntimeError("no idea what a kite is")
+        return [f"a photo of a {cls.name}, variant {i}" for i in range(n)]
+
+
+def make_picky_prompts(spec, config, device=None):  # noqa: ARG001
+    return PickyPrompts()

@@ -259,3 +259,17 @@ def test_example_lvis_config_is_valid(shared_data, monkeypatch):
     monkeypatch.delenv("LVIS_CATEGORIES")
     with pytest.raises(ConfigError, match=r"classes\.table: unset environment variable"):
         load_config(Path(__file__).parents[1] / "examples" / "build_lvis_rare.yaml")
+
+
+def test_prompt_failure_gives_one_class_up_not_the_build(tmp_path):
+    import genval_build_testplugins as plug
+
+    cfg = load_config(write_cfg(
+        tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4, "params": {"size": 48}},
+        prompts={"kind": f"{PLUG}:make_picky_prompts", "n": 2}, validator="none",
+        classes={"names": ["mug", "kite", "shoe"], "target": 3}))
+    plug.CountingPrompts.calls = 0
+    r = BankBuilder(cfg, bank=tmp_path / "p.lmdb").run()
+    assert plug.CountingPrompts.calls == 1                       # one batched call for all three classes
+    assert r.added == {"mug": 3, "shoe": 3} and r.gave_up == ["kite"] and r.rejected["prompt_error"] == 1
+    assert InstanceBank(tmp_path / "p.lmdb").get_status("prompts:t:kite") is None

@@ -243,30 +243,64 @@ class BankBuilder:
         self._components.clear()
 
     # -- prompts (cached in the bank so a restart uses the same ones) -----------------------
-    def _class_prompts(self, st: _ClassState, writer: BankWriter, bank: InstanceBank,
-                       report: BuildReport) -> list[str]:
-        name = st.spec.name
-        if name in self._prompts:
-            return self._prompts[name]
-        t0 = time.monotonic()
+    def _prompt_key(self, spec: ClassSpec) -> tuple[str, str]:
         pc = self.config.prompts
         fp = _spec_fingerprint((pc.kind, pc.n, pc.templates, sorted(pc.params.items(), key=str),
-                                st.spec.name, st.spec.definition, st.spec.synonyms))
-        key = f"prompts:{self.config.name}:{name}"
-        cached = bank.get_status(key) if os.path.isfile(os.path.join(self.bank_path, "data.mdb")) else None
-        if cached and cached.get("fingerprint") == fp and len(cached.get("prompts", [])) == pc.n:
-            prompts = list(cached["prompts"])
-        else:
-            prompts = list(self._component("prompts").prompts(st.spec, pc.n))
-            if len(prompts) != pc.n or not all(isinstance(p, str) and p for p in prompts):
-                raise RuntimeError(f"prompt maker {pc.kind!r} returned {len(prompts)} prompts for "
-                                   f"{name!r}, expected {pc.n} non-empty strings")
-            writer.set_status(key, {"fingerprint": fp, "prompts": prompts})
-            report.stages["prompts"].items += len(prompts)
+                                spec.name, spec.definition, spec.synonyms))
+        return f"prompts:{self.config.name}:{spec.name}", fp
+
+    def _ensure_prompts(self, specs: list[ClassSpec], writer: BankWriter, bank: InstanceBank,
+                        report: BuildReport) -> set[str]:
+        """Load or make the prompts of ``specs``; returns the names that have none (prompt maker failed).
+
+        Prompt makers with ``prompts_many(classes, n)`` (the LLM agent) get every missing class in one
+        batched call, so a first round over hundreds of classes does not wait on one request per class.
+        """
+        t0 = time.monotonic()
+        pc = self.config.prompts
+        bank_exists = os.path.isfile(os.path.join(self.bank_path, "data.mdb"))
+        missing = []
+        for spec in specs:
+            if spec.name in self._prompts:
+                continue
+            key, fp = self._prompt_key(spec)
+            cached = bank.get_status(key) if bank_exists else None
+            if cached and cached.get("fingerprint") == fp and cached.get("prompts"):
+                self._prompts[spec.name] = list(cached["prompts"])
+            else:
+                missing.append(spec)
+        failed: set[str] = set()
+        if missing:
+            maker = self._component("prompts")
+            made: dict[str, list[str]] = {}
+            if hasattr(maker, "prompts_many"):
+                for k in range(0, len(missing), 64):
+                    chunk = missing[k:k + 64]
+                    try:
+                        made.update(maker.prompts_many(chunk, pc.n))
+                    except Exception as e:  # a broken chunk: fall back to one class at a time
+                        log.warning("prompt maker %s failed on %d classes (%s); retrying one by one",
+                                    pc.kind, len(chunk), e)
+            for spec in missing:
+                if made.get(spec.name):
+                    continue
+                try:
+                    made[spec.name] = list(maker.prompts(spec, pc.n))
+                except Exception as e:
+                    log.warning("prompt maker %s produced no prompt for %r: %s", pc.kind, spec.name, e)
+            for spec in missing:
+                prompts = [p for p in made.get(spec.name, []) if isinstance(p, str) and p.strip()]
+                if not prompts:
+                    failed.add(spec.name)
+                    report.rejected["prompt_error"] += 1
+                    continue
+                key, fp = self._prompt_key(spec)
+                writer.set_status(key, {"fingerprint": fp, "prompts": prompts})
+                self._prompts[spec.name] = prompts
+                report.stages["prompts"].items += len(prompts)
             report.stages["prompts"].batches += 1
         report.stages["prompts"].busy_s += time.monotonic() - t0
-        self._prompts[name] = prompts
-        return prompts
+        return failed
 
     # -- state ------------------------------------------------------------------------------
     def _counts(self, bank: InstanceBank) -> dict[str, int]:
@@ -458,14 +492,16 @@ class BankBuilder:
                 # 1. schedule rounds for classes with nothing in flight
                 if not pending:
                     rounds: list[list[WorkUnit]] = []
-                    for st in states.values():
-                        if st.inflight == 0 and st.deficit > 0 and not st.gave_up:
+                    ready = [st for st in states.values() if st.inflight == 0 and st.deficit > 0 and not st.gave_up]
+                    if ready and getattr(source, "needs_prompts", False):
+                        for name in self._ensure_prompts([st.spec for st in ready], writer, bank, report):
+                            states[name].gave_up = True
+                    for st in ready:
+                        if not st.gave_up:
                             idx = self._schedule(st)
                             if not idx:
                                 continue
-                            prompts = None
-                            if getattr(source, "needs_prompts", False):
-                                prompts = self._class_prompts(st, writer, bank, report)
+                            prompts = self._prompts.get(st.spec.name) if getattr(source, "needs_prompts", False) else None
                             units = []
                             for i in idx:
                                 pi = i % len(prompts) if prompts else None

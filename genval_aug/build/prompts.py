@@ -50,6 +50,13 @@ def _make_agent(spec, config, device=None):
         def prompts(self, cls, n: int) -> list[str]:
             return list(agent.prompts(cls.name.replace("_", " "), n, definition=cls.definition))
 
+        def prompts_many(self, classes, n: int) -> dict[str, list[str]]:
+            """All classes in batched chat calls (one request per class per round, sent together)."""
+            names = [c.name.replace("_", " ") for c in classes]
+            defs = {nm: c.definition for nm, c in zip(names, classes, strict=True) if c.definition}
+            results = agent.run_many(names, n, defs or None)
+            return {c.name: list(r.prompts) for c, r in zip(classes, results, strict=True)}
+
     return _Adapter()
 
 
