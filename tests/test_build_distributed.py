@@ -30,7 +30,7 @@ PLUG = "genval_build_testplugins"
 CLASSES = ["mug", "kite", "shoe", "lamp", "bell"]
 
 
-def write_cfg(tmp: Path, delay: float = 0.0, name: str = "d.yaml") -> Path:
+def write_cfg(tmp: Path, delay: float = 0.0, name: str = "d.yaml", **over) -> Path:
     cfg = {
         "name": "dist",
         "seed": 5,
@@ -40,6 +40,7 @@ def write_cfg(tmp: Path, delay: float = 0.0, name: str = "d.yaml") -> Path:
         "validator": {"kind": f"{PLUG}:make_validator", "batch_size": 4, "params": {"keep_rate": 0.75}},
         "prefilter": {"reject_border": True},
         "pipeline": {"progress": False},
+        **over,
     }
     p = tmp / name
     p.write_text(yaml.safe_dump(cfg))
@@ -75,11 +76,15 @@ def test_split_is_deterministic_and_balanced(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_merge_equals_single_process(tmp_path):
-    cfg_path = write_cfg(tmp_path)
+    # a prompt-driven generator (tiny random conv net): prompt caches must survive the merge too
+    cfg_path = write_cfg(tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4,
+                                           "params": {"size": 40}},
+                         prompts={"kind": f"{PLUG}:make_prompts", "n": 3}, pipeline={"progress": True})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "genval_aug.cli", "bank", "build", "--config", str(cfg_path), "--no-progress"]
+           "-m", "genval_aug.cli", "bank", "build", "--config", str(cfg_path)]
     r = subprocess.run(cmd + ["--json"], env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "banked (all 2 ranks)" in r.stderr                   # rank 0's aggregate progress bar
     agg = json.loads(r.stdout[r.stdout.index("{"):])           # rank 0 alone prints the aggregate report
     assert agg["added"] == 58 and set(agg["added_per_class"]) == set(CLASSES)
     assert agg["deficits"] == {c: 0 for c in CLASSES}
@@ -94,6 +99,8 @@ def test_torchrun_two_ranks_merge_equals_single_process(tmp_path):
     assert ids(out) == ids(single)                              # same ids as one process
     assert InstanceBank(out).categories() == {"mug": 20, "kite": 14, "shoe": 8, "lamp": 8, "bell": 8}
     assert verify(out).ok
+    for c in CLASSES:                                            # prompt caches merged with the records
+        assert InstanceBank(out).get_status(f"prompts:dist:{c}")["prompts"][0] == f"a photo of a {c}, variant 0"
 
     # re-running the finished distributed build does nothing
     r = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)

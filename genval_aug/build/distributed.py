@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from genval_aug.bank import InstanceBank
+from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.bank import merge as merge_banks
 from genval_aug.build.config import BuildConfig
 from genval_aug.build.pipeline import BankBuilder, BuildReport, StageStats
@@ -146,8 +147,36 @@ def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, wor
     if not shards:
         return {"added": 0, "duplicates": 0}
     out = merge_banks(bank, shards)
+    # the prompt caches travel too, so a later single-process run continues with the same prompts
+    prefix = f"prompts:{config.name}:".encode()
+    cached: dict[str, Any] = {}
+    for sh in shards:
+        cached.update(_statuses(InstanceBank(sh, refresh_interval=None), prefix))
+    if cached:
+        w = BankWriter(bank)
+        try:
+            for name, value in cached.items():
+                w.set_status(name, value)
+        finally:
+            w.close()
     log.info("merged %d shard(s) into %s: %s", len(shards), bank, out)
     return out
+
+
+def _statuses(bank: InstanceBank, prefix: bytes) -> dict[str, Any]:
+    key = b"status/" + prefix
+
+    def fn(txn, dbs):
+        out = {}
+        cur = txn.cursor(db=dbs["meta"])
+        if cur.set_range(key):
+            for k, v in cur:
+                if not k.startswith(key):
+                    break
+                out[k[len(b"status/"):].decode()] = json.loads(bytes(v))
+        return out
+
+    return bank._read(fn)
 
 
 # ----------------------------------------------------------------------------- coordination
@@ -167,36 +196,66 @@ class _Coordinator:
         from torch.distributed import distributed_c10d
 
         self.store = tdist.PrefixStore(f"genval-aug-build/{build}/", distributed_c10d._get_default_store())
+        self._lock = threading.Lock()     # the progress thread and the pipeline share one client
         self._last = 0.0
+        self._bar_stop = threading.Event()
+        self._bar_thread: threading.Thread | None = None
 
     def publish(self, status: dict[str, Any], force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last > 1.0:
             self._last = now
-            self.store.set(f"progress/{self.dist.rank}", json.dumps(
-                {k: status.get(k) for k in ("added", "rejected", "units", "missing", "classes_below_target", "state")}))
+            value = json.dumps({k: status.get(k) for k in ("added", "rejected", "units", "missing",
+                                                           "classes_below_target", "state")})
+            with self._lock:
+                self.store.set(f"progress/{self.dist.rank}", value)
 
     def finish(self, report: BuildReport) -> None:
-        self.store.set(f"report/{self.dist.rank}", json.dumps(report.to_dict()))
-        self.store.add("done", 1)
+        with self._lock:
+            self.store.set(f"report/{self.dist.rank}", json.dumps(report.to_dict()))
+            self.store.add("done", 1)
 
     def progress(self) -> list[dict[str, Any]]:
         out = []
-        for r in range(self.dist.world_size):
-            key = f"progress/{r}"
-            out.append(json.loads(self.store.get(key)) if self.store.check([key]) else {})
+        with self._lock:
+            for r in range(self.dist.world_size):
+                key = f"progress/{r}"
+                out.append(json.loads(self.store.get(key)) if self.store.check([key]) else {})
         return out
 
-    def wait_all(self, bar: Any | None = None, poll: float = 1.0) -> list[dict[str, Any]]:
-        while int(self.store.add("done", 0)) < self.dist.world_size:
-            if bar is not None:
+    def done(self) -> int:
+        with self._lock:
+            return int(self.store.add("done", 0))
+
+    def start_bar(self, total: int, poll: float = 1.0) -> None:
+        """Rank 0: one aggregate bar over every rank, updated from the store while the build runs."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"banked (all {self.dist.world_size} ranks)", unit="inst")
+
+        def loop():
+            while True:
                 prog = self.progress()
                 bar.n = sum(int(p.get("added") or 0) for p in prog)
-                bar.set_postfix_str(f"missing {sum(int(p.get('missing') or 0) for p in prog)}", refresh=True)
+                bar.set_postfix_str(f"missing {sum(int(p.get('missing') or 0) for p in prog)}, "
+                                    f"{self.done()}/{self.dist.world_size} ranks done", refresh=True)
+                if self._bar_stop.wait(poll):
+                    bar.close()
+                    return
+
+        self._bar_thread = threading.Thread(target=loop, name="genval-build-progress", daemon=True)
+        self._bar_thread.start()
+
+    def wait_all(self, poll: float = 0.5) -> list[dict[str, Any]]:
+        while self.done() < self.dist.world_size:
             time.sleep(poll)
-        return [json.loads(self.store.get(f"report/{r}")) for r in range(self.dist.world_size)]
+        with self._lock:
+            return [json.loads(self.store.get(f"report/{r}")) for r in range(self.dist.world_size)]
 
     def close(self) -> None:
+        if self._bar_thread is not None:
+            self._bar_stop.set()
+            self._bar_thread.join(10)
         if self._own_pg:
             import torch.distributed as tdist
 
@@ -254,34 +313,28 @@ def build_distributed(config: BuildConfig, *, bank: str | os.PathLike | None = N
                     device=device, status_name=f"build:{config.name}:rank{dist.rank}",
                     progress=show and dist.rank == 0 and coord is None,
                     on_commit=(lambda _b, st: coord.publish(st)) if coord else None)
+    if coord is not None and show and dist.rank == 0:
+        coord.start_bar(total=sum(v for v in BankBuilder(config, bank=bank).deficits().values()) if _exists(bank)
+                        else sum(c.target for c in config.classes))
     try:
-        report = b.run() if share else BuildReport(stages={})
-    finally:
-        b.close()
-    if coord is None:
-        return report
-    try:
+        try:
+            report = b.run() if share else BuildReport(stages={})
+        finally:
+            b.close()
+        if coord is None:
+            return report
         coord.publish(b.status or {"added": 0, "state": "done"}, force=True)
         coord.finish(report)
         if dist.rank != 0:
             return report
-        bar = None
-        if show:
-            from tqdm import tqdm
-
-            total = sum(max(0, c.target) for c in config.classes)
-            bar = tqdm(total=total, desc=f"banked (all {dist.world_size} ranks)", unit="inst")
-        reports = coord.wait_all(bar)
-        if bar is not None:
-            bar.close()
-        agg = _combine(reports)
+        agg = _combine(coord.wait_all())
         if merge:
             missing = [s for s in shard_paths(bank, dist.world_size) if not _exists(s)]
-            if missing and any(reports[i].get("units") for i in range(dist.world_size)
-                               if shard_paths(bank, dist.world_size)[i] in missing):
-                log.warning("shards %s are not on this machine: copy them here and run `genval-aug bank merge "
-                            "%s <shards...>`", missing, bank)
+            if missing:   # other machines' shards (or ranks with no classes)
+                log.warning("shards not on this machine (or empty): %s; copy them here and run "
+                            "`genval-aug bank build --config ... --merge-shards`", missing)
             merge_shards(config, bank, dist.world_size)
         return agg
     finally:
-        coord.close()
+        if coord is not None:
+            coord.close()
