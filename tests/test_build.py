@@ -122,18 +122,24 @@ def test_build_is_deterministic_resumable_and_idempotent(tmp_path):
     assert set(InstanceBank(tmp_path / "resumed.lmdb").ids()) == ref_ids      # same instances, no duplicates
     units = bank_units(tmp_path / "resumed.lmdb")
     assert all(len(v) == len(set(v)) == 12 for v in units.values())
-    # kept + rejected units form a prefix: nothing was skipped, nothing done twice
+    # kept + rejected units: the same contiguous prefix 0..k as the uninterrupted build (nothing skipped,
+    # nothing done twice)
     settled = scan_units(InstanceBank(tmp_path / "resumed.lmdb"), "t")
-    for cat, idx in settled.items():
-        assert max(idx) + 1 - len(idx) <= sum(1 for r in ref.rejected.values()), cat
+    assert settled == scan_units(InstanceBank(tmp_path / "ref.lmdb"), "t")
+    assert all(idx == set(range(max(idx) + 1)) for idx in settled.values())
     assert verify(tmp_path / "resumed.lmdb").ok
 
-    # a finished config does nothing (not even building its components)
-    calls = []
-    register_source("exploding", lambda *a, **k: calls.append(1))
-    again = BankBuilder(load_config(cfg_path), bank=tmp_path / "ref.lmdb", components={}).run()
+    # a finished config does nothing, not even building its components
+    def explode(*a, **k):
+        raise AssertionError("components of a finished build must not be built")
+
+    register_source("exploding", explode)
+    finished = load_config(write_cfg(tmp_path, "b3.yaml", source={"kind": "exploding"}))
+    again = BankBuilder(finished, bank=tmp_path / "ref.lmdb").run()
     assert again.units == 0 and again.total_added == 0
     assert set(InstanceBank(tmp_path / "ref.lmdb").ids()) == ref_ids
+    with pytest.raises(AssertionError, match="must not be built"):   # ... which it would with work to do
+        BankBuilder(finished, bank=tmp_path / "empty.lmdb").run()
 
 
 def test_targets_count_existing_instances(tmp_path):

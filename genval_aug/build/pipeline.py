@@ -372,11 +372,15 @@ class BankBuilder:
             log.info("build %s: every class is at target; nothing to do", cfg.name)
             return report
 
+        source = self._component("source")         # models load before the bank is opened for writing
+        validator = self._component("validator")
         writer = BankWriter(self.bank_path, batch_size=1 << 30)   # we commit explicitly, per batch
         bank = InstanceBank(self.bank_path, refresh_interval=None)
-        states = self._init_states(bank, targets)
-        source = self._component("source")
-        validator = self._component("validator")
+        try:
+            states = self._init_states(bank, targets)
+        except BaseException:
+            writer.close()
+            raise
         src_bs = max(1, cfg.source.batch_size)
         val_bs = max(1, cfg.validator.batch_size)
         rules = self.rules
