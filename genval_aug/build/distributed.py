@@ -148,10 +148,10 @@ def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, wor
         return {"added": 0, "duplicates": 0}
     out = merge_banks(bank, shards)
     # the prompt caches travel too, so a later single-process run continues with the same prompts
-    prefix = f"prompts:{config.name}:".encode()
+    prefix = f"prompts:{config.name}:"
     cached: dict[str, Any] = {}
     for sh in shards:
-        cached.update(_statuses(InstanceBank(sh, refresh_interval=None), prefix))
+        cached.update(InstanceBank(sh, refresh_interval=None).statuses(prefix))
     if cached:
         w = BankWriter(bank)
         try:
@@ -161,22 +161,6 @@ def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, wor
             w.close()
     log.info("merged %d shard(s) into %s: %s", len(shards), bank, out)
     return out
-
-
-def _statuses(bank: InstanceBank, prefix: bytes) -> dict[str, Any]:
-    key = b"status/" + prefix
-
-    def fn(txn, dbs):
-        out = {}
-        cur = txn.cursor(db=dbs["meta"])
-        if cur.set_range(key):
-            for k, v in cur:
-                if not k.startswith(key):
-                    break
-                out[k[len(b"status/"):].decode()] = json.loads(bytes(v))
-        return out
-
-    return bank._read(fn)
 
 
 # ----------------------------------------------------------------------------- coordination

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from genval_aug.bank import BankWriter, InstanceBank
-from genval_aug.bank.record import loads
 from genval_aug.build.config import BuildConfig, ClassSpec
 from genval_aug.build.registry import Candidate, WorkUnit, build_component
 from genval_aug.errors import BadInstanceError
@@ -59,20 +58,12 @@ def scan_units(bank: InstanceBank, build: str) -> dict[str, set[int]]:
     the build tag is skipped without JSON parsing.
     """
     tag = f'"build":{_json_str(build)}'.encode()
-
-    def fn(txn, dbs):
-        out: dict[str, set[int]] = {}
-        for db in ("records", "rejected"):
-            for _, v in txn.cursor(db=dbs[db]):
-                if tag not in v:
-                    continue
-                meta = loads(v)
-                src = meta.get("source") or {}
-                if src.get("build") == build and isinstance(src.get("unit"), int):
-                    out.setdefault(meta["category"], set()).add(src["unit"])
-        return out
-
-    return bank._read(fn)
+    out: dict[str, set[int]] = {}
+    for meta in bank.scan_meta(("records", "rejected"), contains=tag):
+        src = meta.get("source") or {}
+        if src.get("build") == build and isinstance(src.get("unit"), int):
+            out.setdefault(meta["category"], set()).add(src["unit"])
+    return out
 
 
 def _keep(v: Any) -> bool:
