@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,7 +134,9 @@ class CocoSource:
         else:
             return bad("empty_polygon", "no segmentation (polygons or RLE)")
         try:
-            m = mu.decode(rle)
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, not ours
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = mu.decode(rle)
         except Exception as e:  # noqa: BLE001 - malformed RLE strings raise various errors
             return bad("bad_rle", f"RLE does not decode ({e})")
         return Annotation(cid, self.names[cid], {"annotation": aid}, mask=m.view(bool) if m.dtype == np.uint8 else m)

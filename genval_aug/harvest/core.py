@@ -88,8 +88,10 @@ class HarvestConfig:
     soft_edges: bool = False  # polygon alpha = pixel coverage (4x4 supersampled) instead of 0/255
     classes: Sequence[str | int] | None = None  # only these class names or ids
     convert_images: bool = False  # convert grayscale/16-bit/CMYK images instead of skipping them
-    grabcut_iterations: int = 5
-    grabcut_max_side: int = 256
+    grabcut_iterations: int = 4
+    grabcut_max_side: int = 160
+    grabcut_context: float = 0.3
+    grabcut_seed: float = 0.5  # sure-foreground ellipse at the box centre, fraction of the box size
     store_rejected: bool = False  # keep rejected crops in the bank's audit table
     max_images: int | None = None
 
@@ -254,7 +256,8 @@ class Harvester:
             return m[y0 - oy:ye - oy, x0 - ox:xe - ox], x0, y0
         if ann.box is not None:
             return M.grabcut_box(image, np.asarray(ann.box, np.float64), iterations=cfg.grabcut_iterations,
-                                 max_side=cfg.grabcut_max_side)
+                                 context=cfg.grabcut_context, max_side=cfg.grabcut_max_side,
+                                 seed_fraction=cfg.grabcut_seed)
         raise ValueError(f"annotation {ann.ref} has no geometry")
 
     # -- main loop --------------------------------------------------------------------------------
@@ -351,6 +354,34 @@ class Harvester:
         for ann in anns:
             self._one_annotation(image, H, W, ann, sample, source, writer, rep, sizes, seen)
 
+    def _box_precheck(self, ann: Annotation, W: int, H: int, rep: HarvestReport, sizes: _SizeStats,
+                      per: Counter) -> bool:
+        """Box sources: size statistics from the box, and no GrabCut for boxes that must fail anyway
+        (smaller than the size rules, or touching the image border). True = rejected here."""
+        cfg = self.config
+        if ann.normalized:
+            ann.box = np.asarray(ann.box, np.float64) * np.array([W, H, W, H], np.float64)
+            ann.normalized = False
+        x1, y1, x2, y2 = (float(v) for v in ann.box)
+        x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(W), x2), min(float(H), y2)
+        bw, bh = x2 - x1, y2 - y1
+        if bw < 1 or bh < 1:
+            reason = "empty_alpha"
+        else:
+            sizes.add(ann.category, int(round(bw * bh)), int(round(bw)), int(round(bh)), W, H)
+            b, r = cfg.border_px, cfg.rules
+            reason = None
+            if (r.min_area is not None and bw * bh < r.min_area) or (r.min_side is not None and min(bw, bh) < r.min_side):
+                reason = "too_small"
+            elif cfg.reject_truncated and (x1 < b or y1 < b or x2 > W - b or y2 > H - b):
+                reason = "truncated"
+        if reason is None:
+            return False
+        rep.rejected[reason] += 1
+        rep.rejected_any[reason] += 1
+        per["rejected"] += 1
+        return True
+
     @staticmethod
     def _image_failed(rep: HarvestReport, sample: SourceImage, anns: list[Annotation], reason: str, msg: str) -> None:
         rep.bad_input[reason] += len(anns)
@@ -362,6 +393,8 @@ class Harvester:
                         rep: HarvestReport, sizes: _SizeStats, seen: set[str]) -> None:
         cfg = self.config
         per = rep._cls(ann.category)
+        if ann.box is not None and self._box_precheck(ann, W, H, rep, sizes, per):
+            return
         try:
             mask, x, y = self.instance_mask(image, ann)
         except Exception as e:  # noqa: BLE001 - e.g. GrabCut on a degenerate region: count, keep going
@@ -378,7 +411,8 @@ class Harvester:
             return
         bx, by, bw, bh = bb
         area = int(np.count_nonzero(mask >= cfg.rules.alpha_threshold))
-        sizes.add(ann.category, area, bw, bh, W, H)
+        if ann.box is None:  # box sources add the box size in _box_precheck
+            sizes.add(ann.category, area, bw, bh, W, H)
         if cfg.keep_largest:
             keep = largest_component(mask >= cfg.rules.alpha_threshold)
             mask = np.where(keep, mask, 0).astype(np.uint8)
@@ -436,9 +470,20 @@ class Harvester:
         for k in ("iscrowd", "box_line"):
             if rep.skipped.get(k):
                 reasons[k] += rep.skipped[k]
-        if reasons:
-            writer.record_rejections(dict(reasons))
-        writer.set_status(f"harvest/{source.name}", {**rep.to_dict(), "config": self.config.to_dict()})
+        # the bank keeps the latest harvest's counts per dataset: re-harvesting replaces, never doubles
+        key = f"harvest/{source.name}"
+        old = {}
+        if bank is not None:
+            try:
+                old = (bank.get_status(key) or {}).get("recorded_rejections", {})
+            except Exception:  # noqa: BLE001
+                old = {}
+        delta = {k: reasons.get(k, 0) - old.get(k, 0) for k in set(reasons) | set(old)}
+        delta = {k: v for k, v in delta.items() if v}
+        if delta:
+            writer.record_rejections(delta)
+        writer.set_status(key, {**rep.to_dict(), "recorded_rejections": dict(reasons),
+                                "config": self.config.to_dict()})
 
 
 def harvest(data: str | os.PathLike, out, *, format: str = "auto", config: HarvestConfig | None = None,
