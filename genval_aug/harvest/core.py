@@ -417,11 +417,22 @@ class Harvester:
             keep = largest_component(mask >= cfg.rules.alpha_threshold)
             mask = np.where(keep, mask, 0).astype(np.uint8)
             bx, by, bw, bh = M.tight_bbox(mask >= cfg.rules.alpha_threshold)
+            area = int(np.count_nonzero(mask >= cfg.rules.alpha_threshold))
         # crop the mask window to its tight box before adding the margin
         mask = mask[by:by + bh, bx:bx + bw]
         x, y = x + bx, y + by
         b = cfg.border_px
         truncated = x < b or y < b or x + bw > W - b or y + bh > H - b
+        r = cfg.rules
+        if not cfg.store_rejected and ((r.min_area is not None and area < r.min_area)
+                                       or (r.min_side is not None and min(bw, bh) < r.min_side)):
+            # "too_small" is check_instance's first rule: decide it without building the crop
+            rep.rejected["too_small"] += 1
+            rep.rejected_any["too_small"] += 1
+            if truncated and cfg.reject_truncated:
+                rep.rejected_any["truncated"] += 1
+            per["rejected"] += 1
+            return
         margin = max(cfg.min_margin_px, int(round(cfg.margin * max(bw, bh))))
         rgba, crop_box = M.crop_rgba(image, mask, x, y, margin)
         stats = alpha_stats(rgba, cfg.rules.alpha_threshold)
@@ -456,7 +467,7 @@ class Harvester:
     def _write_bank_stats(self, source: HarvestSource, writer, rep: HarvestReport) -> None:
         from genval_aug.bank import InstanceBank
 
-        bank = InstanceBank(writer.path) if hasattr(writer, "path") else None
+        bank = InstanceBank(writer.path) if getattr(writer, "path", None) else None
         for name, prior in rep.size_priors.items():
             old = None
             if bank is not None:

@@ -1,4 +1,4 @@
-"""Mask kernels for the harvest: exact polygon rasterization, RGBA crops, components, GrabCut.
+"""Mask kernels for the harvest: exact polygon rasterization, RGBA crops, GrabCut.
 
 Polygons use continuous pixel coordinates (pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``), so a
 normalized YOLO vertex maps to ``x * W``. A pixel is inside when its centre is (even-odd rule), which
@@ -81,16 +81,6 @@ def tight_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """(x, y, w, h) of the non-zero pixels, or None when the mask is empty."""
     x, y, w, h = cv2.boundingRect((mask > 0).view(np.uint8) if mask.dtype == bool else mask)
     return None if w == 0 or h == 0 else (x, y, w, h)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep only the largest 8-connected component of ``mask >= 128`` (values of the kept pixels are kept)."""
-    binary = (mask >= 128).astype(np.uint8)
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    if n <= 2:
-        return mask
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return np.where(lab == best, mask, 0).astype(np.uint8)
 
 
 def crop_rgba(image: np.ndarray, mask: np.ndarray, x: int, y: int, margin: int) -> tuple[np.ndarray, tuple]:
