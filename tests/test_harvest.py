@@ -9,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from matplotlib.path import Path as MplPath
 
 from genval_aug.bank import InstanceBank
 from genval_aug.harvest import HarvestConfig, detect_format, harvest
@@ -30,11 +29,18 @@ def _label_lines(coco128: Path) -> dict[str, list[str]]:
 
 
 def _inside_centres(poly: np.ndarray, crop: list[int]) -> np.ndarray:
-    """Pixels of the crop whose centre lies in the polygon (matplotlib point-in-polygon, not our rasterizer)."""
+    """Pixels of the crop whose centre lies in the polygon: a plain crossing-number test per point
+    (independent of the scanline rasterizer under test)."""
     x, y, w, h = crop
-    yy, xx = np.mgrid[0:h, 0:w]
-    pts = np.c_[xx.ravel() + x + 0.5, yy.ravel() + y + 0.5]
-    return MplPath(poly).contains_points(pts).reshape(h, w)
+    py, px = np.mgrid[0:h, 0:w].astype(np.float64)
+    px, py = px + x + 0.5, py + y + 0.5
+    inside = np.zeros((h, w), bool)
+    for (x1, y1), (x2, y2) in zip(poly, np.roll(poly, -1, axis=0), strict=True):
+        crosses = (y1 > py) != (y2 > py)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xint = x1 + (py - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= crosses & (px < xint)
+    return inside
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +196,12 @@ def test_coco_rle_and_iscrowd(shared_data, tmp_path):
     assert rep.bad_input == Counter({"unknown_class": 1, "odd_coordinates": 1})
     assert rep.duplicates == 1 and rep.kept == 12  # the RLE copy decodes to the very same crop
     assert any("annotation id 102" in str(i) and "ann.json" in str(i) for i in rep.issues)
+    # LVIS-style image entries (coco_url, no file_name) resolve to <split>/<file>
+    for im in data["images"]:
+        im["coco_url"] = "http://images.example.org/" + im.pop("file_name")
+    (tmp_path / "lvis.json").write_text(json.dumps(data))
+    lvis = harvest(tmp_path / "lvis.json", tmp_path / "l.lmdb", config=PERMISSIVE)
+    assert lvis.kept == 12 and not lvis.bad_input.get("missing_image")
 
 
 def _detection_copy(coco128: Path, dst: Path, n: int) -> Path:

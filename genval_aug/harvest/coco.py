@@ -1,6 +1,7 @@
 """COCO instances json (polygons and RLE, decoded with pycocotools) as a harvest source.
 
-``iscrowd`` annotations are skipped and counted (``iscrowd``). LVIS json uses the same layout.
+``iscrowd`` annotations are skipped and counted (``iscrowd``). LVIS json uses the same layout (its images
+carry ``coco_url`` instead of ``file_name``: the last two URL parts, ``<split>/<file>``, are used).
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ class CocoSource:
         self._bad_images: list[LabelIssue] = []
         for i, im in enumerate(data["images"]):
             try:
+                if "file_name" not in im and "coco_url" in im:  # LVIS: <split>/<file> at the end of the URL
+                    im = {**im, "file_name": "/".join(str(im["coco_url"]).split("/")[-2:])}
                 self._images.append({"id": im["id"], "file_name": str(im["file_name"]),
                                      "width": int(im["width"]), "height": int(im["height"])})
             except (KeyError, TypeError, ValueError) as e:

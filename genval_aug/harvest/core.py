@@ -295,8 +295,11 @@ class Harvester:
         rep.seconds = time.perf_counter() - t0
         rep.check()
         if rep.issues_total:
-            log.warning("harvest %s: %d input problem(s) skipped (%s); see the report", source.name,
-                        rep.issues_total, ", ".join(f"{k} {v}" for k, v in (rep.bad_input + rep.file_issues).items()))
+            parts = [f"{sum(rep.bad_input.values())} annotation(s) skipped as bad input"]
+            if rep.file_issues:
+                parts.append(f"{sum(rep.file_issues.values())} file problem(s)")
+            log.warning("harvest %s: %s (%s); see the report", source.name, ", ".join(parts),
+                        ", ".join(f"{k} {v}" for k, v in (rep.bad_input + rep.file_issues).items()))
         return rep
 
     def _class_filter(self, source: HarvestSource) -> set[int] | None:
