@@ -31,6 +31,7 @@ def test_harvest_report_and_rerun_is_idempotent(harvested, coco128_seg, capsys):
     assert report["images"] == 40 and report["kept"] == n > 50
     not_kept = sum(report["rejected"].values()) + sum(report["bad_input"].values()) + sum(report["skipped"].values())
     assert report["annotations"] - not_kept - report["duplicates"] == n
+    prior = InstanceBank(bank).size_prior("person")
     # the same harvest again adds nothing: every instance is already there (content ids)
     rc = main(["bank", "harvest", "--data", str(coco128_seg / "coco128-seg.yaml"), "--out", str(bank),
                "--max-images", "40", "--no-progress"])
@@ -42,6 +43,9 @@ def test_harvest_report_and_rerun_is_idempotent(harvested, coco128_seg, capsys):
     stats = InstanceBank(bank).stats(refresh=True)
     for reason, k in report["rejected"].items():
         assert stats["rejections"][reason] == k
+    again = InstanceBank(bank).size_prior("person")  # and its size prior is not counted twice
+    assert again["n"] == prior["n"] and again["rel_sqrt_area_mean"] == pytest.approx(prior["rel_sqrt_area_mean"])
+    assert again["aspect_std"] == pytest.approx(prior["aspect_std"])
 
 
 def test_harvest_summary_numbers_add_up(coco128_seg, tmp_path, capsys):

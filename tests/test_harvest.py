@@ -131,6 +131,24 @@ def test_soft_edges_and_class_filter(coco128_seg, tmp_path):
     assert soft == bank.count()
 
 
+def test_size_priors_pool_exactly():
+    from genval_aug.harvest.core import _SizeStats, update_prior
+
+    rng = np.random.default_rng(1)
+    rows = [(int(a), int(w), int(h)) for a, w, h in rng.integers(50, 5000, size=(40, 3))]
+    whole, first, second = _SizeStats(), _SizeStats(), _SizeStats()
+    for i, (a, w, h) in enumerate(rows):
+        whole.add("x", a, w, h, 640, 480)
+        (first if i < 15 else second).add("x", a, w, h, 640, 480)
+    pooled = update_prior(first.priors()["x"], second.priors()["x"])
+    for k, v in whole.priors()["x"].items():
+        assert pooled[k] == pytest.approx(v)
+    # replacing a dataset's earlier contribution by its new one leaves the other datasets' share intact
+    again = update_prior(pooled, second.priors()["x"], replaced=second.priors()["x"])
+    for k, v in pooled.items():
+        assert again[k] == pytest.approx(v)
+
+
 def test_rasterizer_matches_point_in_polygon():
     rng = np.random.default_rng(0)
     for _ in range(30):

@@ -118,7 +118,7 @@ class HarvestReport:
     bad_input: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     file_issues: Counter = field(default_factory=Counter)  # files without objects lost (orphan labels, ...)
-    per_class: dict[str, Counter] = field(default_factory=dict)  # class -> {"kept": n, "rejected": n, ...}
+    per_class: dict[str, Counter] = field(default_factory=dict)  # class -> {"passed": n, "rejected": n, ...}
     issues: list[LabelIssue] = field(default_factory=list)
     issues_total: int = 0
     size_priors: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -209,11 +209,41 @@ class _SizeStats:
         return out
 
 
-def pool_priors(priors: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Pool size priors of several harvests (n-weighted means, pooled variances)."""
-    from genval_aug.bank.maintenance import _merge_priors
+_PRIOR_KEYS = ("rel_sqrt_area", "aspect")
 
-    return priors[0] if len(priors) == 1 else _merge_priors(list(priors))
+
+def _prior_sums(p: dict[str, float]) -> np.ndarray:
+    """(n, sum, sum of squares) per key: the additive form of an n-weighted pooled prior."""
+    n = float(p.get("n", 1))
+    out = [n]
+    for k in _PRIOR_KEYS:
+        m, sd = float(p.get(f"{k}_mean", 0.0)), float(p.get(f"{k}_std", 0.0))
+        out += [n * m, n * (sd * sd + m * m)]
+    return np.array(out)
+
+
+def _prior_from_sums(v: np.ndarray) -> dict[str, float] | None:
+    n = v[0]
+    if n < 0.5:
+        return None
+    out: dict[str, float] = {"n": int(round(n))}
+    for i, k in enumerate(_PRIOR_KEYS):
+        m = v[1 + 2 * i] / n
+        out[f"{k}_mean"] = float(m)
+        out[f"{k}_std"] = float(math.sqrt(max(v[2 + 2 * i] / n - m * m, 0.0)))
+    return out
+
+
+def update_prior(current: dict[str, float] | None, new: dict[str, float],
+                 replaced: dict[str, float] | None = None) -> dict[str, float]:
+    """Pool ``new`` into the bank's ``current`` prior (n-weighted), after taking out ``replaced`` (this
+    dataset's contribution from an earlier harvest), so re-harvesting a dataset does not count it twice."""
+    v = _prior_sums(new)
+    if current:
+        v = v + _prior_sums(current)
+        if replaced:
+            v = v - _prior_sums(replaced)
+    return _prior_from_sums(v) or new
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -465,39 +495,33 @@ class Harvester:
             return
         seen.add(rid)
         writer.add(rgba, category=ann.category, category_id=ann.category_id, source=prov)
-        per["kept"] += 1
+        per["passed"] += 1
 
     def _write_bank_stats(self, source: HarvestSource, writer, rep: HarvestReport) -> None:
         from genval_aug.bank import InstanceBank
 
         bank = InstanceBank(writer.path) if getattr(writer, "path", None) else None
+        key = f"harvest/{source.name}"
+        previous: dict[str, Any] = {}
+        if bank is not None:
+            previous = bank.get_status(key) or {}
+        # the bank keeps each dataset's latest harvest: re-harvesting replaces its share, never doubles it
+        old_priors = previous.get("size_priors", {})
         for name, prior in rep.size_priors.items():
-            old = None
-            if bank is not None:
-                try:
-                    old = bank.size_prior(name)
-                except Exception:  # noqa: BLE001 - a fresh bank may not be readable yet
-                    old = None
-            writer.set_size_prior(name, pool_priors([old, prior]) if old else prior)
+            current = bank.size_prior(name) if bank is not None else None
+            writer.set_size_prior(name, update_prior(current, prior, old_priors.get(name)))
         reasons = Counter(rep.rejected)
         reasons.update(rep.bad_input)
         for k in ("iscrowd", "box_line"):
             if rep.skipped.get(k):
                 reasons[k] += rep.skipped[k]
-        # the bank keeps the latest harvest's counts per dataset: re-harvesting replaces, never doubles
-        key = f"harvest/{source.name}"
-        old = {}
-        if bank is not None:
-            try:
-                old = (bank.get_status(key) or {}).get("recorded_rejections", {})
-            except Exception:  # noqa: BLE001
-                old = {}
+        old = previous.get("recorded_rejections", {})
         delta = {k: reasons.get(k, 0) - old.get(k, 0) for k in set(reasons) | set(old)}
         delta = {k: v for k, v in delta.items() if v}
         if delta:
             writer.record_rejections(delta)
         writer.set_status(key, {**rep.to_dict(), "recorded_rejections": dict(reasons),
-                                "config": self.config.to_dict()})
+                                "size_priors": rep.size_priors, "config": self.config.to_dict()})
 
 
 def harvest(data: str | os.PathLike, out, *, format: str = "auto", config: HarvestConfig | None = None,
