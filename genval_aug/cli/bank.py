@@ -270,10 +270,9 @@ def cmd_stats(args) -> int:
         line += f", mean score {s['mean_score']:.3f}"
     print(line)
     for name, h in s["harvests"].items():
-        print(f"last {name}: {h.get('annotations', 0)} annotations in {h.get('images', 0)} images -> "
-              f"{h.get('kept', 0)} added, {h.get('duplicates', 0)} already there, "
-              f"{sum(h.get('rejected', {}).values())} rejected, {sum(h.get('bad_input', {}).values())} bad input, "
-              f"{sum(h.get('skipped', {}).values())} skipped")
+        print(f"{name}: {h.get('annotations', 0)} annotations in {h.get('images', 0)} images -> "
+              f"{h.get('kept', 0)} kept, {sum(h.get('rejected', {}).values())} rejected, "
+              f"{sum(h.get('bad_input', {}).values())} bad input, {sum(h.get('skipped', {}).values())} skipped")
     return 0
 
 
