@@ -24,3 +24,15 @@ class DatasetError(GenValAugError):
 
 class ConfigError(GenValAugError, ValueError):
     """A configuration value is invalid."""
+
+
+class AgentError(GenValAugError):
+    """An LLM/VLLM agent or its backend failed."""
+
+
+class BackendError(AgentError):
+    """A chat backend request failed (HTTP status, timeout, bad response body, model error)."""
+
+
+class AgentOutputError(AgentError):
+    """An agent's model kept answering with output that does not parse (after retries)."""
