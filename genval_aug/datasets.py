@@ -103,6 +103,15 @@ def read_rgb(path: str | os.PathLike, *, convert: bool = False) -> np.ndarray:
         problem = ("grayscale_image", f"grayscale image (mode {mode})")
     if problem is not None and not convert:
         raise ImageError(path, *problem)
+    try:
+        return _decode_rgb(data, mode)
+    except ImageError as e:
+        raise ImageError(path, e.reason, e.detail) from None
+    except Exception as e:  # noqa: BLE001 - truncated files and codec errors take many forms
+        raise ImageError(path, "unreadable_image", f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+def _decode_rgb(data: bytes, mode: str | None) -> np.ndarray:
     if mode == "CMYK":
         from PIL import Image, ImageOps
 
@@ -116,7 +125,7 @@ def read_rgb(path: str | os.PathLike, *, convert: bool = False) -> np.ndarray:
 
             with Image.open(io.BytesIO(data)) as im:
                 return np.asarray(im.convert("RGB")).copy()
-        raise ImageError(path, "unreadable_image", "not a decodable image")
+        raise ImageError("image", "unreadable_image", "not a decodable image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

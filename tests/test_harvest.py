@@ -331,3 +331,22 @@ def test_bad_input_is_reported_counted_and_skipped(coco128_seg, tmp_path):
     conv = harvest(yaml_path, tmp_path / "c.lmdb", config=HarvestConfig(**{**PERMISSIVE.__dict__, "convert_images": True}))
     assert set(conv.bad_input) == set(rep.bad_input) - {"grayscale_image", "cmyk_image", "16bit_image"}
     assert conv.kept + conv.duplicates == 2 + 3 * 2
+
+
+def test_malformed_coco_fields_are_skipped(shared_data, tmp_path):
+    root = shared_data / "labelme_voc_examples" / "data_dataset_coco"
+    data = json.loads((root / "annotations.json").read_text())
+    data["annotations"][0]["segmentation"] = [["a", "b", "c", "d", "e", "f"]]
+    data["annotations"][1]["segmentation"] = {"size": [338, 500], "counts": 17}
+    data["images"][2]["file_name"] = "JPEGImages/truncated.jpg"
+    (tmp_path / "JPEGImages").mkdir()
+    for p in (root / "JPEGImages").iterdir():
+        (tmp_path / "JPEGImages" / p.name).symlink_to(p)
+    good = (root / "JPEGImages" / "2011_000006.jpg").read_bytes()
+    (tmp_path / "JPEGImages" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    rep = harvest(tmp_path / "ann.json", tmp_path / "b.lmdb", config=PERMISSIVE)
+    rep.check()
+    assert rep.bad_input["bad_annotation"] == 1 and rep.bad_input["bad_rle"] == 1
+    # a truncated JPEG either decodes partially (libjpeg pads it) or is reported: never a crash
+    assert rep.kept + sum(rep.bad_input.values()) == 12

@@ -153,7 +153,11 @@ class CocoSource:
                 if a.get("iscrowd"):
                     skipped["iscrowd"] += 1
                     continue
-                r = self._annotation(a, w, h, mu)
+                try:
+                    r = self._annotation(a, w, h, mu)
+                except (TypeError, ValueError, KeyError, AttributeError) as e:  # malformed fields: skip, count
+                    r = LabelIssue(str(self.path), None, "bad_annotation",
+                                   f"annotation id {a.get('id')}: {type(e).__name__}: {e}")
                 (issues if isinstance(r, LabelIssue) else anns).append(r)
             path = self.images_dir / im["file_name"]
             yield SourceImage(path, im["file_name"], anns, issues, info={"image_id": im["id"]},
