@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from genval_aug.bank.record import content_id
 from genval_aug.datasets import ImageError, LabelIssue, read_rgb
 from genval_aug.errors import ConfigError
 from genval_aug.harvest import masks as M
@@ -294,8 +296,6 @@ class Harvester:
     def run(self, source: HarvestSource, writer, *, progress: bool | Callable[[Iterable], Iterable] = False,
             report: HarvestReport | None = None) -> HarvestReport:
         """Harvest ``source`` into ``writer`` (a BankWriter). ``progress``: True for a tqdm bar."""
-        import time
-
         cfg = self.config
         rep = report or HarvestReport(dataset=source.name, format=source.format)
         wanted = self._class_filter(source)
@@ -486,8 +486,6 @@ class Harvester:
                                     verdict={"keep": False, "score": 0.0, "reasons": {r: "harvest pre-filter" for r in reasons},
                                              "model": "harvest-prefilter"})
             return
-        from genval_aug.bank.record import content_id
-
         rid = content_id(ann.category, rgba)
         if rid in seen:
             rep.duplicates += 1
