@@ -59,6 +59,9 @@ def test_harvest_summary_numbers_add_up(coco128_seg, tmp_path, capsys):
     lost = [int(x) for x in re.findall(r"(?:rejected by quality filters|skipped bad input|skipped by options): (\d+)", out)]
     assert total == 929 and kept == InstanceBank(bank).count() == total - sum(lost)
     assert set(InstanceBank(bank).categories()) == {"person", "dog"}
+    # --keep-largest: every stored mask is one connected component, so nothing is rejected as fragmented
+    assert "fragmented" not in out
+    assert all(m["mask"]["components"] == 1 for m in InstanceBank(bank).iter_meta())
 
 
 def test_stats_json_show_verify(harvested, tmp_path, capsys):
