@@ -28,7 +28,7 @@ import numpy as np
 
 from genval_aug.bank import BankWriter
 from genval_aug.datasets import ImageError, YoloDataset, read_rgb
-from genval_aug.harvest import Harvester, open_source
+from genval_aug.harvest import HarvestConfig, Harvester, open_source
 
 GOAL = 200.0
 SHARED = Path(os.environ.get("GENVAL_AUG_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -84,12 +84,12 @@ def ann_scale(ann, W, H):
     return np.array([W, H], np.float64) if ann.normalized else np.ones(2)
 
 
-def run(harvester_cls, data: str, tmp: Path) -> tuple[float, float, int, int]:
+def run(harvester_cls, data: str, tmp: Path, workers: int = 0) -> tuple[float, float, int, int]:
     out = tmp / f"bank-{time.perf_counter_ns()}"
     source = open_source(data)
     c0, w0 = time.process_time(), time.perf_counter()
     with BankWriter(out) as w:
-        rep = harvester_cls().run(source, w)
+        rep = harvester_cls(HarvestConfig(workers=workers)).run(source, w)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     shutil.rmtree(out, ignore_errors=True)
     return cpu, wall, rep.annotations, rep.kept
@@ -112,6 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("GENVAL_AUG_BENCH_DATA", str(DEFAULT_DATA)))
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="also time a harvest with this many worker processes")
     args = ap.parse_args()
     if not Path(args.data).is_file():
         raise SystemExit(f"benchmark data not found: {args.data}")
@@ -125,6 +126,8 @@ def main() -> None:
             best = min((run(cls, args.data, tmp) for _ in range(args.repeat)), key=lambda r: r[0])
             results[name] = best
         results["no bank writes"] = min((run_no_writes(args.data) for _ in range(args.repeat)), key=lambda r: r[0])
+        par = min((run(Harvester, args.data, tmp, workers=args.workers) for _ in range(args.repeat)),
+                  key=lambda r: r[1]) if args.workers > 1 else None
         dcpu, dwall, nimg = min((decode_only(args.data) for _ in range(args.repeat)), key=lambda r: r[0])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -133,6 +136,12 @@ def main() -> None:
     for name, (cpu, wall, n, kept) in results.items():
         print(f"{name:14s} {cpu:7.2f} {wall:7.2f} {n / cpu:18.0f} {kept / cpu:11.0f}")
     print(f"{'decode only':14s} {dcpu:7.2f} {dwall:7.2f} {'':>18s} {'':>11s}  ({nimg} images, {nimg / dcpu:.0f} images/cpu-s)")
+    if par is not None:
+        _, pwall, pn, pkept = par
+        swall = results["genval_aug"][1]
+        print(f"{'--workers ' + str(args.workers):14s} {'':7s} {pwall:7.2f}  {pn / pwall:8.0f} annotations/s, "
+              f"{pkept / pwall:.0f} kept/s wall ({swall / pwall:.2f}x the 1-process wall time; "
+              f"{os.cpu_count()} cores, shared)")
     cpu, _, n, kept = results["genval_aug"]
     ncpu, _, nn, nkept = results["naive"]
     print(f"speed-up vs naive full-frame masks: {ncpu / cpu:.2f}x")

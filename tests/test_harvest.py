@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from genval_aug.bank import InstanceBank
+from genval_aug.bank.record import content_id
 from genval_aug.harvest import HarvestConfig, detect_format, harvest
 from genval_aug.harvest.masks import rasterize_polygon
 from genval_aug.quality import QualityRules
@@ -94,6 +95,7 @@ def test_coco128_alpha_matches_source_polygons(coco128_seg, coco128_bank):
         assert iou >= 0.98, f"{src['image']} line {src['line']}: IoU {iou:.3f}"
         # colour under the mask is the source image's (the crop sits where provenance says)
         assert np.array_equal(inst.rgba[..., :3][got], img[y:y + h, x:x + w][got])
+        assert inst.id == content_id(inst.category, inst.rgba)  # canonical pixels, BankWriter's id
     assert len(ious) == bank.count() > 300
 
 
@@ -350,3 +352,14 @@ def test_malformed_coco_fields_are_skipped(shared_data, tmp_path):
     assert rep.bad_input["bad_annotation"] == 1 and rep.bad_input["bad_rle"] == 1
     # a truncated JPEG either decodes partially (libjpeg pads it) or is reported: never a crash
     assert rep.kept + sum(rep.bad_input.values()) == 12
+
+
+def test_workers_give_the_same_bank(coco128_seg, tmp_path):
+    cfg = dict(max_images=24, store_rejected=True)
+    one = harvest(coco128_seg / "coco128-seg.yaml", tmp_path / "a.lmdb", config=HarvestConfig(**cfg))
+    two = harvest(coco128_seg / "coco128-seg.yaml", tmp_path / "b.lmdb", config=HarvestConfig(**cfg, workers=2))
+    a, b = InstanceBank(tmp_path / "a.lmdb"), InstanceBank(tmp_path / "b.lmdb")
+    assert sorted(a.ids()) == sorted(b.ids()) and a.count() == one.kept > 10
+    for name in ("annotations", "kept", "duplicates", "rejected", "bad_input", "skipped", "size_priors"):
+        assert getattr(one, name) == getattr(two, name), name
+    assert a.stats()["rejected"] == b.stats()["rejected"] == sum(one.rejected.values())

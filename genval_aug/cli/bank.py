@@ -132,6 +132,8 @@ def _add_harvest(sub) -> None:
                    help="box-only lines inside a YOLO-seg dataset: skip them or cut them out with GrabCut")
     o.add_argument("--store-rejected", action="store_true", help="keep rejected crops in the bank's audit table")
     o.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    o.add_argument("--workers", type=int, default=0,
+                   help="decode and cut out in N processes (the bank is written by this one); 0 = in process")
     o.add_argument("--report", default=None, help="also write the full harvest report as JSON here")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_harvest)
@@ -159,7 +161,7 @@ def cmd_harvest(args) -> int:
     cfg = HarvestConfig(rules=rules, reject_truncated=not args.keep_truncated, border_px=args.border_px,
                         margin=args.margin, keep_largest=args.keep_largest, soft_edges=args.soft_edges,
                         classes=classes, convert_images=args.convert_images, store_rejected=args.store_rejected,
-                        max_images=args.max_images)
+                        max_images=args.max_images, workers=args.workers)
     names = load_names(args.names) if args.names else None
     source = open_source(args.data, format=args.format, split=args.split, names=names,
                          images_dir=args.images_dir, box_lines=args.boxes)

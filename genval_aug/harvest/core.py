@@ -10,6 +10,7 @@ annotation into an RGBA crop (alpha = mask, a small margin), applies the cheap q
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from genval_aug.bank.record import content_id
+from genval_aug.bank.record import build_meta, content_id, encode_rgba
 from genval_aug.datasets import ImageError, LabelIssue, read_rgb
 from genval_aug.errors import ConfigError
 from genval_aug.harvest import masks as M
@@ -96,6 +97,7 @@ class HarvestConfig:
     grabcut_seed: float = 0.5  # sure-foreground ellipse at the box centre, fraction of the box size
     store_rejected: bool = False  # keep rejected crops in the bank's audit table
     max_images: int | None = None
+    workers: int = 0  # > 1: decode and cut out in this many spawned processes (the bank is written here)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,6 +134,25 @@ class HarvestReport:
             self.issues.append(issue)
         if self.issues_total <= 20:
             log.info("skipped %s", issue)
+
+    def note_issue(self, issue: LabelIssue) -> None:
+        """Record an issue without logging (per-image partial reports; :meth:`merge` logs)."""
+        self.issues_total += 1
+        if len(self.issues) < MAX_ISSUES_KEPT:
+            self.issues.append(issue)
+
+    def merge(self, part: HarvestReport) -> None:
+        """Add a per-image partial report to this one."""
+        self.images += part.images
+        self.annotations += part.annotations
+        self.duplicates += part.duplicates
+        for name in ("rejected", "rejected_any", "bad_input", "skipped", "file_issues"):
+            getattr(self, name).update(getattr(part, name))
+        for cls, c in part.per_class.items():
+            self._cls(cls).update(c)
+        for issue in part.issues:
+            self.add_issue(issue)
+        self.issues_total += part.issues_total - len(part.issues)
 
     def _cls(self, name: str) -> Counter:
         return self.per_class.setdefault(name, Counter())
@@ -199,6 +220,11 @@ class _SizeStats:
         a = self.acc.setdefault(category, np.zeros(5))
         a += (1.0, rel, rel * rel, asp, asp * asp)
 
+    def merge(self, other: _SizeStats) -> None:
+        for name, a in other.acc.items():
+            self.acc.setdefault(name, np.zeros(5))
+            self.acc[name] += a
+
     def priors(self) -> dict[str, dict[str, float]]:
         out = {}
         for name, (n, s, ss, sa, ssa) in self.acc.items():
@@ -249,6 +275,40 @@ def update_prior(current: dict[str, float] | None, new: dict[str, float],
 
 
 # ------------------------------------------------------------------------------------------ driver
+@dataclass
+class ImageOutcome:
+    """What processing one image produced; applied to the bank and the report in the main process."""
+
+    report: HarvestReport
+    sizes: _SizeStats
+    # (record id, rgba, category, category id, provenance) of instances that passed the filters; worker
+    # processes send (record id, None, category, category id, (metadata, encoded image)) instead
+    passed: list[tuple[str, np.ndarray | None, str, int, Any]] = field(default_factory=list)
+    # (rgba, category, provenance, reasons) of rejected crops, only with store_rejected
+    rejected: list[tuple[np.ndarray, str, dict[str, Any], list[str]]] = field(default_factory=list)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(harvester: Harvester, wanted, name: str, fmt: str, codec: str | None) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER.update(harvester=harvester, wanted=wanted, name=name, format=fmt, codec=codec)
+
+
+def _work(sample: SourceImage) -> ImageOutcome:
+    """Worker: cut out one image and, when the codec is known, encode the bank records here too so
+    the writing process only commits bytes (``BankWriter.add_encoded``)."""
+    w = _WORKER
+    out = w["harvester"].process_image(sample, w["wanted"], w["name"], w["format"])
+    if w["codec"]:
+        out.passed = [(rid, None, cat, cid, (build_meta(rid, rgba, category=cat, category_id=cid, codec=w["codec"],
+                                                        source=prov, verdict=None), encode_rgba(rgba, w["codec"])))
+                      for rid, rgba, cat, cid, prov in out.passed]
+    return out
+
 class Harvester:
     """Runs one source into one :class:`~genval_aug.bank.BankWriter`."""
 
@@ -310,13 +370,19 @@ class Harvester:
         if progress is True:
             from tqdm.auto import tqdm
 
-            it = tqdm(source, total=len(source), unit="img", desc=f"harvest {source.name}", disable=None)
+            total = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
+            it = tqdm(source, total=total, unit="img", desc=f"harvest {source.name}", disable=None)
         elif callable(progress):
             it = progress(source)
-        for n_img, sample in enumerate(it):
-            if cfg.max_images is not None and n_img >= cfg.max_images:
-                break
-            self._one_image(sample, source, writer, rep, wanted, sizes, seen)
+        if cfg.max_images is not None:
+            it = itertools.islice(it, cfg.max_images)
+        if cfg.workers and cfg.workers > 1:
+            codec = getattr(writer, "codec", None) if hasattr(writer, "add_encoded") else None
+            outcomes = self._parallel(it, wanted, source.name, source.format, codec)
+        else:
+            outcomes = (self.process_image(sample, wanted, source.name, source.format) for sample in it)
+        for outcome in outcomes:
+            self._apply(outcome, writer, rep, sizes, seen)
         writer.flush()
         rep.kept = writer.added - added0
         rep.duplicates += writer.duplicates - dup0
@@ -349,9 +415,27 @@ class Harvester:
                 raise ConfigError(f"--classes: {c!r} is not a class of {source.name} (classes: {known}...)")
         return out
 
-    def _one_image(self, sample: SourceImage, source: HarvestSource, writer, rep: HarvestReport,
-                   wanted: set[int] | None, sizes: _SizeStats, seen: set[str]) -> None:
+    def _parallel(self, samples: Iterable[SourceImage], wanted, name: str, fmt: str,
+                  codec: str | None) -> Iterator[ImageOutcome]:
+        """Process images in ``workers`` spawned processes, in order, holding a bounded window in memory."""
+        import multiprocessing as mp
+
+        n = int(self.config.workers)
+        window = 16 * n
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(n, initializer=_init_worker, initargs=(self, wanted, name, fmt, codec)) as pool:
+            it = iter(samples)
+            while True:
+                batch = list(itertools.islice(it, window))
+                if not batch:
+                    break
+                yield from pool.imap(_work, batch, chunksize=2)
+
+    def process_image(self, sample: SourceImage, wanted: set[int] | None, name: str, fmt: str) -> ImageOutcome:
+        """Decode one image and cut out its annotations. Pure: touches no bank (runs in worker processes)."""
         cfg = self.config
+        out = ImageOutcome(HarvestReport(dataset=name, format=fmt), _SizeStats())
+        rep = out.report
         rep.images += 1
         for issue in sample.issues:
             if issue.count:
@@ -359,7 +443,7 @@ class Harvester:
                 rep.bad_input[issue.reason] += issue.count
             else:
                 rep.file_issues[issue.reason] += 1
-            rep.add_issue(issue)
+            rep.note_issue(issue)
         for reason, n in sample.skipped.items():
             rep.annotations += n
             rep.skipped[reason] += n
@@ -371,21 +455,43 @@ class Harvester:
             else:
                 anns.append(ann)
         if not anns:
-            return
+            return out
         image = sample.image
         if image is None:
             try:
                 image = read_rgb(sample.path, convert=cfg.convert_images)
             except ImageError as e:
                 self._image_failed(rep, sample, anns, e.reason, f"{e.detail}; {len(anns)} annotation(s) skipped")
-                return
+                return out
         H, W = image.shape[:2]
         if sample.expected_size is not None and tuple(sample.expected_size) != (W, H):
             self._image_failed(rep, sample, anns, "size_mismatch", f"image is {W}x{H}, annotations say "
                                f"{sample.expected_size[0]}x{sample.expected_size[1]}; {len(anns)} annotation(s) skipped")
-            return
+            return out
         for ann in anns:
-            self._one_annotation(image, H, W, ann, sample, source, writer, rep, sizes, seen)
+            self._one_annotation(image, H, W, ann, sample, name, fmt, out)
+        return out
+
+    def _apply(self, out: ImageOutcome, writer, rep: HarvestReport, sizes: _SizeStats, seen: set[str]) -> None:
+        """Main process: write what an image produced and add its counts."""
+        rep.merge(out.report)
+        sizes.merge(out.sizes)
+        for rgba, category, prov, reasons in out.rejected:
+            writer.add_rejected(rgba, category=category, source=prov,
+                                verdict={"keep": False, "score": 0.0, "model": "harvest-prefilter",
+                                         "reasons": {r: "harvest pre-filter" for r in reasons}})
+        for rid, rgba, category, category_id, prov in out.passed:
+            per = rep._cls(category)
+            if rid in seen:
+                rep.duplicates += 1
+                per["duplicates"] += 1
+                continue
+            seen.add(rid)
+            if rgba is None:  # encoded by a worker: prov is (metadata, image bytes)
+                writer.add_encoded(*prov)
+            else:
+                writer.add(rgba, category=category, category_id=category_id, source=prov)
+            per["passed"] += 1
 
     def _box_precheck(self, ann: Annotation, W: int, H: int, rep: HarvestReport, sizes: _SizeStats,
                       per: Counter) -> bool:
@@ -418,13 +524,14 @@ class Harvester:
     @staticmethod
     def _image_failed(rep: HarvestReport, sample: SourceImage, anns: list[Annotation], reason: str, msg: str) -> None:
         rep.bad_input[reason] += len(anns)
-        rep.add_issue(LabelIssue(str(sample.path), None, reason, msg, count=len(anns)))
+        rep.note_issue(LabelIssue(str(sample.path), None, reason, msg, count=len(anns)))
         for ann in anns:
             rep._cls(ann.category)["bad_input"] += 1
 
-    def _one_annotation(self, image, H, W, ann: Annotation, sample: SourceImage, source: HarvestSource, writer,
-                        rep: HarvestReport, sizes: _SizeStats, seen: set[str]) -> None:
+    def _one_annotation(self, image, H, W, ann: Annotation, sample: SourceImage, name: str, fmt: str,
+                        out: ImageOutcome) -> None:
         cfg = self.config
+        rep, sizes = out.report, out.sizes
         per = rep._cls(ann.category)
         if ann.box is not None and self._box_precheck(ann, W, H, rep, sizes, per):
             return
@@ -472,7 +579,7 @@ class Harvester:
         reasons = check_instance(rgba, cfg.rules, truncated=truncated and cfg.reject_truncated, stats=stats)
         kind = "harvest-grabcut" if ann.box is not None else "harvest"
         prov = {
-            "kind": kind, "dataset": source.name, "format": source.format, "image": sample.rel,
+            "kind": kind, "dataset": name, "format": fmt, "image": sample.rel,
             **ann.ref, "category_id": ann.category_id, "bbox": [int(x), int(y), int(bw), int(bh)],
             "crop": list(map(int, crop_box)), "image_size": [int(W), int(H)], "truncated": bool(truncated),
             **sample.info,
@@ -482,18 +589,9 @@ class Harvester:
             rep.rejected_any.update(reasons)
             per["rejected"] += 1
             if cfg.store_rejected:
-                writer.add_rejected(rgba, category=ann.category, source=prov,
-                                    verdict={"keep": False, "score": 0.0, "reasons": {r: "harvest pre-filter" for r in reasons},
-                                             "model": "harvest-prefilter"})
+                out.rejected.append((rgba, ann.category, prov, reasons))
             return
-        rid = content_id(ann.category, rgba)
-        if rid in seen:
-            rep.duplicates += 1
-            per["duplicates"] += 1
-            return
-        seen.add(rid)
-        writer.add(rgba, category=ann.category, category_id=ann.category_id, source=prov)
-        per["passed"] += 1
+        out.passed.append((content_id(ann.category, rgba), rgba, ann.category, ann.category_id, prov))
 
     def _write_bank_stats(self, source: HarvestSource, writer, rep: HarvestReport) -> None:
         from genval_aug.bank import InstanceBank

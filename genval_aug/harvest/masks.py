@@ -86,23 +86,25 @@ def tight_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 def crop_rgba(image: np.ndarray, mask: np.ndarray, x: int, y: int, margin: int) -> tuple[np.ndarray, tuple]:
     """RGBA crop of ``image`` (H, W, 3 RGB) around ``mask`` placed at (x, y), grown by ``margin`` px.
 
-    The crop is clipped to the image; alpha is ``mask`` (uint8) and 0 in the margin. Returns the crop
-    and its (x, y, w, h) in image coordinates.
+    The crop is clipped to the image; alpha is ``mask`` (uint8) and 0 in the margin; colour under
+    alpha 0 is 0 (the bank's canonical form, so content ids match ``BankWriter.add``). Returns the
+    crop and its (x, y, w, h) in image coordinates.
     """
     H, W = image.shape[:2]
     mh, mw = mask.shape
     x0, y0 = max(0, x - margin), max(0, y - margin)
     x1, y1 = min(W, x + mw + margin), min(H, y + mh + margin)
-    rgba = np.zeros((y1 - y0, x1 - x0, 4), np.uint8)
-    rgba[..., :3] = image[y0:y1, x0:x1]
+    alpha = np.zeros((y1 - y0, x1 - x0), np.uint8)
     # the mask window may itself extend past the image: paste only the overlapping part
     mx0, my0 = max(0, -x), max(0, -y)
     dx0, dy0 = max(x, 0) - x0, max(y, 0) - y0
     mw_eff = min(mw - mx0, x1 - max(x, 0))
     mh_eff = min(mh - my0, y1 - max(y, 0))
     if mw_eff > 0 and mh_eff > 0:
-        rgba[dy0:dy0 + mh_eff, dx0:dx0 + mw_eff, 3] = mask[my0:my0 + mh_eff, mx0:mx0 + mw_eff]
-    return rgba, (x0, y0, x1 - x0, y1 - y0)
+        alpha[dy0:dy0 + mh_eff, dx0:dx0 + mw_eff] = mask[my0:my0 + mh_eff, mx0:mx0 + mw_eff]
+    region = image[y0:y1, x0:x1]
+    rgb = cv2.bitwise_and(region, region, mask=alpha)  # zero where alpha == 0
+    return cv2.merge([*cv2.split(rgb), alpha]), (x0, y0, x1 - x0, y1 - y0)
 
 
 def grabcut_box(image: np.ndarray, box: np.ndarray, *, iterations: int = 4, context: float = 0.3,
