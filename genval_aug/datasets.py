@@ -373,8 +373,8 @@ class YoloDataset:
             raise DatasetError(f"{path}: cannot read dataset yaml ({e})") from None
         if not isinstance(cfg, dict):
             raise DatasetError(f"{path}: dataset yaml must be a mapping")
-        root = Path(cfg.get("path") or path.parent)
-        if not root.is_absolute():
+        root = Path(cfg["path"]) if cfg.get("path") else Path(".")
+        if not root.is_absolute():  # relative to the yaml's folder (Ultralytics would use its datasets_dir)
             root = (path.parent / root).resolve()
         for split in SPLITS:
             spec = cfg.get(split)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -62,6 +63,17 @@ def test_harvest_summary_numbers_add_up(coco128_seg, tmp_path, capsys):
     # --keep-largest: every stored mask is one connected component, so nothing is rejected as fragmented
     assert "fragmented" not in out
     assert all(m["mask"]["components"] == 1 for m in InstanceBank(bank).iter_meta())
+
+
+def test_readme_commands_with_relative_paths(coco128_seg, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = os.path.relpath(coco128_seg / "coco128-seg.yaml", tmp_path)
+    assert main(["bank", "harvest", "--data", data, "--out", "cache/coco128.lmdb", "--max-images", "8",
+                 "--no-progress"]) == 0
+    assert main(["bank", "stats", "cache/coco128.lmdb"]) == 0
+    assert main(["bank", "show", "cache/coco128.lmdb", "--out", "cache/sheet.png", "--max-classes", "2"]) == 0
+    assert (tmp_path / "cache" / "sheet.png").is_file()
+    assert "instances kept" in capsys.readouterr().out
 
 
 def test_stats_json_show_verify(harvested, tmp_path, capsys):

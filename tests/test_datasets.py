@@ -1,6 +1,7 @@
 """The generic YOLO dataset reader and names tables."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -29,6 +30,15 @@ def test_coco128_yaml(coco128_seg):
     assert poly.shape[1] == 2 and poly[:, 0].max() <= 640
     assert label_path_for(imgs[0]) == coco128_seg / "labels" / "train2017" / (imgs[0].stem + ".txt")
     assert ds.label_kind() == "segment"
+
+
+def test_relative_yaml_path(coco128_seg, tmp_path, monkeypatch):
+    """The README's `--data ../shared/data/coco128-seg/coco128-seg.yaml`: a yaml given by a relative path."""
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(coco128_seg / "coco128-seg.yaml", tmp_path)
+    ds = YoloDataset(rel)
+    assert ds.root == coco128_seg.resolve() and len(ds.images()) == 128
+    assert all(p.is_file() for p in ds.images()[:5])
 
 
 def test_folder_without_yaml(coco128_seg, tmp_path):
