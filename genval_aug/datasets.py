@@ -324,7 +324,7 @@ class YoloDataset:
     """An Ultralytics-layout dataset: ``YoloDataset("data.yaml")`` or ``YoloDataset("folder/")``.
 
     A yaml's ``path`` (if any) is resolved against the yaml's folder; ``train``/``val``/``test`` may be
-    folders, ``.txt`` image lists or lists of either. A folder may hold exactly one yaml (used), an
+    folders, ``.txt`` image lists (relative lines are relative to the list's folder) or lists of either. A folder may hold exactly one yaml (used), an
     ``images/`` tree (split ``train`` = all of it, or ``images/<split>`` sub-folders), or images directly.
     Names come from the yaml, a ``classes.txt`` next to it, or ``names=`` (ids are kept as given).
     """
