@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -120,8 +121,10 @@ def test_export_import_merge(harvested, tmp_path, capsys):
 ])
 def test_bad_input_exits_nonzero_with_one_line(argv, needle, coco128_seg, tmp_path):
     argv = [a.format(tmp=tmp_path, coco=coco128_seg / "coco128-seg.yaml") for a in argv]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "genval_aug.cli", *argv], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("genval-aug: error:") and needle in lines[0], proc.stderr
