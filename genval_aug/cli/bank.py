@@ -221,6 +221,7 @@ def bank_summary(bank) -> dict:
         "rejections": dict(stats.get("rejections", {})), "rejected_audit": stats.get("rejected", 0),
         "verdicts": dict(verdicts), "mean_score": (sum(scores) / len(scores)) if scores else None,
         "harvests": _statuses(bank, "harvest/"),
+        "builds": {**_statuses(bank, "build:"), **_statuses(bank, "worker")},   # bank build / top-up worker
     }
 
 
@@ -285,6 +286,12 @@ def cmd_stats(args) -> int:
         print(f"{name}: {h.get('annotations', 0)} annotations in {h.get('images', 0)} images -> "
               f"{h.get('kept', 0)} kept, {sum(h.get('rejected', {}).values())} rejected, "
               f"{sum(h.get('bad_input', {}).values())} bad input, {sum(h.get('skipped', {}).values())} skipped")
+    for name, b in s["builds"].items():
+        deficit = ", ".join(f"{k} {v}" for k, v in list((b.get("deficit") or {}).items())[:5])
+        print(f"{name}: {b.get('worker_state', b.get('state', '?'))} (pid {b.get('pid')}, {b.get('updated')}): "
+              f"+{b.get('total_added', b.get('added', 0))} added, {b.get('total_rejected', b.get('rejected', 0))} "
+              f"rejected; {b.get('classes_below_target', 0)} classes below target, {b.get('missing', 0)} missing"
+              + (f" ({deficit}{' ...' if b.get('classes_below_target', 0) > 5 else ''})" if deficit else ""))
     return 0
 
 
