@@ -103,6 +103,15 @@ def read_rgb(path: str | os.PathLike, *, convert: bool = False) -> np.ndarray:
         problem = ("grayscale_image", f"grayscale image (mode {mode})")
     if problem is not None and not convert:
         raise ImageError(path, *problem)
+    try:
+        return _decode_rgb(data, mode)
+    except ImageError as e:
+        raise ImageError(path, e.reason, e.detail) from None
+    except Exception as e:  # noqa: BLE001 - truncated files and codec errors take many forms
+        raise ImageError(path, "unreadable_image", f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+def _decode_rgb(data: bytes, mode: str | None) -> np.ndarray:
     if mode == "CMYK":
         from PIL import Image, ImageOps
 
@@ -116,7 +125,7 @@ def read_rgb(path: str | os.PathLike, *, convert: bool = False) -> np.ndarray:
 
             with Image.open(io.BytesIO(data)) as im:
                 return np.asarray(im.convert("RGB")).copy()
-        raise ImageError(path, "unreadable_image", "not a decodable image")
+        raise ImageError("image", "unreadable_image", "not a decodable image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -315,7 +324,7 @@ class YoloDataset:
     """An Ultralytics-layout dataset: ``YoloDataset("data.yaml")`` or ``YoloDataset("folder/")``.
 
     A yaml's ``path`` (if any) is resolved against the yaml's folder; ``train``/``val``/``test`` may be
-    folders, ``.txt`` image lists or lists of either. A folder may hold exactly one yaml (used), an
+    folders, ``.txt`` image lists (relative lines are relative to the list's folder) or lists of either. A folder may hold exactly one yaml (used), an
     ``images/`` tree (split ``train`` = all of it, or ``images/<split>`` sub-folders), or images directly.
     Names come from the yaml, a ``classes.txt`` next to it, or ``names=`` (ids are kept as given).
     """
@@ -364,8 +373,8 @@ class YoloDataset:
             raise DatasetError(f"{path}: cannot read dataset yaml ({e})") from None
         if not isinstance(cfg, dict):
             raise DatasetError(f"{path}: dataset yaml must be a mapping")
-        root = Path(cfg.get("path") or path.parent)
-        if not root.is_absolute():
+        root = Path(cfg["path"]) if cfg.get("path") else Path(".")
+        if not root.is_absolute():  # relative to the yaml's folder (Ultralytics would use its datasets_dir)
             root = (path.parent / root).resolve()
         for split in SPLITS:
             spec = cfg.get(split)

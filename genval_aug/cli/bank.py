@@ -20,6 +20,16 @@ from genval_aug.errors import BankError, ConfigError
 BANK_COMMAND_MODULES: list[str] = []
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d == argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # ----------------------------------------------------------------------------------------- registration
 def register(subparsers) -> argparse.ArgumentParser:
     bank = subparsers.add_parser("bank", help="harvest, inspect and maintain instance banks",
@@ -93,7 +103,7 @@ def _add_harvest(sub) -> None:
                     "yaml or folder), COCO json (polygons/RLE; iscrowd skipped), VOC instance PNGs, and box-only "
                     "YOLO detection (GrabCut masks, source kind harvest-grabcut). Bad input is reported with "
                     "file and line, counted and skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsFormatter)
     p.add_argument("--data", required=True, help="dataset yaml, dataset folder, COCO json or VOC folder")
     p.add_argument("--out", required=True, help="bank directory (created if missing)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="dataset format")
@@ -122,6 +132,8 @@ def _add_harvest(sub) -> None:
                    help="box-only lines inside a YOLO-seg dataset: skip them or cut them out with GrabCut")
     o.add_argument("--store-rejected", action="store_true", help="keep rejected crops in the bank's audit table")
     o.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    o.add_argument("--workers", type=int, default=0,
+                   help="decode and cut out in N processes (the bank is written by this one); 0 = in process")
     o.add_argument("--report", default=None, help="also write the full harvest report as JSON here")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_harvest)
@@ -149,7 +161,7 @@ def cmd_harvest(args) -> int:
     cfg = HarvestConfig(rules=rules, reject_truncated=not args.keep_truncated, border_px=args.border_px,
                         margin=args.margin, keep_largest=args.keep_largest, soft_edges=args.soft_edges,
                         classes=classes, convert_images=args.convert_images, store_rejected=args.store_rejected,
-                        max_images=args.max_images)
+                        max_images=args.max_images, workers=args.workers)
     names = load_names(args.names) if args.names else None
     source = open_source(args.data, format=args.format, split=args.split, names=names,
                          images_dir=args.images_dir, box_lines=args.boxes)
@@ -288,7 +300,7 @@ def _add_show(sub) -> None:
     p = sub.add_parser("show", help="write a contact sheet PNG (a row of instances per class)",
                        description="Write a contact sheet: one row per class with its name and count, then "
                                    "instances over a checkerboard (transparency visible).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("bank", help="bank directory")
     p.add_argument("--out", default="contact_sheet.png", help="PNG to write")
     p.add_argument("--per-class", type=int, default=8, help="instances per class")
