@@ -204,7 +204,7 @@ def bank_summary(bank) -> dict:
     stats = bank.stats(refresh=True)
     verdicts: Counter = Counter()
     scores: list[float] = []
-    for meta in bank.iter_meta():
+    for meta in bank.scan_meta():
         v = meta.get("verdict")
         if v is None:
             verdicts["none"] += 1
@@ -220,29 +220,9 @@ def bank_summary(bank) -> dict:
         "path": bank.path, "total": stats["total"], "classes": classes, "sources": dict(stats.get("sources", {})),
         "rejections": dict(stats.get("rejections", {})), "rejected_audit": stats.get("rejected", 0),
         "verdicts": dict(verdicts), "mean_score": (sum(scores) / len(scores)) if scores else None,
-        "harvests": _statuses(bank, "harvest/"),
-        "builds": {**_statuses(bank, "build:"), **_statuses(bank, "worker")},   # bank build / top-up worker
+        "harvests": bank.statuses("harvest/"),
+        "builds": {**bank.statuses("build:"), **bank.statuses("worker")},   # bank build / top-up worker
     }
-
-
-def _statuses(bank, prefix: str) -> dict:
-    """Status records whose name starts with ``prefix`` (harvest reports are ``harvest/<dataset>``)."""
-    key = b"status/" + prefix.encode()
-
-    def fn(txn, dbs):
-        out = {}
-        cur = txn.cursor(db=dbs["meta"])
-        if cur.set_range(key):
-            for k, v in cur:
-                if not k.startswith(key):
-                    break
-                out[k[len(b"status/"):].decode()] = json.loads(bytes(v))
-        return out
-
-    try:
-        return bank._read(fn)
-    except Exception:  # noqa: BLE001 - a status listing is a nicety, never a reason to fail
-        return {}
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
