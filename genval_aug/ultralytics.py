@@ -234,8 +234,8 @@ class YoloPaste:
         info = torch.utils.data.get_worker_info()
         base = int(info.seed) if info is not None else int(torch.initial_seed())
         self._rng = np.random.default_rng([base & (2**63 - 1), self.seed or 0])
-        self._engine = PasteEngine(_open_source(self.bank, self.class_map), config=make_config(self.options),
-                                   class_map=self.class_map)
+        self._engine = PasteEngine(_as_source(self.bank), config=_engine_config(self.options, self.class_map),
+                                   class_map=_ClassLookup(self.class_map))
         self._pid = os.getpid()
 
     def __call__(self, labels: dict) -> dict:
@@ -287,18 +287,49 @@ class YoloPaste:
 
 
 def _bank_repr(bank: Any) -> str:
-    return str(getattr(bank, "path", bank))
+    path = getattr(bank, "path", None) or getattr(getattr(bank, "bank", None), "path", None)
+    return str(path or bank)
 
 
-def _open_source(bank: Any, class_map: Mapping[str, int]):
-    """A sampler over the mapped categories only (unmapped categories are never drawn)."""
-    from genval_aug.bank import BankSampler, InstanceBank
+def _engine_config(options: Mapping[str, Any], class_map: Mapping[str, int]):
+    """The user's ``PasteConfig`` restricted to the mapped categories (unmapped ones are never drawn)."""
+    from dataclasses import replace
 
-    if isinstance(bank, BankSampler):
-        return bank
-    if not isinstance(bank, InstanceBank):
-        bank = InstanceBank(bank)
-    return BankSampler(bank, classes=sorted(class_map))
+    cfg = make_config(options)
+    allowed = sorted(class_map)
+    if cfg.sampler_classes is not None:
+        allowed = [c for c in allowed if c in set(cfg.sampler_classes)]
+    return replace(cfg, sampler_classes=allowed)
+
+
+def _as_source(bank: Any) -> Any:
+    from genval_aug.bank import InstanceBank
+
+    if isinstance(bank, (str, os.PathLike)):
+        return InstanceBank(bank)
+    return bank
+
+
+def _instance_bank(source: Any) -> Any:
+    """The ``InstanceBank`` behind a path, a bank or a sampler (``.bank``)."""
+    from genval_aug.bank import InstanceBank
+
+    if isinstance(source, InstanceBank):
+        return source
+    inner = getattr(source, "bank", None)
+    if isinstance(inner, InstanceBank):
+        return inner
+    return InstanceBank(source)
+
+
+class _ClassLookup:
+    """``name -> dataset id | None``: the engine skips instances of unmapped categories (user samplers)."""
+
+    def __init__(self, mapping: Mapping[str, int]) -> None:
+        self.mapping = dict(mapping)
+
+    def __call__(self, name: str) -> int | None:
+        return self.mapping.get(name)
 
 
 def make_config(options: Mapping[str, Any]):
@@ -408,12 +439,10 @@ class PasteSpec:
 
     def make_transform(self, dataset: Any) -> YoloPaste:
         """Map bank categories onto ``dataset.data['names']`` and build the transform (closes the bank here)."""
-        from genval_aug.bank import InstanceBank
-
         names = (getattr(dataset, "data", None) or {}).get("names")
         if names is None:
             raise ConfigError(f"dataset {type(dataset).__name__} has no data['names'] to map bank categories to")
-        bank = self.bank if isinstance(self.bank, InstanceBank) else InstanceBank(self.bank)
+        bank = _instance_bank(self.bank)
         try:
             cats = list(bank.categories())
         finally:

@@ -1,0 +1,67 @@
+"""``genval-aug yolo train key=value ...``: Ultralytics training with bank instances pasted into the batches.
+
+Every ``key=value`` goes to Ultralytics unchanged (values parsed the way the ``yolo`` CLI parses them),
+except the genval keys: ``bank=`` (required) and ``paste_<option>=`` (``PasteConfig`` fields, plus
+``paste_classes``, ``paste_class_map``, ``paste_synonyms``, ``paste_seed``).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from genval_aug.errors import ConfigError
+
+SPEC_KEYS = {"classes", "class_map", "synonyms", "seed"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "yolo",
+        help="train an Ultralytics YOLO model with bank instances pasted in",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("mode", choices=["train"], help="Ultralytics mode (only 'train' pastes)")
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def parse_overrides(extra: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``key=value`` tokens into (Ultralytics overrides, genval spec dict)."""
+    from ultralytics.cfg import smart_value
+
+    overrides: dict[str, Any] = {}
+    spec: dict[str, Any] = {}
+    for tok in extra:
+        if "=" not in tok or tok.startswith("="):
+            raise ConfigError(f"expected key=value, got {tok!r} (e.g. bank=cache/x.lmdb epochs=3)")
+        key, value = tok.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        parsed = smart_value(value) if value != "" else None
+        if key == "bank":
+            spec["bank"] = value
+        elif key.startswith("paste_"):
+            name = key[len("paste_"):]
+            if name == "classes" and isinstance(parsed, str):
+                parsed = [c.strip() for c in parsed.split(",") if c.strip()]
+            elif name == "synonyms":
+                parsed = value
+            spec[name] = parsed
+        else:
+            overrides[key] = parsed
+    if "bank" not in spec:
+        raise ConfigError("bank=PATH is required (an LMDB instance bank, e.g. bank=cache/x.lmdb)")
+    if "model" not in overrides:
+        raise ConfigError("model=... is required (e.g. model=yolo11n-seg.yaml or model=yolo11n.pt)")
+    return overrides, spec
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ultralytics import YOLO
+
+    from genval_aug.ultralytics import PasteSpec, trainer_for
+
+    overrides, spec = parse_overrides(extra)
+    PasteSpec.from_dict(spec)  # validate before loading the model
+    model = YOLO(overrides.pop("model"), task=overrides.pop("task", None))
+    model.train(trainer=trainer_for(model.task), genval=spec, **overrides)
+    return 0

@@ -1,0 +1,340 @@
+"""genval_aug.ultralytics against real Ultralytics: datasets, loaders, Format, and real training runs.
+
+The datasets are coco128-seg images without person/car/elephant, so every person/car/elephant in a batch was
+pasted from the bank (see yolo_fixtures.py). Training runs are small (12 images, imgsz 160, 3 epochs,
+close_mosaic=1) and marked slow.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import types
+from copy import copy
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("ultralytics")
+torch = pytest.importorskip("torch")
+
+from yolo_fixtures import BANK_CLASS_IDS, make_bank, make_dataset  # noqa: E402
+
+from genval_aug.errors import ConfigError  # noqa: E402
+from genval_aug.ultralytics import (  # noqa: E402
+    PasteSpec,
+    YoloPaste,
+    _AttachCallback,
+    attach,
+    build_class_map,
+    hook_dataset,
+)
+
+PASTED_IDS = sorted(BANK_CLASS_IDS.values())
+PASTE = {"n": 3}  # k = 3 instances per image, default blending and harmonization
+IMGSZ = 160
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory, rgba_objects) -> Path:
+    return make_bank(rgba_objects, tmp_path_factory.mktemp("bank") / "objects.lmdb")
+
+
+@pytest.fixture(scope="module")
+def seg_yaml(tmp_path_factory, coco128_seg) -> Path:
+    return make_dataset(coco128_seg, tmp_path_factory.mktemp("seg"), n=12)
+
+
+@pytest.fixture(scope="module")
+def box_yaml(tmp_path_factory, coco128_seg) -> Path:
+    return make_dataset(coco128_seg, tmp_path_factory.mktemp("box"), n=12, boxes_only=True)
+
+
+def train_dataset(data_yaml: Path, task: str = "segment", **hyp):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    cfg = get_cfg(overrides={"imgsz": IMGSZ, "task": task, **hyp})
+    data = check_det_dataset(str(data_yaml))
+    return build_yolo_dataset(cfg, data["train"], 4, data, mode="train", stride=32), cfg
+
+
+def names_of(compose) -> list[str]:
+    return [type(t).__name__ for t in compose.transforms]
+
+
+# ------------------------------------------------------------------------------------------------ class map
+def test_class_map_by_name_synonyms_explicit_and_subset(shared_data):
+    names = {0: "person", 1: "cell phone", 2: "car", 3: "teddy bear"}
+    m, un = build_class_map(["person", "Cell_Phone", "girl", "tiger", "car"], names)
+    assert m == {"person": 0, "Cell_Phone": 1, "car": 2} and un == ["girl", "tiger"]
+
+    lvis = shared_data / "lvis_v1_categories.json"
+    m, un = build_class_map(["girl", "teddy_bear", "tiger", "smart_phone"], {**names, 4: "mobile phone"},
+                            synonyms=lvis)
+    assert m == {"girl": 0, "teddy_bear": 3, "smart_phone": 4} and un == ["tiger"]  # LVIS synonym groups
+
+    m, un = build_class_map(["tiger", "person", "car"], names, class_map={"tiger": "teddy bear", "car": None})
+    assert m == {"tiger": 3, "person": 0} and un == []
+    m, _ = build_class_map(["person", "car", "cell phone"], names, classes=["person", 1])
+    assert m == {"person": 0, "cell phone": 1}
+    m, _ = build_class_map(["person", "girl"], names, synonyms={"person": ["girl"]}, classes=["girl"])
+    assert m == {"girl": 0}  # a bank category name also selects
+    with pytest.raises(ConfigError, match="zebra"):
+        build_class_map(["person"], names, classes=["zebra"])
+    with pytest.raises(ConfigError, match="class_map"):
+        build_class_map(["tiger"], names, class_map={"tiger": "zebra"})
+
+
+def test_cli_splits_genval_keys_from_ultralytics_keys():
+    from genval_aug.cli.yolo import parse_overrides
+
+    ov, spec = parse_overrides(["model=yolo11n-seg.yaml", "data=d.yaml", "bank=cache/x.lmdb", "epochs=3",
+                                "classes=[0,2]", "paste_n=3", "paste_harmonize=none", "paste_classes=person,car",
+                                "amp=False", "lr0=0.01"])
+    assert ov == {"model": "yolo11n-seg.yaml", "data": "d.yaml", "epochs": 3, "classes": [0, 2], "amp": False,
+                  "lr0": 0.01}
+    assert spec == {"bank": "cache/x.lmdb", "n": 3, "harmonize": "none", "classes": ["person", "car"]}
+    with pytest.raises(ConfigError, match="bank"):
+        parse_overrides(["model=yolo11n.yaml"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["model=yolo11n.yaml", "bank=x", "oops"])
+    with pytest.raises(ConfigError):
+        PasteSpec("x.lmdb", blend="sparkle")  # PasteConfig validation reaches the user early
+
+
+# ------------------------------------------------------------------------------------------------ hooking
+def test_hook_before_mixup_survives_close_mosaic_and_dataset_rebuilds(seg_yaml, bank, caplog):
+    ds, cfg = train_dataset(seg_yaml)
+    spec = PasteSpec(bank, **PASTE)
+    with caplog.at_level(logging.WARNING, logger="genval_aug.ultralytics"):
+        t = spec.make_transform(ds)
+        spec.make_transform(ds)
+    assert t.class_map == BANK_CLASS_IDS and t.polygons
+    assert caplog.text.count("tiger") == 1  # unmapped category reported once
+
+    hook_dataset(ds, t)
+    n = names_of(ds.transforms)
+    assert n.index("YoloPaste") == n.index("MixUp") - 1 == 1
+    ds.close_mosaic(hyp=copy(cfg))  # rebuilds the Compose from scratch
+    n = names_of(ds.transforms)
+    assert n.index("YoloPaste") == n.index("MixUp") - 1 and ds.transforms.transforms[0].transforms[0].p == 0
+    assert ds.transforms.transforms[1] is t  # the same transform object (its per-process engine) survives
+    hook_dataset(ds, t)
+    assert names_of(ds.transforms).count("YoloPaste") == 1  # idempotent
+
+    # attach()'s callback hooks the trainer's current dataset and every later train dataset (OOM retry)
+    resets = []
+    fresh, _ = train_dataset(seg_yaml)
+    val, _ = train_dataset(seg_yaml)
+    trainer = types.SimpleNamespace(
+        train_loader=types.SimpleNamespace(dataset=fresh, reset=lambda: resets.append(1)),
+        build_dataset=lambda p, mode="train", batch=None: train_dataset(seg_yaml)[0] if mode == "train" else val,
+    )
+    _AttachCallback(spec)(trainer)
+    assert "YoloPaste" in names_of(fresh.transforms) and resets == [1]
+    rebuilt = trainer.build_dataset("x", "train", 4)
+    assert "YoloPaste" in names_of(rebuilt.transforms)
+    assert "YoloPaste" not in names_of(trainer.build_dataset("x", "val", 4).transforms)
+    pickle.loads(pickle.dumps(t))  # picklable without an engine (spawned workers, DDP state)
+
+
+def check_formatted_sample(s: dict, use_masks: bool) -> int:
+    """Consistency of one Format output; returns the number of pasted (bank-class) objects."""
+    n = len(s["cls"])
+    assert s["img"].shape == (3, IMGSZ, IMGSZ) and s["img"].dtype == torch.uint8
+    assert s["bboxes"].shape == (n, 4) and s["batch_idx"].shape == (n,)
+    b = s["bboxes"].numpy()
+    assert np.all(b[:, 2:] > 0) and np.all(b[:, :2] - b[:, 2:] / 2 >= -1e-3) and np.all(b[:, :2] + b[:, 2:] / 2 <= 1 + 1e-3)
+    cls = s["cls"].numpy().reshape(-1)
+    assert np.all(cls == np.round(cls)) and np.all((cls >= 0) & (cls < 80))
+    if use_masks:
+        m = s["masks"].numpy()
+        assert m.shape == (1, IMGSZ // 4, IMGSZ // 4) and m.max() <= n
+        for k in range(n):  # every mask pixel of instance k lies in its box (boxes recomputed after cuts)
+            ys, xs = np.nonzero(m[0] == k + 1)
+            if len(xs):
+                xc, yc, w, h = b[k] * (IMGSZ // 4)
+                assert xs.min() >= xc - w / 2 - 1.5 and xs.max() <= xc + w / 2 + 0.5
+                assert ys.min() >= yc - h / 2 - 1.5 and ys.max() <= yc + h / 2 + 0.5
+    return int(np.isin(cls, PASTED_IDS).sum())
+
+
+@pytest.mark.parametrize("kind", ["seg", "box"])
+def test_dataset_items_are_pasted_and_consistent(kind, seg_yaml, box_yaml, bank):
+    task = "segment" if kind == "seg" else "detect"
+    ds, _ = train_dataset(seg_yaml if kind == "seg" else box_yaml, task=task)
+    t = PasteSpec(bank, **PASTE).make_transform(ds)
+    hook_dataset(ds, t)
+    pasted = sum(check_formatted_sample(ds[i], use_masks=kind == "seg") for i in range(len(ds)))
+    assert t.stats["errors"] == 0 and t.stats["images"] == len(ds)
+    assert pasted >= len(ds)  # n=3 per image, some dropped by placement/occlusion or the later affine crop
+    if kind == "box":  # box-only data stays box-only: no segments invented for a detect dataset
+        labels = ds.get_image_and_label(0)
+        assert len(labels["instances"].segments) == 0
+
+
+def test_pasted_polygons_become_correct_masks_after_format(seg_yaml, bank):
+    """Occlusion: after Format (smaller masks drawn over larger ones), the pixels of pasted objects belong to them."""
+    from ultralytics.data.augment import Format
+
+    ds, _ = train_dataset(seg_yaml, mosaic=0.0)
+    t = PasteSpec(bank, n=3, seed=1).make_transform(ds)
+    pre = ds.transforms.transforms[0]  # Mosaic(p=0) + RandomPerspective: the input of the insertion point
+    fmt = Format(bbox_format="xywh", normalize=True, return_mask=True, batch_idx=True, mask_ratio=1,
+                 mask_overlap=True, bgr=0.0)
+    checked = 0
+    for i in range(len(ds)):
+        labels = pre(ds.get_image_and_label(i))
+        before = labels["img"].copy()
+        out = t(labels)
+        segs, cls = out["instances"].segments, out["cls"].reshape(-1)
+        assert segs.shape == (len(cls), 1000, 2) and len(out["instances"].bboxes) == len(cls)
+        changed = (out["img"] != before).any(-1)
+        f = fmt(out)
+        m, fcls = f["masks"][0].numpy(), f["cls"].numpy().reshape(-1)
+        pasted_ids = np.flatnonzero(np.isin(fcls, PASTED_IDS)) + 1
+        if not len(pasted_ids):
+            continue
+        claimed = np.isin(m, pasted_ids)
+        core = cv2.erode(changed.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        near_changed = cv2.dilate(changed.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        if core.sum() < 50:
+            continue
+        # pasted masks cover what was pasted (no original object drawn over it) ...
+        assert claimed[core].mean() > 0.95, f"image {i}: pasted pixels claimed by other objects"
+        # ... and nothing else
+        assert near_changed[claimed].mean() > 0.97, f"image {i}: pasted mask outside the pasted pixels"
+        checked += 1
+    assert checked >= len(ds) // 2
+
+
+def test_forked_workers_read_the_bank(seg_yaml, bank):
+    """Ultralytics forks its loader workers; the bank opens per worker (CPU training would use workers=0)."""
+    from ultralytics.data.build import build_dataloader
+
+    ds, _ = train_dataset(seg_yaml)
+    t = PasteSpec(bank, **PASTE).make_transform(ds)
+    hook_dataset(ds, t)
+    assert check_formatted_sample(ds[0], True) >= 0  # the parent reads the bank first (workers=0 path) ...
+    loader = build_dataloader(ds, batch=4, workers=2, shuffle=True, rank=-1)
+    try:
+        assert loader.num_workers == 2
+        pasted = 0
+        for _ in range(2):  # two epochs on the same persistent workers
+            for batch in loader:
+                cls = batch["cls"].numpy().reshape(-1)
+                pasted += int(np.isin(cls, PASTED_IDS).sum())
+                assert batch["masks"].shape[0] == batch["img"].shape[0]
+        assert pasted >= len(ds)  # ... then forked workers paste too
+    finally:
+        loader.close()
+
+
+# ------------------------------------------------------------------------------------------------ training
+def make_recorder():
+    """An on_pretrain_routine_end callback (a plain function: Ultralytics deep-copies default callbacks)
+    recording every batch and every saved train_batch plot."""
+    rec = {"batches": [], "plots": []}
+
+    def on_pretrain_routine_end(trainer):
+        pre, plot = trainer.preprocess_batch, trainer.plot_training_samples
+        mosaic = trainer.train_loader.dataset.transforms.transforms[0].transforms[0]
+
+        def preprocess(batch):
+            ds = trainer.train_loader.dataset
+            rec["batches"].append({
+                "epoch": trainer.epoch,
+                "mosaic_p": ds.transforms.transforms[0].transforms[0].p,
+                "has_paste": "YoloPaste" in names_of(ds.transforms),
+                **{k: v.clone() for k, v in batch.items() if k in ("cls", "bboxes", "batch_idx", "masks", "img")},
+            })
+            return pre(batch)
+
+        def plot_samples(batch, ni):
+            plot(batch, ni)
+            rec["plots"].append((ni, {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()},
+                                 Path(trainer.save_dir) / f"train_batch{ni}.jpg"))
+
+        trainer.preprocess_batch, trainer.plot_training_samples = preprocess, plot_samples
+        rec["mosaic_p0"] = mosaic.p
+
+    return on_pretrain_routine_end, rec
+
+
+def check_run(rec: dict, use_masks: bool, tmp_path: Path) -> None:
+    from ultralytics.utils.plotting import plot_images
+
+    batches = rec["batches"]
+    assert {b["epoch"] for b in batches} == {0, 1, 2}
+    for b in batches:
+        assert b["has_paste"]
+        assert (b["mosaic_p"] > 0) == (b["epoch"] < 2)  # close_mosaic=1: epoch 2 has no mosaic
+        n = len(b["cls"])
+        assert b["bboxes"].shape == (n, 4) and b["batch_idx"].shape == (n,)
+        for i in range(b["img"].shape[0]):
+            sel = b["batch_idx"] == i
+            sample = {"img": b["img"][i], "cls": b["cls"][sel], "bboxes": b["bboxes"][sel],
+                      "batch_idx": b["batch_idx"][sel]}
+            if use_masks:
+                sample["masks"] = b["masks"][i: i + 1]
+            check_formatted_sample(sample, use_masks)
+    pasted = {e: sum(int(np.isin(b["cls"].numpy(), PASTED_IDS).sum()) for b in batches if b["epoch"] == e)
+              for e in (0, 1, 2)}
+    assert all(v > 0 for v in pasted.values()), f"pasted objects per epoch: {pasted}"
+
+    # the saved train_batch pictures (mosaic: 0-2, after close_mosaic: 6-8) show pasted objects
+    plotted = {ni for ni, _, _ in rec["plots"]}
+    assert {0, 1, 2} <= plotted and {6, 7, 8} <= plotted
+    for ni, batch, path in rec["plots"]:
+        assert path.is_file()
+        cls = batch["cls"].numpy().reshape(-1)
+        assert np.isin(cls, PASTED_IDS).any(), f"train_batch{ni}.jpg has no pasted object"
+        again = tmp_path / f"again{ni}.jpg"
+        plot_images(labels=batch, paths=batch["im_file"], fname=again)
+        saved, redrawn = cv2.imread(str(path)), cv2.imread(str(again))
+        assert np.abs(saved.astype(int) - redrawn).mean() < 1.0  # the saved picture draws these labels
+        keep = ~np.isin(cls, PASTED_IDS)
+        bare = {"img": batch["img"], "cls": batch["cls"][keep], "bboxes": batch["bboxes"][keep],
+                "batch_idx": batch["batch_idx"][keep]}
+        plot_images(labels=bare, paths=batch["im_file"], fname=tmp_path / "bare.jpg")
+        with_boxes = {**bare, "cls": batch["cls"], "bboxes": batch["bboxes"], "batch_idx": batch["batch_idx"]}
+        plot_images(labels=with_boxes, paths=batch["im_file"], fname=tmp_path / "boxes.jpg")
+        diff = np.abs(cv2.imread(str(tmp_path / "bare.jpg")).astype(int) - cv2.imread(str(tmp_path / "boxes.jpg")))
+        assert diff.max() > 100  # the pasted objects' labels are drawn
+
+
+@pytest.mark.slow
+def test_segment_training_with_attach(seg_yaml, bank, tmp_path):
+    from ultralytics import YOLO
+
+    torch.set_num_threads(1)
+    cb, rec = make_recorder()
+    model = attach(YOLO("yolo11n-seg.yaml"), bank=bank, **PASTE)
+    model.add_callback("on_pretrain_routine_end", cb)
+    model.train(data=str(seg_yaml), epochs=3, close_mosaic=1, imgsz=IMGSZ, batch=4, device="cpu", workers=0,
+                plots=True, val=False, amp=False, project=str(tmp_path), name="seg", exist_ok=True, seed=0,
+                verbose=False)
+    check_run(rec, use_masks=True, tmp_path=tmp_path)
+
+
+@pytest.mark.slow
+def test_detect_training_on_box_data_with_the_cli(box_yaml, bank, tmp_path, monkeypatch):
+    """`genval-aug yolo train ...` -> GenValDetectionTrainer (the trainer= route); recorder via default callbacks."""
+    from ultralytics.utils.callbacks import base
+
+    from genval_aug.cli import main
+
+    torch.set_num_threads(1)
+    cb, rec = make_recorder()
+    monkeypatch.setitem(base.default_callbacks, "on_pretrain_routine_end",
+                        [*base.default_callbacks["on_pretrain_routine_end"], cb])
+    rc = main(["yolo", "train", "model=yolo11n.yaml", f"data={box_yaml}", f"bank={bank}", "paste_n=3",
+               "epochs=3", "close_mosaic=1", f"imgsz={IMGSZ}", "batch=4", "device=cpu", "workers=0", "plots=True",
+               "val=False", "amp=False", f"project={tmp_path}", "name=det", "exist_ok=True", "seed=0",
+               "verbose=False"])
+    assert rc == 0
+    check_run(rec, use_masks=False, tmp_path=tmp_path)
+    assert (tmp_path / "det" / "weights" / "last.pt").is_file()
