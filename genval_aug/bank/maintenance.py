@@ -1,0 +1,222 @@
+"""Bank maintenance: verify, merge shards, export to / import from folders of RGBA PNGs."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from genval_aug.bank.record import loads
+from genval_aug.bank.store import BankWriter, InstanceBank
+from genval_aug.errors import BadInstanceError, BadRecordError, BankError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    records: int = 0
+    categories: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def __str__(self) -> str:
+        head = f"{self.path}: {self.records} records in {self.categories} categories"
+        if self.ok:
+            return head + ": OK"
+        return head + f": {len(self.errors)} problem(s)\n  " + "\n  ".join(self.errors[:50])
+
+
+def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> VerifyReport:
+    """Check every record decodes, the category index is consistent and the counts match."""
+    bank = bank if isinstance(bank, InstanceBank) else InstanceBank(bank)
+    report = VerifyReport(bank.path)
+    if bank.schema_version() == 0:
+        report.errors.append("missing schema record")
+    stats = bank.stats(refresh=True)
+
+    def scan(txn, dbs):
+        records = {k.decode(): v for k, v in txn.cursor(db=dbs["records"])}
+        images = {k.decode() for k in txn.cursor(db=dbs["images"]).iternext(keys=True, values=False)}
+        index = [(k, v.decode()) for k, v in txn.cursor(db=dbs["index"])]
+        return records, images, index
+
+    records, images, index = bank._read(scan)
+    report.records = len(records)
+    report.categories = len(stats["categories"])
+    per_cat: Counter[str] = Counter()
+    for rid, raw in records.items():
+        try:
+            meta = loads(raw, what=f"record {rid}")
+            per_cat[meta["category"]] += 1
+            if meta.get("id") != rid:
+                report.errors.append(f"record {rid}: metadata id is {meta.get('id')!r}")
+            if bank.id_at(meta["category"], int(meta["seq"])) != rid:
+                report.errors.append(f"record {rid}: index entry {meta['category']}/{meta['seq']} does not point to it")
+        except (BadRecordError, KeyError, TypeError, ValueError) as e:
+            report.errors.append(f"record {rid}: {e}")
+            continue
+        if rid not in images:
+            report.errors.append(f"record {rid}: image missing")
+        elif decode:
+            try:
+                rgba = bank.get(rid).rgba
+                if rgba.shape[:2] != (meta["height"], meta["width"]):
+                    report.errors.append(f"record {rid}: image is {rgba.shape[:2]}, metadata says "
+                                         f"{(meta['height'], meta['width'])}")
+            except BadRecordError as e:
+                report.errors.append(str(e))
+    for rid in images - records.keys():
+        report.errors.append(f"image {rid}: no metadata record")
+    for key, rid in index:
+        if rid not in records:
+            report.errors.append(f"index {key!r} points to missing record {rid}")
+    for name, c in stats["categories"].items():
+        if c["count"] != per_cat.get(name, 0):
+            report.errors.append(f"category {name!r}: stats count {c['count']} != {per_cat.get(name, 0)} records")
+        n_index = sum(1 for k, _ in index if k.startswith(name.encode() + b"\x00"))
+        if n_index != c["count"]:
+            report.errors.append(f"category {name!r}: {n_index} index entries, stats count {c['count']}")
+    if stats["total"] != len(records):
+        report.errors.append(f"stats total {stats['total']} != {len(records)} records")
+    return report
+
+
+def _merge_priors(priors: list[dict[str, float]]) -> dict[str, float]:
+    """Pool per-source size statistics (n-weighted means, pooled variances)."""
+    n = sum(p.get("n", 1) for p in priors)
+    out: dict[str, float] = {"n": n}
+    for key in {k[: -len("_mean")] for p in priors for k in p if k.endswith("_mean")}:
+        ms = [(p.get("n", 1), p[f"{key}_mean"], p.get(f"{key}_std", 0.0)) for p in priors if f"{key}_mean" in p]
+        tot = sum(w for w, _, _ in ms)
+        mean = sum(w * m for w, m, _ in ms) / tot
+        var = sum(w * (s * s + (m - mean) ** 2) for w, m, s in ms) / tot
+        out[f"{key}_mean"], out[f"{key}_std"] = mean, math.sqrt(var)
+    return out
+
+
+def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_size: int = 256) -> dict[str, int]:
+    """Combine shard banks into ``out`` (created if missing), deduplicating by record id.
+
+    Records are copied byte for byte; size priors are pooled; rejection counts are summed.
+    """
+    out_path = Path(out).resolve()
+    added = dup = 0
+    priors: dict[str, list[dict[str, float]]] = {}
+    reasons: Counter[str] = Counter()
+    with BankWriter(out_path, batch_size=batch_size) as w:
+        for src in inputs:
+            bank = InstanceBank(src)
+            if Path(bank.path) == out_path:
+                raise BankError(f"cannot merge {src} into itself")
+            stats = bank.stats(refresh=True)
+            reasons.update(stats.get("rejections", {}))
+            for name in stats["categories"]:
+                p = bank.size_prior(name)
+                if p:
+                    priors.setdefault(name, []).append(p)
+            for rid in bank.ids():
+                meta, image = bank.get_raw(rid)
+                w.add_encoded(meta, image)
+            bank.close()
+        w.flush()
+        added, dup = w.added, w.duplicates
+        for name, ps in priors.items():
+            w.set_size_prior(name, _merge_priors(ps) if len(ps) > 1 else ps[0])
+        if reasons:
+            w.record_rejections(dict(reasons))
+    return {"added": added, "duplicates": dup}
+
+
+def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write every instance as ``<category>/<id>.png`` plus ``manifest.json`` (metadata list)."""
+    bank = bank if isinstance(bank, InstanceBank) else InstanceBank(bank)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for rid in bank.ids():
+        inst = bank.get(rid)
+        rel = Path(_safe_name(inst.category)) / f"{rid}.png"
+        (out / rel.parent).mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out / rel), cv2.cvtColor(inst.rgba, cv2.COLOR_RGBA2BGRA)):
+            raise BankError(f"could not write {out / rel}")
+        manifest.append({**inst.meta, "file": rel.as_posix()})
+    (out / "manifest.json").write_text(json.dumps({"bank": bank.path, "instances": manifest}, indent=1))
+    return out
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip() or "_"
+
+
+def read_rgba_file(path: str | os.PathLike) -> np.ndarray:
+    """Read an RGBA image file as HxWx4 uint8 RGB order; clear errors for other kinds."""
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise BadInstanceError(f"{path}: not a readable image")
+    if arr.dtype != np.uint8:
+        raise BadInstanceError(f"{path}: {arr.dtype} image; only 8-bit RGBA is accepted")
+    if arr.ndim != 3 or arr.shape[2] != 4:
+        raise BadInstanceError(f"{path}: has no alpha channel (shape {arr.shape}); an RGBA cut-out is required")
+    return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
+
+
+def import_folder(out: str | os.PathLike, folder: str | os.PathLike, *, source_kind: str = "import",
+                  category: str | None = None) -> dict[str, Any]:
+    """Add a folder of RGBA PNGs to a bank.
+
+    With ``manifest.json`` (as written by :func:`export_folder`) categories and provenance come from it;
+    otherwise each sub-folder is a category (or ``category`` names the one category of a flat folder).
+    Bad files are skipped and reported.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BankError(f"import folder {folder} does not exist")
+    items: list[tuple[Path, str, dict[str, Any] | None, dict[str, Any] | None, int | None]] = []
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text())["instances"]
+        except (ValueError, KeyError) as e:
+            raise BankError(f"{manifest}: not a genval_aug manifest ({e})") from None
+        for i, m in enumerate(entries):
+            try:
+                items.append((folder / m["file"], m["category"], m.get("source"), m.get("verdict"),
+                              m.get("category_id")))
+            except KeyError as e:
+                raise BankError(f"{manifest}: instance {i} lacks field {e}") from None
+    else:
+        exts = {".png", ".webp"}
+        if category is not None:
+            items = [(p, category, None, None, None) for p in sorted(folder.iterdir()) if p.suffix.lower() in exts]
+        else:
+            for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+                items += [(p, sub.name, None, None, None) for p in sorted(sub.iterdir()) if p.suffix.lower() in exts]
+        if not items:
+            raise BankError(f"{folder}: no manifest.json, and no per-class sub-folders of .png/.webp files")
+    added, skipped = 0, []
+    with BankWriter(out) as w:
+        before = w.added
+        for path, cat, source, verdict, cid in items:
+            try:
+                rgba = read_rgba_file(path)
+                w.add(rgba, category=cat, category_id=cid,
+                      source=source or {"kind": source_kind, "file": str(path)}, verdict=verdict)
+            except BadInstanceError as e:
+                skipped.append(str(e))
+                log.warning("import: skipping %s", e)
+        w.flush()
+        added = w.added - before
+    return {"added": added, "skipped": len(skipped), "errors": skipped}

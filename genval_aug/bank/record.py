@@ -1,0 +1,151 @@
+"""Bank records: the decoded ``Instance``, JSON metadata, image codecs and content ids.
+
+Stored formats are JSON (metadata) and PNG or WebP-lossless bytes (images). No pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from genval_aug.errors import BadInstanceError, BadRecordError
+from genval_aug.quality import ALPHA_THRESHOLD, alpha_stats
+
+CODECS = ("png", "webp")
+DEFAULT_CODEC = "png"  # measured: PNG encodes ~20x faster than lossless WebP (0.5 vs 11 ms at 150x110), decodes in 0.15 ms
+
+
+@dataclass
+class Instance:
+    """A decoded bank instance. ``rgba`` is HxWx4 uint8 in RGB(A) order; alpha is the (soft) mask."""
+
+    id: str
+    category: str
+    category_id: int
+    rgba: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> np.ndarray:
+        return self.rgba[..., 3]
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.rgba[..., 3] >= ALPHA_THRESHOLD
+
+    @property
+    def height(self) -> int:
+        return int(self.rgba.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgba.shape[1])
+
+
+def normalize_rgba(rgba: np.ndarray, *, what: str = "instance") -> np.ndarray:
+    """Validate an RGBA array and zero the colour under fully transparent pixels.
+
+    Zeroing makes the stored bytes canonical (lossless WebP drops that colour anyway), so the content id
+    of an instance does not depend on invisible pixels.
+    """
+    a = np.asarray(rgba)
+    if a.ndim != 3 or a.shape[2] != 4:
+        raise BadInstanceError(f"{what}: expected an HxWx4 RGBA image, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        raise BadInstanceError(f"{what}: expected uint8 RGBA, got dtype {a.dtype}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise BadInstanceError(f"{what}: empty image of shape {a.shape}")
+    if not a[..., 3].any():
+        raise BadInstanceError(f"{what}: alpha channel is empty (fully transparent)")
+    out = np.ascontiguousarray(a).copy()
+    out[out[..., 3] == 0, :3] = 0
+    return out
+
+
+def content_id(category: str, rgba: np.ndarray) -> str:
+    """Stable id of (category, pixels): re-adding the same instance is a no-op."""
+    h = hashlib.sha256()
+    h.update(category.encode("utf-8"))
+    h.update(np.asarray(rgba.shape, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(rgba).tobytes())
+    return h.hexdigest()[:32]
+
+
+def encode_rgba(rgba: np.ndarray, codec: str = DEFAULT_CODEC) -> bytes:
+    bgra = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
+    if codec == "png":
+        ok, buf = cv2.imencode(".png", bgra, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    elif codec == "webp":
+        ok, buf = cv2.imencode(".webp", bgra, [cv2.IMWRITE_WEBP_QUALITY, 101])
+    else:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
+    if not ok:
+        raise BadInstanceError(f"OpenCV could not encode a {rgba.shape} image as {codec}")
+    return buf.tobytes()
+
+
+def decode_rgba(data: bytes, *, record_id: str = "?") -> np.ndarray:
+    """Decode stored bytes to HxWx4 uint8 RGBA; raise ``BadRecordError`` naming the record."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if arr is None or arr.ndim != 3 or arr.shape[2] != 4:
+        shape = None if arr is None else arr.shape
+        raise BadRecordError(f"record {record_id}: image bytes do not decode to RGBA (got {shape})")
+    rgba = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
+    rgba[rgba[..., 3] == 0, :3] = 0
+    return rgba
+
+
+def build_meta(
+    rid: str,
+    rgba: np.ndarray,
+    *,
+    category: str,
+    category_id: int,
+    codec: str,
+    source: dict[str, Any] | None,
+    verdict: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The JSON metadata stored beside an image."""
+    stats = alpha_stats(rgba)
+    score = None
+    if verdict is not None:
+        score = verdict.get("score")
+        if score is not None:
+            score = float(score)
+    return {
+        "id": rid,
+        "category": category,
+        "category_id": int(category_id),
+        "width": int(rgba.shape[1]),
+        "height": int(rgba.shape[0]),
+        "codec": codec,
+        "mask": stats.to_dict(),
+        "source": dict(source or {"kind": "unknown"}),
+        "verdict": dict(verdict) if verdict is not None else None,
+        "score": score,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_json_default).encode("utf-8")
+
+
+def loads(data: bytes, *, what: str = "record") -> Any:
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRecordError(f"{what}: metadata is not valid JSON ({e})") from None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"metadata value of type {type(o).__name__} is not JSON serializable")

@@ -1,0 +1,509 @@
+"""The LMDB instance bank: a lazy, fork/spawn-safe reader and a single atomic writer.
+
+Layout (one LMDB environment, a directory):
+
+=================  =====================================================================
+sub-database       content
+=================  =====================================================================
+``meta``           ``schema`` (version), ``stats`` (counts per category/source, rejection
+                   reasons), ``prior/<category>`` (size priors), ``status/<name>`` (free JSON)
+``records``        id -> JSON metadata
+``images``         id -> PNG / WebP-lossless bytes
+``index``          ``<category>\\0<seq:u32>`` -> id   (O(1) random draw per category)
+``rejected``       id -> JSON metadata of instances the validator rejected (audit, never sampled)
+``rejected_images`` id -> image bytes of rejected instances
+=================  =====================================================================
+
+py-lmdb refuses to open one environment twice in a process and an environment inherited over
+``fork`` is unusable, so every process keeps at most one handle per bank (``_Registry``) and read-only
+handles are closed just before the process forks (``os.register_at_fork``); they reopen lazily.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from genval_aug.bank.record import (
+    DEFAULT_CODEC,
+    Instance,
+    build_meta,
+    content_id,
+    decode_rgba,
+    dumps,
+    encode_rgba,
+    loads,
+    normalize_rgba,
+)
+from genval_aug.errors import BadRecordError, BankError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAMES = ("meta", "records", "images", "index", "rejected", "rejected_images")
+MAX_READERS = 1024
+READER_MAP_SIZE = 1 << 40  # address space only; the file keeps its own size
+WRITER_MAP_SIZE = 1 << 30
+
+
+def _index_key(category: str, seq: int) -> bytes:
+    return category.encode("utf-8") + b"\x00" + int(seq).to_bytes(4, "big")
+
+
+class _Handle:
+    __slots__ = ("env", "dbs", "writable", "pid")
+
+    def __init__(self, env: lmdb.Environment, dbs: dict[str, Any], writable: bool):
+        self.env, self.dbs, self.writable, self.pid = env, dbs, writable, os.getpid()
+
+
+class _Registry:
+    """One LMDB handle per bank directory per process (py-lmdb's rule), shared by readers and writer."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, _Handle] = {}
+        self._lock = threading.RLock()
+
+    def get(self, path: str, *, write: bool, lock: bool = True, map_size: int = WRITER_MAP_SIZE) -> _Handle:
+        h = self._handles.get(path)
+        if h is not None and h.pid == os.getpid() and (h.writable or not write):
+            return h
+        with self._lock:
+            h = self._handles.get(path)
+            if h is not None and h.pid != os.getpid():
+                self._handles.pop(path)  # inherited over fork: never touch it
+                h = None
+            if h is not None and (h.writable or not write):
+                return h
+            if h is not None:  # upgrade a read-only handle to a writable one
+                h.env.close()
+                self._handles.pop(path)
+            h = self._open(path, write=write, lock=lock, map_size=map_size)
+            self._handles[path] = h
+            return h
+
+    @staticmethod
+    def _open(path: str, *, write: bool, lock: bool, map_size: int) -> _Handle:
+        if not write and not os.path.isfile(os.path.join(path, "data.mdb")):
+            raise BankError(f"no instance bank at {path} (missing {os.path.join(path, 'data.mdb')})")
+        try:
+            if write:
+                os.makedirs(path, exist_ok=True)
+                env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 1,
+                                max_readers=MAX_READERS, meminit=False)
+            else:
+                env = lmdb.open(path, readonly=True, lock=lock, readahead=False, map_size=READER_MAP_SIZE,
+                                max_dbs=len(DB_NAMES) + 1, max_readers=MAX_READERS)
+        except lmdb.Error as e:
+            raise BankError(f"cannot open instance bank at {path}: {e}") from e
+        try:
+            if write:
+                dbs = {n: env.open_db(n.encode()) for n in DB_NAMES}
+            else:
+                dbs = {n: env.open_db(n.encode(), create=False) for n in DB_NAMES}
+        except lmdb.Error as e:
+            env.close()
+            raise BankError(f"{path} is not a genval_aug instance bank (missing sub-database: {e})") from e
+        return _Handle(env, dbs, write)
+
+    def reopen_resized(self, path: str) -> None:
+        h = self._handles.get(path)
+        if h is not None and h.pid == os.getpid():
+            h.env.set_mapsize(0)
+
+    def close(self, path: str) -> None:
+        with self._lock:
+            h = self._handles.pop(path, None)
+            if h is not None and h.pid == os.getpid():
+                h.env.close()
+
+    def close_readonly_before_fork(self) -> None:
+        for path, h in list(self._handles.items()):
+            if not h.writable and h.pid == os.getpid():
+                try:
+                    h.env.close()
+                finally:
+                    self._handles.pop(path, None)
+
+
+_REGISTRY = _Registry()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_REGISTRY.close_readonly_before_fork)
+
+
+class InstanceBank:
+    """Read access to a bank. Cheap to create and to pickle; opens LMDB lazily in each process.
+
+    Safe in DataLoader workers started with fork or spawn: the handle is never shared across processes.
+    Every access uses a fresh short read transaction, so newly committed instances are visible at once;
+    category counts are cached and re-read by :meth:`refresh` (or every ``refresh_interval`` seconds).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, lock: bool = True, refresh_interval: float | None = 30.0):
+        self.path = str(Path(path).expanduser().resolve())
+        self.lock = lock
+        self.refresh_interval = refresh_interval
+        self._stats: dict[str, Any] | None = None
+        self._stats_time = 0.0
+        self._bad: set[str] = set()
+
+    # pickling: only configuration travels
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "lock": self.lock, "refresh_interval": self.refresh_interval}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], lock=state["lock"], refresh_interval=state["refresh_interval"])
+
+    def __repr__(self) -> str:
+        return f"InstanceBank({self.path!r})"
+
+    # -- low level -------------------------------------------------------------------------
+    def _handle(self) -> _Handle:
+        return _REGISTRY.get(self.path, write=False, lock=self.lock)
+
+    def _read(self, fn):
+        """Run ``fn(txn, dbs)`` in a fresh read transaction; adopt a grown map once if needed."""
+        for attempt in range(2):
+            h = self._handle()
+            try:
+                with h.env.begin(buffers=False) as txn:
+                    return fn(txn, h.dbs)
+            except lmdb.MapResizedError:
+                if attempt:
+                    raise
+                _REGISTRY.reopen_resized(self.path)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close this process's handle (it reopens on the next access)."""
+        _REGISTRY.close(self.path)
+
+    # -- metadata --------------------------------------------------------------------------
+    def stats(self, *, refresh: bool = False) -> dict[str, Any]:
+        """Bank-level statistics: counts per category and source, rejections, schema."""
+        now = time.monotonic()
+        stale = self.refresh_interval is not None and now - self._stats_time > self.refresh_interval
+        if refresh or self._stats is None or stale:
+            raw = self._read(lambda txn, dbs: txn.get(b"stats", db=dbs["meta"]))
+            self._stats = loads(raw, what=f"{self.path} stats") if raw else _empty_stats()
+            self._stats_time = now
+        return self._stats
+
+    def refresh(self) -> None:
+        """Re-read category counts so instances committed since are drawn too."""
+        self.stats(refresh=True)
+
+    def categories(self) -> dict[str, int]:
+        """Category name -> number of instances."""
+        return {k: v["count"] for k, v in self.stats()["categories"].items() if v["count"] > 0}
+
+    def category_ids(self) -> dict[str, int]:
+        return {k: v["id"] for k, v in self.stats()["categories"].items()}
+
+    def count(self, category: str | None = None) -> int:
+        if category is None:
+            return int(self.stats()["total"])
+        c = self.stats()["categories"].get(category)
+        return int(c["count"]) if c else 0
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def schema_version(self) -> int:
+        raw = self._read(lambda txn, dbs: txn.get(b"schema", db=dbs["meta"]))
+        return int(loads(raw)["version"]) if raw else 0
+
+    def size_prior(self, category: str) -> dict[str, float] | None:
+        raw = self._read(lambda txn, dbs: txn.get(b"prior/" + category.encode(), db=dbs["meta"]))
+        return loads(raw) if raw else None
+
+    def get_status(self, name: str) -> dict[str, Any] | None:
+        raw = self._read(lambda txn, dbs: txn.get(b"status/" + name.encode(), db=dbs["meta"]))
+        return loads(raw) if raw else None
+
+    def get_meta(self, record_id: str) -> dict[str, Any]:
+        raw = self._read(lambda txn, dbs: txn.get(record_id.encode(), db=dbs["records"]))
+        if raw is None:
+            raise KeyError(f"no record {record_id!r} in {self.path}")
+        return loads(raw, what=f"record {record_id}")
+
+    def __contains__(self, record_id: str) -> bool:
+        return self._read(lambda txn, dbs: txn.get(record_id.encode(), db=dbs["records"])) is not None
+
+    # -- instances -------------------------------------------------------------------------
+    def get(self, record_id: str) -> Instance:
+        """Decode one instance; raise ``KeyError`` if absent, ``BadRecordError`` if corrupt."""
+
+        def fn(txn, dbs):
+            key = record_id.encode()
+            return txn.get(key, db=dbs["records"]), txn.get(key, db=dbs["images"])
+
+        meta_raw, img = self._read(fn)
+        if meta_raw is None:
+            raise KeyError(f"no record {record_id!r} in {self.path}")
+        return self._decode(record_id, meta_raw, img)
+
+    def get_raw(self, record_id: str) -> tuple[dict[str, Any], bytes]:
+        """Metadata and encoded image bytes, without decoding (for merge/export)."""
+
+        def fn(txn, dbs):
+            key = record_id.encode()
+            return txn.get(key, db=dbs["records"]), txn.get(key, db=dbs["images"])
+
+        meta_raw, img = self._read(fn)
+        if meta_raw is None or img is None:
+            raise BadRecordError(f"record {record_id}: missing {'metadata' if meta_raw is None else 'image'}")
+        return loads(meta_raw, what=f"record {record_id}"), img
+
+    def _decode(self, record_id: str, meta_raw: bytes | None, img: bytes | None) -> Instance:
+        meta = loads(meta_raw, what=f"record {record_id}") if meta_raw is not None else None
+        if meta is None or img is None:
+            raise BadRecordError(f"record {record_id}: missing {'metadata' if meta is None else 'image'}")
+        try:
+            category, category_id = meta["category"], int(meta["category_id"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadRecordError(f"record {record_id}: metadata field {e} missing or invalid") from None
+        return Instance(record_id, category, category_id, decode_rgba(img, record_id=record_id), meta)
+
+    def id_at(self, category: str, seq: int) -> str | None:
+        raw = self._read(lambda txn, dbs: txn.get(_index_key(category, seq), db=dbs["index"]))
+        return raw.decode() if raw is not None else None
+
+    def random_id(self, category: str, rng: np.random.Generator) -> str:
+        n = self.count(category)
+        if n == 0:
+            raise KeyError(f"bank {self.path} has no instances of category {category!r}")
+        rid = self.id_at(category, int(rng.integers(n)))
+        if rid is None:
+            raise BadRecordError(f"index of category {category!r} in {self.path} is inconsistent")
+        return rid
+
+    def random_instance(self, category: str, rng: np.random.Generator) -> Instance:
+        """Draw one instance of ``category`` uniformly, in O(1)."""
+        return self.get(self.random_id(category, rng))
+
+    def ids(self, category: str | None = None) -> Iterator[str]:
+        """Record ids, of one category in insertion order, or all in key order."""
+        if category is not None:
+            for seq in range(self.count(category)):
+                rid = self.id_at(category, seq)
+                if rid is not None:
+                    yield rid
+            return
+
+        def fn(txn, dbs):
+            return [k.decode() for k in txn.cursor(db=dbs["records"]).iternext(keys=True, values=False)]
+
+        yield from self._read(fn)
+
+    def iter_meta(self, category: str | None = None) -> Iterator[dict[str, Any]]:
+        for rid in self.ids(category):
+            yield self.get_meta(rid)
+
+    def rejected(self) -> Iterator[tuple[dict[str, Any], bytes]]:
+        """Audit table: (metadata, image bytes) of instances the validator rejected."""
+
+        def fn(txn, dbs):
+            out = []
+            for k, v in txn.cursor(db=dbs["rejected"]):
+                out.append((loads(v, what=f"rejected {k.decode()}"), txn.get(k, db=dbs["rejected_images"])))
+            return out
+
+        yield from self._read(fn)
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {"total": 0, "categories": {}, "sources": {}, "rejected": 0, "rejections": {}, "next_category_id": 0}
+
+
+class BankWriter:
+    """The single writer of a bank. Use as a context manager.
+
+    Adds are buffered and committed atomically every ``batch_size`` instances (and on ``flush``/exit):
+    a crash loses at most the uncommitted batch and never leaves a partial record. The map grows
+    automatically on ``MapFullError``. LMDB's lock serializes writers across processes; keep the
+    writer in its own (spawned) process when training reads the bank.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, batch_size: int = 64, codec: str = DEFAULT_CODEC,
+                 map_size: int = WRITER_MAP_SIZE):
+        self.path = str(Path(path).expanduser().resolve())
+        self.batch_size = int(batch_size)
+        self.codec = codec
+        self._map_size = int(map_size)
+        self._pending: list[tuple[str, Any]] = []
+        self._pending_ids: set[str] = set()
+        self.added = 0
+        self.duplicates = 0
+        h = self._handle()
+        with h.env.begin(write=True) as txn:
+            raw = txn.get(b"schema", db=h.dbs["meta"])
+            if raw is None:
+                txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=h.dbs["meta"])
+                txn.put(b"stats", dumps(_empty_stats()), db=h.dbs["meta"])
+            elif loads(raw)["version"] > SCHEMA_VERSION:
+                raise BankError(f"{self.path} has bank schema {loads(raw)['version']}, newer than this "
+                                f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
+
+    def _handle(self) -> _Handle:
+        return _REGISTRY.get(self.path, write=True, map_size=self._map_size)
+
+    def __enter__(self) -> BankWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()  # queued records are complete; committing them is always safe
+
+    def close(self) -> None:
+        """Commit what is queued and release this process's handle (readers reopen lazily)."""
+        self.flush()
+        _REGISTRY.close(self.path)
+
+    # -- adding ----------------------------------------------------------------------------
+    def add(self, rgba: np.ndarray, *, category: str, category_id: int | None = None,
+            source: dict[str, Any] | None = None, verdict: dict[str, Any] | None = None) -> str:
+        """Queue one RGBA instance (HxWx4 uint8, RGB order). Returns its content id."""
+        if not category or not isinstance(category, str):
+            raise ValueError(f"category must be a non-empty string, got {category!r}")
+        rgba = normalize_rgba(rgba, what=f"instance of {category!r}")
+        rid = content_id(category, rgba)
+        self._queue(rid, (rid, rgba, category, category_id, source, verdict, None))
+        return rid
+
+    def add_encoded(self, meta: dict[str, Any], image: bytes) -> str:
+        """Copy a record from another bank as is (merge): same id, same bytes."""
+        rid = meta["id"]
+        self._queue(rid, (rid, None, meta["category"], meta.get("category_id"), None, None, (meta, image)))
+        return rid
+
+    def _queue(self, rid: str, payload: tuple) -> None:
+        if rid in self._pending_ids:
+            self.duplicates += 1
+            return
+        self._pending.append(("add", payload))
+        self._pending_ids.add(rid)
+        self._maybe_flush()
+
+    def add_rejected(self, rgba: np.ndarray, *, category: str, source: dict[str, Any] | None = None,
+                     verdict: dict[str, Any] | None = None) -> str:
+        """Keep a rejected instance for audit and prompt optimization; never sampled."""
+        rgba = normalize_rgba(rgba, what=f"rejected instance of {category!r}")
+        rid = content_id(category, rgba)
+        self._pending.append(("reject", (rid, rgba, category, source, verdict)))
+        self._maybe_flush()
+        return rid
+
+    def record_rejections(self, reasons: dict[str, int]) -> None:
+        """Add counts of instances rejected before reaching the bank (by reason) to the bank stats."""
+        self._pending.append(("reasons", dict(reasons)))
+        self._maybe_flush()
+
+    def set_size_prior(self, category: str, prior: dict[str, float]) -> None:
+        """Per-category size statistics used for scale priors at paste time."""
+        self._pending.append(("meta", (b"prior/" + category.encode(), prior)))
+        self._maybe_flush()
+
+    def set_status(self, name: str, status: dict[str, Any]) -> None:
+        """Free-form JSON status (e.g. a top-up worker's progress), readable with ``InstanceBank.get_status``."""
+        self._pending.append(("meta", (b"status/" + name.encode(), status)))
+        self.flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit everything queued in one atomic transaction."""
+        if not self._pending:
+            return
+        # encode outside the transaction: the writer lock is held only for the puts
+        ops = []
+        for kind, payload in self._pending:
+            if kind == "add" and payload[6] is None:
+                rid, rgba, category, category_id, source, verdict, _ = payload
+                ops.append(("add", rid, category, category_id, rgba, source, verdict, encode_rgba(rgba, self.codec)))
+            elif kind == "add":
+                rid, _, category, category_id, _, _, (meta, image) = payload
+                ops.append(("add_encoded", rid, category, category_id, meta, image))
+            elif kind == "reject":
+                rid, rgba, category, source, verdict = payload
+                ops.append(("reject", rid, category, rgba, source, verdict, encode_rgba(rgba, self.codec)))
+            else:
+                ops.append((kind, payload))
+        while True:
+            h = self._handle()
+            try:
+                with h.env.begin(write=True) as txn:
+                    added, duplicates = self._apply(txn, h.dbs, ops)
+                break
+            except lmdb.MapFullError:
+                new = h.env.info()["map_size"] * 2
+                log.info("bank %s: map full, growing to %d MiB", self.path, new >> 20)
+                h.env.set_mapsize(new)
+                self._map_size = new
+        self.added += added
+        self.duplicates += duplicates
+        self._pending.clear()
+        self._pending_ids.clear()
+
+    def _apply(self, txn, dbs, ops) -> tuple[int, int]:
+        stats = loads(txn.get(b"stats", db=dbs["meta"]))
+        cats = stats["categories"]
+        added = duplicates = 0
+        for op in ops:
+            kind = op[0]
+            if kind in ("add", "add_encoded"):
+                rid, category = op[1], op[2]
+                key = rid.encode()
+                if txn.get(key, db=dbs["records"]) is not None:
+                    duplicates += 1
+                    continue
+                c = cats.get(category)
+                if c is None:
+                    cid = op[3]
+                    if cid is None:
+                        used = {v["id"] for v in cats.values()}
+                        cid = max(used, default=-1) + 1
+                    c = cats[category] = {"id": int(cid), "count": 0, "sources": {}}
+                if kind == "add":
+                    _, _, _, _, rgba, source, verdict, image = op
+                    meta = build_meta(rid, rgba, category=category, category_id=c["id"], codec=self.codec,
+                                      source=source, verdict=verdict)
+                else:
+                    meta, image = dict(op[4]), op[5]
+                    meta["category_id"] = c["id"]
+                meta["seq"] = c["count"]
+                txn.put(key, dumps(meta), db=dbs["records"])
+                txn.put(key, image, db=dbs["images"])
+                txn.put(_index_key(category, c["count"]), key, db=dbs["index"])
+                c["count"] += 1
+                src = str((meta.get("source") or {}).get("kind", "unknown"))
+                c["sources"][src] = c["sources"].get(src, 0) + 1
+                stats["sources"][src] = stats["sources"].get(src, 0) + 1
+                stats["total"] += 1
+                added += 1
+            elif kind == "reject":
+                _, rid, category, rgba, source, verdict, image = op
+                key = rid.encode()
+                if txn.get(key, db=dbs["rejected"]) is not None:
+                    continue
+                meta = build_meta(rid, rgba, category=category, category_id=-1, codec=self.codec,
+                                  source=source, verdict=verdict)
+                txn.put(key, dumps(meta), db=dbs["rejected"])
+                txn.put(key, image, db=dbs["rejected_images"])
+                stats["rejected"] += 1
+            elif kind == "reasons":
+                for reason, n in op[1].items():
+                    stats["rejections"][reason] = stats["rejections"].get(reason, 0) + int(n)
+            elif kind == "meta":
+                k, value = op[1]
+                txn.put(k, dumps(value), db=dbs["meta"])
+        txn.put(b"stats", dumps(stats), db=dbs["meta"])
+        return added, duplicates
