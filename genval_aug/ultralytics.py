@@ -515,11 +515,33 @@ def attach(model: Any, bank: Any, *, classes: Iterable[str | int] | None = None,
 # --------------------------------------------------------------------------------------------------------------
 # trainer subclasses
 # --------------------------------------------------------------------------------------------------------------
-class _GenValTrainerMixin:
-    """Reads ``genval={...}`` (a ``PasteSpec`` dict) from the train arguments and hooks every train dataset.
+SPEC_ENV = "GENVAL_AUG_YOLO_SPEC"  # JSON spec handed to DDP worker processes (they inherit the environment)
 
-    The options are kept in ``self.args.genval`` so DDP workers (built from ``vars(trainer.args)``) and
-    ``resume=True`` (checkpoint ``train_args``) get them back.
+
+class _SpecCarrier:
+    """No-op callback that carries the spec: 8.4 pickles ``trainer.callbacks`` into its DDP workers."""
+
+    def __init__(self, spec: PasteSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, trainer: Any) -> None:
+        pass
+
+
+def _carried_spec(callbacks: Any) -> PasteSpec | None:
+    for fns in (callbacks or {}).values():
+        for fn in fns:
+            if isinstance(fn, _SpecCarrier):
+                return fn.spec
+    return None
+
+
+class _GenValTrainerMixin:
+    """Reads ``genval={...}`` (``PasteSpec`` fields) from the train arguments and hooks every train dataset.
+
+    ``genval`` is not an Ultralytics argument, so it is taken out of the overrides (Ultralytics validates
+    ``args`` again in its validators). DDP workers get the spec back from the pickled callbacks (8.4) or
+    from the ``GENVAL_AUG_YOLO_SPEC`` environment variable set by the launching process.
     """
 
     def __init__(self, cfg: Any = None, overrides: dict | None = None, _callbacks: Any = None) -> None:
@@ -527,13 +549,16 @@ class _GenValTrainerMixin:
 
         overrides = dict(overrides or {})
         options = overrides.pop("genval", None)
-        super().__init__(DEFAULT_CFG if cfg is None else cfg, overrides, _callbacks)
         if options is None:
-            options = getattr(self.args, "genval", None)
+            options = _carried_spec(_callbacks) or os.environ.get(SPEC_ENV)
         if options is None:
             raise ConfigError(f"{type(self).__name__} needs genval={{'bank': 'path/to/bank.lmdb', ...}} in train()")
         self.genval = PasteSpec.from_dict(options)
-        self.args.genval = self.genval.to_dict()
+        super().__init__(DEFAULT_CFG if cfg is None else cfg, overrides, _callbacks)
+        if _carried_spec(self.callbacks) is None:
+            self.add_callback("on_pretrain_routine_start", _SpecCarrier(self.genval))
+        if getattr(self, "ddp", False):
+            os.environ[SPEC_ENV] = json.dumps(self.genval.to_dict())
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
         ds = super().build_dataset(img_path, mode, batch)

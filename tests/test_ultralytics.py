@@ -6,8 +6,10 @@ close_mosaic=1) and marked slow.
 """
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+import random
 import types
 from copy import copy
 from pathlib import Path
@@ -19,12 +21,12 @@ import pytest
 pytest.importorskip("ultralytics")
 torch = pytest.importorskip("torch")
 
+from label_checks import check_paste_result, check_pixels, extent_box, rasterize  # noqa: E402
 from yolo_fixtures import BANK_CLASS_IDS, make_bank, make_dataset  # noqa: E402
 
 from genval_aug.errors import ConfigError  # noqa: E402
 from genval_aug.ultralytics import (  # noqa: E402
     PasteSpec,
-    YoloPaste,
     _AttachCallback,
     attach,
     build_class_map,
@@ -141,6 +143,31 @@ def test_hook_before_mixup_survives_close_mosaic_and_dataset_rebuilds(seg_yaml, 
     pickle.loads(pickle.dumps(t))  # picklable without an engine (spawned workers, DDP state)
 
 
+def test_trainer_spec_reaches_ddp_workers(seg_yaml, bank, tmp_path, monkeypatch):
+    """What Ultralytics' DDP launch file does: rebuild the trainer class from vars(args) + the callbacks."""
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from genval_aug.ultralytics import SPEC_ENV, GenValSegmentationTrainer
+
+    monkeypatch.delenv(SPEC_ENV, raising=False)
+    args = {"model": "yolo11n-seg.yaml", "data": str(seg_yaml), "imgsz": IMGSZ, "device": "cpu",
+            "project": str(tmp_path), "name": "ddp", "exist_ok": True}
+    parent = GenValSegmentationTrainer(overrides={**args, "genval": {"bank": str(bank), "n": 3, "classes": ["car"]}})
+    assert "genval" not in vars(parent.args)  # Ultralytics re-validates args in its validators
+    cfg = {**DEFAULT_CFG_DICT, "save_dir": ""}
+    # 8.4 cloudpickles the callbacks into the launch state (its own contain lambdas; ours pickle plainly)
+    callbacks = {k: [f if f.__module__.startswith("ultralytics") else pickle.loads(pickle.dumps(f)) for f in v]
+                 for k, v in parent.callbacks.items()}
+    child = GenValSegmentationTrainer(cfg=cfg, overrides=vars(parent.args), _callbacks=callbacks)
+    assert child.genval.to_dict() == parent.genval.to_dict() == {"bank": str(bank), "classes": ["car"], "n": 3}
+    monkeypatch.setenv(SPEC_ENV, json.dumps(parent.genval.to_dict()))  # older Ultralytics: environment only
+    child = GenValSegmentationTrainer(cfg=cfg, overrides=vars(parent.args))
+    assert child.genval.to_dict() == parent.genval.to_dict()
+    monkeypatch.delenv(SPEC_ENV)
+    with pytest.raises(ConfigError, match="genval"):
+        GenValSegmentationTrainer(overrides=args)
+
+
 def check_formatted_sample(s: dict, use_masks: bool) -> int:
     """Consistency of one Format output; returns the number of pasted (bank-class) objects."""
     n = len(s["cls"])
@@ -177,27 +204,57 @@ def test_dataset_items_are_pasted_and_consistent(kind, seg_yaml, box_yaml, bank)
 
 
 def test_pasted_polygons_become_correct_masks_after_format(seg_yaml, bank):
-    """Occlusion: after Format (smaller masks drawn over larger ones), the pixels of pasted objects belong to them."""
+    """Engine result checked independently (label_checks), the adapter's conversion checked against it, and
+    after Format (smaller masks drawn over larger ones) the pixels of pasted objects belong to them."""
     from ultralytics.data.augment import Format
 
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)  # the transform's per-process RNG derives from torch.initial_seed() (workers=0)
     ds, _ = train_dataset(seg_yaml, mosaic=0.0)
-    t = PasteSpec(bank, n=3, seed=1).make_transform(ds)
-    pre = ds.transforms.transforms[0]  # Mosaic(p=0) + RandomPerspective: the input of the insertion point
+    # large objects allowed over existing ones: uncut originals (smaller) would be drawn over them by Format
+    t = PasteSpec(bank, n=2, seed=1, scale_range=(0.4, 0.6), use_size_prior=False, max_ioa=1.0).make_transform(ds)
+    t._setup()
+    engine, calls = t._engine, []
+
+    def spy(img, targets, rng, channel_order):
+        res = engine(img, targets, rng, channel_order=channel_order)
+        calls.append((img.copy(), targets, res))
+        return res
+
+    t._engine = spy
+    pre = ds.transforms.transforms[0]  # Mosaic(p=0) + RandomPerspective: what the insertion point receives
     fmt = Format(bbox_format="xywh", normalize=True, return_mask=True, batch_idx=True, mask_ratio=1,
                  mask_overlap=True, bgr=0.0)
-    checked = 0
+    checked = occluded = 0
     for i in range(len(ds)):
         labels = pre(ds.get_image_and_label(i))
-        before = labels["img"].copy()
+        inst = labels["instances"]
+        inst.convert_bbox("xyxy")
+        # the checker's convention: a box is its polygon's raster extent
+        H, W = labels["img"].shape[:2]
+        inst.update(bboxes=np.stack([extent_box(rasterize(s, H, W)) for s in inst.segments]).astype(np.float32),
+                    segments=inst.segments)
         out = t(labels)
-        segs, cls = out["instances"].segments, out["cls"].reshape(-1)
-        assert segs.shape == (len(cls), 1000, 2) and len(out["instances"].bboxes) == len(cls)
-        changed = (out["img"] != before).any(-1)
+        img_in, targets_in, res = calls[-1]
+        stats = check_paste_result(targets_in, res, (H, W), 80, engine.config, "polygons")
+        check_pixels(img_in, res, margin=4)
+        occluded += stats["occluded"]
+
+        # adapter output == engine result in Ultralytics' layout
+        segs, cls, boxes = out["instances"].segments, out["cls"].reshape(-1), out["instances"].bboxes
+        assert segs.shape == (len(cls), 1000, 2) and boxes.shape == (len(cls), 4)
+        np.testing.assert_array_equal(cls, res.targets.classes)
+        np.testing.assert_allclose(boxes, res.targets.boxes)
+        assert np.array_equal(out["img"], res.image)
+        for k, poly in enumerate(res.targets.polygons):
+            a, b = rasterize(poly, H, W), rasterize(segs[k], H, W)
+            assert (a & b).sum() / max((a | b).sum(), 1) > 0.9, f"image {i} object {k}: resampled polygon drifted"
+
+        changed = (out["img"] != img_in).any(-1)
         f = fmt(out)
         m, fcls = f["masks"][0].numpy(), f["cls"].numpy().reshape(-1)
         pasted_ids = np.flatnonzero(np.isin(fcls, PASTED_IDS)) + 1
-        if not len(pasted_ids):
-            continue
         claimed = np.isin(m, pasted_ids)
         core = cv2.erode(changed.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
         near_changed = cv2.dilate(changed.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
@@ -208,7 +265,7 @@ def test_pasted_polygons_become_correct_masks_after_format(seg_yaml, bank):
         # ... and nothing else
         assert near_changed[claimed].mean() > 0.97, f"image {i}: pasted mask outside the pasted pixels"
         checked += 1
-    assert checked >= len(ds) // 2
+    assert checked >= len(ds) // 2 and occluded > 0
 
 
 def test_forked_workers_read_the_bank(seg_yaml, bank):
@@ -253,10 +310,10 @@ def make_recorder():
             })
             return pre(batch)
 
-        def plot_samples(batch, ni):
+        def plot_samples(batch, ni):  # copy first: plot_images converts the dict's tensors in a thread
+            rec["plots"].append((ni, {k: (v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else v)
+                                      for k, v in batch.items()}, Path(trainer.save_dir) / f"train_batch{ni}.jpg"))
             plot(batch, ni)
-            rec["plots"].append((ni, {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()},
-                                 Path(trainer.save_dir) / f"train_batch{ni}.jpg"))
 
         trainer.preprocess_batch, trainer.plot_training_samples = preprocess, plot_samples
         rec["mosaic_p0"] = mosaic.p
@@ -290,18 +347,18 @@ def check_run(rec: dict, use_masks: bool, tmp_path: Path) -> None:
     assert {0, 1, 2} <= plotted and {6, 7, 8} <= plotted
     for ni, batch, path in rec["plots"]:
         assert path.is_file()
-        cls = batch["cls"].numpy().reshape(-1)
+        cls = batch["cls"].reshape(-1)
         assert np.isin(cls, PASTED_IDS).any(), f"train_batch{ni}.jpg has no pasted object"
         again = tmp_path / f"again{ni}.jpg"
-        plot_images(labels=batch, paths=batch["im_file"], fname=again)
+        plot_images(labels=batch, paths=batch["im_file"], fname=again, threaded=False)
         saved, redrawn = cv2.imread(str(path)), cv2.imread(str(again))
         assert np.abs(saved.astype(int) - redrawn).mean() < 1.0  # the saved picture draws these labels
         keep = ~np.isin(cls, PASTED_IDS)
         bare = {"img": batch["img"], "cls": batch["cls"][keep], "bboxes": batch["bboxes"][keep],
                 "batch_idx": batch["batch_idx"][keep]}
-        plot_images(labels=bare, paths=batch["im_file"], fname=tmp_path / "bare.jpg")
+        plot_images(labels=bare, paths=batch["im_file"], fname=tmp_path / "bare.jpg", threaded=False)
         with_boxes = {**bare, "cls": batch["cls"], "bboxes": batch["bboxes"], "batch_idx": batch["batch_idx"]}
-        plot_images(labels=with_boxes, paths=batch["im_file"], fname=tmp_path / "boxes.jpg")
+        plot_images(labels=with_boxes, paths=batch["im_file"], fname=tmp_path / "boxes.jpg", threaded=False)
         diff = np.abs(cv2.imread(str(tmp_path / "bare.jpg")).astype(int) - cv2.imread(str(tmp_path / "boxes.jpg")))
         assert diff.max() > 100  # the pasted objects' labels are drawn
 

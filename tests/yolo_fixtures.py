@@ -25,8 +25,9 @@ BANK_FILES = {  # rgba_objects file -> bank category (tiger has no COCO class: i
 BANK_CLASS_IDS = {"person": 0, "car": 2, "elephant": 20}  # COCO / coco128 class ids
 
 
-def pick_images(coco128_seg: Path, n: int, exclude: set[int] = frozenset(BANK_CLASS_IDS.values())) -> list[str]:
-    """The first ``n`` image stems (sorted) whose labels contain none of ``exclude``."""
+def pick_images(coco128_seg: Path, n: int, exclude: set[int] | None = None) -> list[str]:
+    """The first ``n`` image stems (sorted) whose labels contain none of ``exclude`` (default: bank classes)."""
+    exclude = set(BANK_CLASS_IDS.values()) if exclude is None else exclude
     stems = []
     for lab in sorted((coco128_seg / "labels" / "train2017").glob("*.txt")):
         classes = {int(line.split()[0]) for line in lab.read_text().splitlines() if line.strip()}

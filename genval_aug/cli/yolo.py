@@ -27,8 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def parse_overrides(extra: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split ``key=value`` tokens into (Ultralytics overrides, genval spec dict)."""
+    from dataclasses import fields
+
     from ultralytics.cfg import smart_value
 
+    from genval_aug.paste import PasteConfig
+
+    str_fields = {f.name for f in fields(PasteConfig) if isinstance(f.default, str)}  # e.g. harmonize=none
     overrides: dict[str, Any] = {}
     spec: dict[str, Any] = {}
     for tok in extra:
@@ -43,7 +48,7 @@ def parse_overrides(extra: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             name = key[len("paste_"):]
             if name == "classes" and isinstance(parsed, str):
                 parsed = [c.strip() for c in parsed.split(",") if c.strip()]
-            elif name == "synonyms":
+            elif name == "synonyms" or name in str_fields:
                 parsed = value
             spec[name] = parsed
         else:
