@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils.instance import Instances
 from ultralytics.utils.ops import resample_segments
 
+from genval_aug.bank import InstanceBank
 from genval_aug.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -45,12 +47,14 @@ __all__ = [
     "insert_transform",
     "PasteSpec",
     "YoloPaste",
+    "CachedInstanceBank",
     "GenValDetectionTrainer",
     "GenValSegmentationTrainer",
     "trainer_for",
 ]
 
 DEFAULT_POINTS = 1000  # Ultralytics resamples every polygon label to 1000 points (100 for OBB)
+DEFAULT_CACHE_MB = 256.0  # per-process LRU of decoded instances (PNG/WebP decode dominates the paste cost)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,8 +204,10 @@ class YoloPaste:
         *,
         polygons: bool = False,
         seed: int | None = None,
+        cache_mb: float = 0,
     ) -> None:
         self.bank = bank
+        self.cache_mb = cache_mb
         self.options = dict(options or {})
         self.class_map = dict(class_map or {})
         self.polygons = bool(polygons)
@@ -234,7 +240,7 @@ class YoloPaste:
         info = torch.utils.data.get_worker_info()
         base = int(info.seed) if info is not None else int(torch.initial_seed())
         self._rng = np.random.default_rng([base & (2**63 - 1), self.seed or 0])
-        self._engine = PasteEngine(_as_source(self.bank), config=_engine_config(self.options, self.class_map),
+        self._engine = PasteEngine(_as_source(self.bank, self.cache_mb), config=_engine_config(self.options, self.class_map),
                                    class_map=_ClassLookup(self.class_map))
         self._pid = os.getpid()
 
@@ -302,18 +308,55 @@ def _engine_config(options: Mapping[str, Any], class_map: Mapping[str, int]):
     return replace(cfg, sampler_classes=allowed)
 
 
-def _as_source(bank: Any) -> Any:
-    from genval_aug.bank import InstanceBank
+class CachedInstanceBank(InstanceBank):
+    """``InstanceBank`` keeping decoded instances in a per-process LRU of ``cache_mb`` megabytes.
 
-    if isinstance(bank, (str, os.PathLike)):
-        return InstanceBank(bank)
-    return bank
+    Record ids are content hashes, so a cached instance never goes stale. Cached arrays are read-only.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, cache_mb: float = DEFAULT_CACHE_MB, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        self.cache_bytes = int(cache_mb * (1 << 20))
+        self._lru: OrderedDict[str, Any] = OrderedDict()
+        self._lru_bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "cache_bytes": self.cache_bytes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.cache_bytes = state["cache_bytes"]
+        self._lru, self._lru_bytes = OrderedDict(), 0
+
+    def get(self, record_id: str) -> Any:
+        inst = self._lru.get(record_id)
+        if inst is not None:
+            self._lru.move_to_end(record_id)
+            return inst
+        inst = super().get(record_id)
+        size = inst.rgba.nbytes
+        if size <= self.cache_bytes:
+            inst.rgba.setflags(write=False)
+            self._lru[record_id] = inst
+            self._lru_bytes += size
+            while self._lru_bytes > self.cache_bytes:
+                _, old = self._lru.popitem(last=False)
+                self._lru_bytes -= old.rgba.nbytes
+        return inst
+
+
+def _as_source(bank: Any, cache_mb: float = 0) -> Any:
+    """A bank reader for the engine: paths open an (optionally caching) ``InstanceBank``."""
+    path = bank if isinstance(bank, (str, os.PathLike)) else bank.path if type(bank) is InstanceBank else None
+    if path is None:
+        return bank  # a sampler or a custom bank: used as given
+    if cache_mb and cache_mb > 0:
+        return CachedInstanceBank(path, cache_mb=cache_mb)
+    return InstanceBank(path)
 
 
 def _instance_bank(source: Any) -> Any:
     """The ``InstanceBank`` behind a path, a bank or a sampler (``.bank``)."""
-    from genval_aug.bank import InstanceBank
-
     if isinstance(source, InstanceBank):
         return source
     inner = getattr(source, "bank", None)
@@ -401,13 +444,14 @@ class PasteSpec:
     """Everything needed to build a ``YoloPaste`` for a dataset; small and picklable (DDP, checkpoints).
 
     ``bank``: path or ``InstanceBank``; ``options``: ``PasteConfig`` fields; ``classes``/``class_map``/
-    ``synonyms``: see ``build_class_map``; ``seed``: mixed into each process' RNG.
+    ``synonyms``: see ``build_class_map``; ``seed``: mixed into each process' RNG; ``cache_mb``: size of the
+    per-process LRU of decoded instances (0 disables it).
     """
 
     def __init__(self, bank: Any, *, classes: Iterable[str | int] | None = None,
                  class_map: Mapping[str, str | int | None] | None = None,
                  synonyms: str | os.PathLike | Mapping[str, Iterable[str]] | None = None,
-                 seed: int | None = None, **options: Any) -> None:
+                 seed: int | None = None, cache_mb: float = DEFAULT_CACHE_MB, **options: Any) -> None:
         if bank is None:
             raise ConfigError("genval_aug: 'bank' is required (path to an LMDB bank or an InstanceBank)")
         self.bank = str(bank) if isinstance(bank, (str, os.PathLike)) else bank
@@ -415,6 +459,7 @@ class PasteSpec:
         self.class_map = dict(class_map) if class_map is not None else None
         self.synonyms = str(synonyms) if isinstance(synonyms, os.PathLike) else synonyms
         self.seed = seed
+        self.cache_mb = float(cache_mb)
         self.options = options
         make_config(options)  # validate early, in the user's process
         self._reported = False
@@ -434,6 +479,8 @@ class PasteSpec:
         for k in ("classes", "class_map", "synonyms", "seed"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
+        if self.cache_mb != DEFAULT_CACHE_MB:
+            d["cache_mb"] = self.cache_mb
         d.update(self.options)
         return d
 
@@ -459,7 +506,7 @@ class PasteSpec:
             else:
                 logger.info("genval_aug: pasting %s", ", ".join(f"{k}->{names[v]}" for k, v in sorted(mapping.items())))
         polygons = bool(getattr(dataset, "use_segments", False))
-        return YoloPaste(self.bank, self.options, mapping, polygons=polygons, seed=self.seed)
+        return YoloPaste(self.bank, self.options, mapping, polygons=polygons, seed=self.seed, cache_mb=self.cache_mb)
 
 
 def _close(bank: Any) -> None:
@@ -501,13 +548,18 @@ class _BuildDataset:
 def attach(model: Any, bank: Any, *, classes: Iterable[str | int] | None = None,
            class_map: Mapping[str, str | int | None] | None = None,
            synonyms: str | os.PathLike | Mapping[str, Iterable[str]] | None = None,
-           seed: int | None = None, **paste_options: Any) -> Any:
+           seed: int | None = None, cache_mb: float = DEFAULT_CACHE_MB, **paste_options: Any) -> Any:
     """Paste instances from ``bank`` into every training batch of ``model.train(...)``; returns ``model``.
 
-    ``paste_options`` are ``PasteConfig`` fields (e.g. ``n=3``, ``harmonize="reinhard"``). Works for detect
+    ``paste_options`` are ``PasteConfig`` fields (e.g. ``n=3``, ``harmonize="reinhard"``); ``classes`` limits
+    pasting to these dataset classes (names or ids) or bank categories; ``class_map`` overrides the by-name
+    mapping (``{"tiger": "cat", "logo": None}``); ``synonyms`` is an LVIS categories JSON (or a
+    ``{name: [synonyms]}`` dict) for synonym matching; ``cache_mb`` bounds each process' cache of decoded
+    instances. Unmapped bank categories are logged once and never drawn. Works for detect
     (boxes) and segment (polygons) tasks. For DDP on Ultralytics < 8.4 use ``GenValSegmentationTrainer``.
     """
-    spec = PasteSpec(bank, classes=classes, class_map=class_map, synonyms=synonyms, seed=seed, **paste_options)
+    spec = PasteSpec(bank, classes=classes, class_map=class_map, synonyms=synonyms, seed=seed, cache_mb=cache_mb,
+                     **paste_options)
     model.add_callback("on_pretrain_routine_end", _AttachCallback(spec))
     return model
 

@@ -77,12 +77,12 @@ def load_rgba(path: Path, max_side: int = 256) -> np.ndarray:
     return np.ascontiguousarray(rgba)
 
 
-def make_bank(rgba_objects: Path, path: Path) -> Path:
+def make_bank(rgba_objects: Path, path: Path, max_side: int = 256) -> Path:
     """An LMDB bank with person, car, elephant (COCO names) and tiger (no COCO class) from rgba_objects."""
     from genval_aug.bank import BankWriter
 
     with BankWriter(path) as w:
         for name, cat in BANK_FILES.items():
-            w.add(load_rgba(rgba_objects / name), category=cat,
+            w.add(load_rgba(rgba_objects / name, max_side), category=cat,
                   source={"kind": "test", "dataset": "rgba_objects", "image": name})
     return path

@@ -2,7 +2,7 @@
 
 Every ``key=value`` goes to Ultralytics unchanged (values parsed the way the ``yolo`` CLI parses them),
 except the genval keys: ``bank=`` (required) and ``paste_<option>=`` (``PasteConfig`` fields, plus
-``paste_classes``, ``paste_class_map``, ``paste_synonyms``, ``paste_seed``).
+``paste_classes``, ``paste_class_map``, ``paste_synonyms``, ``paste_seed``, ``paste_cache_mb``).
 """
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import argparse
 from typing import Any
 
 from genval_aug.errors import ConfigError
-
-SPEC_KEYS = {"classes", "class_map", "synonyms", "seed"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
