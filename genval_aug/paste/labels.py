@@ -96,8 +96,10 @@ def mask_to_polygon(mask: np.ndarray, parts: str = "all") -> np.ndarray:
     if parts != "all":
         return contours[order[0]].astype(np.float32)
     poly = contours[order[0]]
-    for j in order[1:]:
-        poly = _bridge(poly, contours[j])
+    rest = [contours[j] for j in order[1:]]
+    while rest:  # greedily attach the part closest to the polygon built so far (short bridges)
+        d = [((poly[:, None, :].astype(np.int64) - c[None, :, :]) ** 2).sum(-1).min() for c in rest]
+        poly = _bridge(poly, rest.pop(int(np.argmin(d))))
     return poly.astype(np.float32)
 
 
