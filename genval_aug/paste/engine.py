@@ -208,16 +208,15 @@ class Targets:
         if polygons is not None:
             if len(polygons) != n:
                 raise TargetsError(f"Targets.polygons has {len(polygons)} entries but Targets.boxes has {n}")
-            polys = []
-            for i, p in enumerate(polygons):
-                p = np.asarray(p, np.float32)
+            polys = [np.asarray(p, np.float32) for p in polygons]
+            for i, p in enumerate(polys):
                 if p.size == 0:
-                    p = p.reshape(0, 2)
+                    polys[i] = p = p.reshape(0, 2)
                 if p.ndim != 2 or p.shape[1] != 2:
                     raise TargetsError(f"Targets.polygons[{i}] must have shape (K, 2), got {p.shape}")
-                if not np.isfinite(p).all():
-                    raise TargetsError(f"Targets.polygons[{i}] has non-finite coordinates")
-                polys.append(p)
+            if polys and not np.isfinite(np.concatenate(polys)).all():
+                bad = next(i for i, p in enumerate(polys) if not np.isfinite(p).all())
+                raise TargetsError(f"Targets.polygons[{bad}] has non-finite coordinates")
             polygons = polys
         return Targets(boxes, classes, masks, polygons)
 
