@@ -14,7 +14,7 @@ imgsz canvas (BGR uint8), boxes are xyxy pixels and segments are (N, P, 2) pixel
 Ultralytics rebuilds that ``Compose`` at ``close_mosaic`` and builds a new dataset after an OOM retry, so the
 adapter hooks the dataset's ``build_transforms`` and the trainer's ``build_dataset`` instead of editing one
 list once. The bank is opened lazily in whichever process pastes (forked dataloader workers or, with
-``workers=0``, the main process); the process that builds the mapping closes it again before workers fork.
+``workers=0``, the main process); ``genval_aug.bank`` closes read-only handles before every fork.
 """
 from __future__ import annotations
 
@@ -485,34 +485,31 @@ class PasteSpec:
         return d
 
     def make_transform(self, dataset: Any) -> YoloPaste:
-        """Map bank categories onto ``dataset.data['names']`` and build the transform (closes the bank here)."""
+        """Map bank categories onto ``dataset.data['names']`` and build the transform."""
         names = (getattr(dataset, "data", None) or {}).get("names")
         if names is None:
             raise ConfigError(f"dataset {type(dataset).__name__} has no data['names'] to map bank categories to")
-        bank = _instance_bank(self.bank)
-        try:
-            cats = list(bank.categories())
-        finally:
-            _close(bank)  # forked workers must not inherit an open environment (py-lmdb fork guard)
+        # reading opens the bank in this process; genval_aug.bank closes read-only handles before every fork,
+        # so Ultralytics' forked workers open their own (py-lmdb refuses inherited environments)
+        cats = list(_instance_bank(self.bank).categories())
         mapping, unmapped = build_class_map(cats, names, synonyms=self.synonyms, class_map=self.class_map,
                                             classes=self.classes)
+        unsupported = getattr(dataset, "use_keypoints", False) or getattr(dataset, "use_obb", False)
+        if unsupported:
+            mapping = {}
         if not self._reported:
             self._reported = True
-            if unmapped:
+            if unsupported:
+                logger.warning("genval_aug: pose and OBB datasets are not supported; training runs without pasting")
+            elif unmapped:
                 logger.warning("genval_aug: %d bank categories match no dataset class and are skipped: %s",
                                len(unmapped), ", ".join(sorted(unmapped)))
-            if not mapping:
+            if not mapping and not unsupported:
                 logger.warning("genval_aug: no bank category maps to a dataset class; nothing will be pasted")
-            else:
+            elif mapping:
                 logger.info("genval_aug: pasting %s", ", ".join(f"{k}->{names[v]}" for k, v in sorted(mapping.items())))
         polygons = bool(getattr(dataset, "use_segments", False))
         return YoloPaste(self.bank, self.options, mapping, polygons=polygons, seed=self.seed, cache_mb=self.cache_mb)
-
-
-def _close(bank: Any) -> None:
-    close = getattr(bank, "close", None)
-    if callable(close):
-        close()
 
 
 class _AttachCallback:

@@ -141,6 +141,8 @@ def test_hook_before_mixup_survives_close_mosaic_and_dataset_rebuilds(seg_yaml, 
     assert "YoloPaste" in names_of(rebuilt.transforms)
     assert "YoloPaste" not in names_of(trainer.build_dataset("x", "val", 4).transforms)
     pickle.loads(pickle.dumps(t))  # picklable without an engine (spawned workers, DDP state)
+    pose = types.SimpleNamespace(data={"names": {0: "person"}}, use_keypoints=True, use_segments=False)
+    assert PasteSpec(bank).make_transform(pose).class_map == {}  # pose/OBB: passed through unpasted
 
 
 def test_trainer_spec_reaches_ddp_workers(seg_yaml, bank, tmp_path, monkeypatch):
@@ -291,6 +293,9 @@ def test_forked_workers_read_the_bank(seg_yaml, bank):
     t = PasteSpec(bank, **PASTE).make_transform(ds)
     hook_dataset(ds, t)
     assert check_formatted_sample(ds[0], True) >= 0  # the parent reads the bank first (workers=0 path) ...
+    from genval_aug.bank.store import _REGISTRY
+
+    assert str(Path(bank).resolve()) in _REGISTRY._handles  # ... and holds it open when the workers fork
     loader = build_dataloader(ds, batch=4, workers=2, shuffle=True, rank=-1)
     try:
         assert loader.num_workers == 2
