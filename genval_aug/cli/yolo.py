@@ -11,12 +11,25 @@ from typing import Any
 
 from genval_aug.errors import ConfigError
 
+HELP = """Train an Ultralytics YOLO model (detect or segment) with bank instances pasted into its batches.
+
+  genval-aug yolo train model=yolo11n-seg.yaml data=coco128-seg.yaml bank=cache/x.lmdb epochs=3 paste_n=3
+
+Every key=value goes to Ultralytics unchanged, parsed as the `yolo` CLI parses it, except:
+  bank=PATH               the LMDB instance bank (required)
+  paste_<field>=VALUE     a PasteConfig field, e.g. paste_n=3 paste_harmonize=none paste_blend=alpha
+  paste_classes=a,b       paste only these dataset classes / bank categories
+  paste_class_map={...}   bank category -> dataset class name/id (None excludes it)
+  paste_synonyms=PATH     LVIS categories JSON for synonym matching
+  paste_seed=N, paste_cache_mb=MB
+"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "yolo",
         help="train an Ultralytics YOLO model with bank instances pasted in",
-        description=__doc__,
+        description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("mode", choices=["train"], help="Ultralytics mode (only 'train' pastes)")
