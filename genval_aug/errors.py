@@ -26,5 +26,17 @@ class ConfigError(GenValAugError, ValueError):
     """A configuration value is invalid."""
 
 
+class AgentError(GenValAugError):
+    """An LLM/VLLM agent or its backend failed."""
+
+
+class BackendError(AgentError):
+    """A chat backend request failed (HTTP status, timeout, bad response body, model error)."""
+
+
+class AgentOutputError(AgentError):
+    """An agent's model kept answering with output that does not parse (after retries)."""
+
+
 class TargetsError(GenValAugError, ValueError):
     """Labels handed to a transform are inconsistent (lengths, shapes, coordinates); names the field."""
