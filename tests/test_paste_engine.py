@@ -108,11 +108,22 @@ def test_empty_source_is_a_documented_noop(coco_samples):  # noqa: F811
     assert res.kept.tolist() == list(range(len(s.classes))) and not res.pasted.any()
 
 
-def test_instance_with_empty_alpha_is_skipped():
-    rgba = np.zeros((20, 20, 4), np.uint8)
-    src = MemorySource([MemoryInstance("empty", "x", 0, rgba)])
-    res = PasteEngine(src, PasteConfig(n=2))(np.zeros((50, 50, 3), np.uint8), Targets.empty(), np.random.default_rng(0))
-    assert res.placements == [] and len(res.targets) == 0
+def test_unusable_instances_are_skipped_counted_and_logged_once(caplog):
+    good = np.zeros((20, 20, 4), np.uint8)
+    good[5:15, 5:15] = 255
+    src = MemorySource([
+        MemoryInstance("empty", "x", 0, np.zeros((20, 20, 4), np.uint8)),
+        MemoryInstance("rgb", "x", 0, np.zeros((20, 20, 3), np.uint8)),
+        MemoryInstance("float", "x", 0, np.zeros((20, 20, 4), np.float32)),
+        MemoryInstance("ok", "x", 0, good),
+    ])
+    engine = PasteEngine(src, PasteConfig(n=4, max_ioa=1.0))
+    with caplog.at_level("WARNING", logger="genval_aug.paste.engine"):
+        results = [engine(np.zeros((50, 50, 3), np.uint8), Targets.empty(), np.random.default_rng(i)) for i in range(5)]
+    n_ok = sum(len(r.placements) for r in results)
+    assert n_ok > 0 and engine.skipped == 20 - n_ok
+    assert all(pl["id"] == "ok" for r in results for pl in r.placements)
+    assert len([r for r in caplog.records if "skipping instance" in r.getMessage()]) == 1
 
 
 def test_bad_source_and_config():

@@ -103,3 +103,21 @@ def test_size_prior_sets_scale(coco_samples, real_bank):  # noqa: F811
         (pl,) = res.placements
         rel = np.sqrt(pl["label_mask"].sum() / (H * W))
         assert rel == pytest.approx(0.2, rel=0.08)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_border_truncation_stress(coco_samples, memory_source, mode):  # noqa: F811
+    """Big, rotated objects mostly outside the image: clipping of masks, polygons and boxes at every border."""
+    cfg = PasteConfig(n=(3, 6), min_inside=0.1, scale_range=(0.3, 0.7), rotation=45, max_ioa=0.8)
+    engine = PasteEngine(memory_source, cfg)
+    totals = _run(engine, coco_samples[:12], mode, seed0=300)
+    assert totals["pasted"] > 20
+    truncated = 0
+    for i, s in enumerate(coco_samples[:12]):
+        res = engine(s.image, _targets(s, mode), np.random.default_rng(300 + i))
+        H, W = s.image.shape[:2]
+        for pl in res.placements:
+            x, y = pl["xy"]
+            h, w = pl["label_mask"].shape
+            truncated += x < 0 or y < 0 or x + w > W or y + h > H
+    assert truncated > 10

@@ -247,6 +247,8 @@ class PasteEngine:
         method on the source (or on its ``.bank``) is used for scales when present.
     class_map: ``{bank category name: dataset class id}`` or a callable name -> id | None (None = skip that
         instance); without it the instance's ``category_id`` is used. A category missing from a dict is an error.
+    Unusable instances (not (H, W, 4) uint8, or no alpha >= ``label_threshold``) are skipped, counted in
+    ``skipped`` and logged once.
     """
 
     def __init__(
@@ -261,6 +263,8 @@ class PasteEngine:
         self._size_prior = getattr(prior_owner, "size_prior", None)
         self._prior_cache: dict[str, Any] = {}
         self.class_map = class_map
+        self.skipped = 0  # unusable instances drawn from the source (bad array, empty alpha)
+        self._warned = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sampler={type(self.sampler).__name__}, config={self.config!r})"
@@ -287,6 +291,14 @@ class PasteEngine:
         cid = cm[inst.category]
         return None if cid is None else int(cid)
 
+    def _skip(self, inst: Any, why: str) -> None:
+        """Skip an unusable instance: counted in ``self.skipped``, logged once per engine."""
+        self.skipped += 1
+        if not self._warned:
+            logger.warning("skipping instance %s (%r): %s; further ones are counted in engine.skipped",
+                           getattr(inst, "id", "?"), getattr(inst, "category", "?"), why)
+            self._warned = True
+
     def _prior(self, category: str) -> Any:
         if not self.config.use_size_prior or self._size_prior is None:
             return None
@@ -300,10 +312,13 @@ class PasteEngine:
     def _augment(self, inst: Any, image_hw: tuple[int, int], rng: np.random.Generator, bgr: bool) -> A.ObjectPatch | None:
         cfg = self.config
         rgba = np.asarray(inst.rgba)
+        if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8 or rgba.size == 0:
+            self._skip(inst, f"rgba must be a non-empty (H, W, 4) uint8 array, got {rgba.shape} {rgba.dtype}")
+            return None
         fast = A.crop_from_meta(rgba, getattr(inst, "meta", None)) if cfg.label_threshold == 128 else None
         crop, area = fast if fast is not None else A.crop_to_alpha(rgba, cfg.label_threshold)
         if area == 0:
-            logger.debug("instance %s has an empty alpha; skipped", getattr(inst, "id", "?"))
+            self._skip(inst, "its alpha has no pixel >= label_threshold")
             return None
         rel = A.sample_relative_size(rng, self._prior(inst.category), cfg.scale_range)
         j = cfg.aspect_jitter
