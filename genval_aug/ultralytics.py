@@ -189,7 +189,7 @@ def _polygons_to_segments(polygons: list[np.ndarray], boxes: np.ndarray, n_point
 
 
 class YoloPaste:
-    """Ultralytics label-dict transform that pastes bank instances (plain callable, works in 8.3 and 8.4).
+    """Ultralytics label-dict transform that pastes bank instances (a plain callable, no ``BaseTransform``).
 
     Input/output: the label dict at the top level of the training ``Compose`` before ``MixUp``. The engine is
     created lazily in the process that first calls the transform, so the bank opens per process.
@@ -224,7 +224,8 @@ class YoloPaste:
         return state
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(bank={_bank_repr(self.bank)!r}, classes={sorted(self.class_map)}, options={self.options})"
+        return (f"{type(self).__name__}(bank={_bank_repr(self.bank)!r}, classes={sorted(self.class_map)}, "
+                f"options={self.options})")
 
     def _warn_once(self, key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
         if key not in self._warned:
@@ -240,7 +241,8 @@ class YoloPaste:
         info = torch.utils.data.get_worker_info()
         base = int(info.seed) if info is not None else int(torch.initial_seed())
         self._rng = np.random.default_rng([base & (2**63 - 1), self.seed or 0])
-        self._engine = PasteEngine(_as_source(self.bank, self.cache_mb), config=_engine_config(self.options, self.class_map),
+        self._engine = PasteEngine(_as_source(self.bank, self.cache_mb),
+                                   config=_engine_config(self.options, self.class_map),
                                    class_map=_ClassLookup(self.class_map))
         self._pid = os.getpid()
 

@@ -315,18 +315,23 @@ def test_forked_workers_read_the_bank(seg_yaml, bank):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def make_recorder():
+def make_recorder(oom_once: bool = False):
     """An on_pretrain_routine_end callback (a plain function: Ultralytics deep-copies default callbacks)
-    recording every batch and every saved train_batch plot."""
-    rec = {"batches": [], "plots": []}
+    recording every batch and every saved train_batch plot; ``oom_once`` fakes one out-of-memory error on the
+    first batch, so Ultralytics halves the batch size and builds a new train dataset and loader."""
+    rec = {"batches": [], "plots": [], "oom": 0}
 
     def on_pretrain_routine_end(trainer):
         pre, plot = trainer.preprocess_batch, trainer.plot_training_samples
         mosaic = trainer.train_loader.dataset.transforms.transforms[0].transforms[0]
 
         def preprocess(batch):
+            if oom_once and not rec["oom"]:
+                rec["oom"] += 1
+                raise RuntimeError("CUDA out of memory (simulated by the test)")
             ds = trainer.train_loader.dataset
             rec["batches"].append({
+                "dataset": id(ds),
                 "epoch": trainer.epoch,
                 "mosaic_p": ds.transforms.transforms[0].transforms[0].p,
                 "has_paste": "YoloPaste" in names_of(ds.transforms),
@@ -388,17 +393,22 @@ def check_run(rec: dict, use_masks: bool, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_segment_training_with_attach(seg_yaml, bank, tmp_path):
+def test_segment_training_with_attach_survives_close_mosaic_and_oom_retry(seg_yaml, bank, tmp_path):
     from ultralytics import YOLO
 
     torch.set_num_threads(1)
-    cb, rec = make_recorder()
+    cb, rec = make_recorder(oom_once=True)
     model = attach(YOLO("yolo11n-seg.yaml"), bank=bank, **PASTE)
     model.add_callback("on_pretrain_routine_end", cb)
+    first = []
+    model.add_callback("on_pretrain_routine_end", lambda tr: first.append(id(tr.train_loader.dataset)))
     model.train(data=str(seg_yaml), epochs=3, close_mosaic=1, imgsz=IMGSZ, batch=4, device="cpu", workers=0,
                 plots=True, val=False, amp=False, project=str(tmp_path), name="seg", exist_ok=True, seed=0,
                 verbose=False)
     check_run(rec, use_masks=True, tmp_path=tmp_path)
+    # the OOM retry built a new dataset (batch 4 -> 2) and the paste came with it
+    assert rec["oom"] == 1 and first and all(b["dataset"] != first[0] for b in rec["batches"])
+    assert all(len(b["img"]) <= 2 for b in rec["batches"])
 
 
 @pytest.mark.slow
