@@ -210,13 +210,14 @@ def check_formatted_sample(s: dict, use_masks: bool) -> int:
     return int(np.isin(cls, PASTED_IDS).sum())
 
 
-@pytest.mark.parametrize("kind", ["seg", "box"])
+@pytest.mark.parametrize("kind", ["seg", "box", "seg+mixup+cutmix"])
 def test_dataset_items_are_pasted_and_consistent(kind, seg_yaml, box_yaml, bank):
-    task = "segment" if kind == "seg" else "detect"
-    ds, _ = train_dataset(seg_yaml if kind == "seg" else box_yaml, task=task)
+    task = "detect" if kind == "box" else "segment"
+    hyp = {"mixup": 1.0, "cutmix": 1.0} if "mixup" in kind else {}
+    ds, _ = train_dataset(box_yaml if kind == "box" else seg_yaml, task=task, **hyp)
     t = PasteSpec(bank, **PASTE).make_transform(ds)
     hook_dataset(ds, t)
-    pasted = sum(check_formatted_sample(ds[i], use_masks=kind == "seg") for i in range(len(ds)))
+    pasted = sum(check_formatted_sample(ds[i], use_masks=task == "segment") for i in range(len(ds)))
     assert t.stats["errors"] == 0 and t.stats["images"] == len(ds)
     assert pasted >= len(ds)  # n=3 per image, some dropped by placement/occlusion or the later affine crop
     if kind == "box":  # box-only data stays box-only: no segments invented for a detect dataset
