@@ -486,6 +486,13 @@ class PasteSpec:
         d.update(self.options)
         return d
 
+    def check_bank(self) -> dict[str, int]:
+        """Open the bank once (raises ``BankError`` naming the path if it is missing); its category counts."""
+        cats = _instance_bank(self.bank).categories()
+        if not cats:
+            logger.warning("genval_aug: bank %s has no instances; nothing will be pasted", _bank_repr(self.bank))
+        return cats
+
     def make_transform(self, dataset: Any) -> YoloPaste:
         """Map bank categories onto ``dataset.data['names']`` and build the transform."""
         names = (getattr(dataset, "data", None) or {}).get("names")
@@ -559,6 +566,7 @@ def attach(model: Any, bank: Any, *, classes: Iterable[str | int] | None = None,
     """
     spec = PasteSpec(bank, classes=classes, class_map=class_map, synonyms=synonyms, seed=seed, cache_mb=cache_mb,
                      **paste_options)
+    spec.check_bank()  # fail before training starts, not inside Ultralytics' setup
     model.add_callback("on_pretrain_routine_end", _AttachCallback(spec))
     return model
 
@@ -605,6 +613,7 @@ class _GenValTrainerMixin:
         if options is None:
             raise ConfigError(f"{type(self).__name__} needs genval={{'bank': 'path/to/bank.lmdb', ...}} in train()")
         self.genval = PasteSpec.from_dict(options)
+        self.genval.check_bank()
         super().__init__(DEFAULT_CFG if cfg is None else cfg, overrides, _callbacks)
         if _carried_spec(self.callbacks) is None:
             self.add_callback("on_pretrain_routine_start", _SpecCarrier(self.genval))

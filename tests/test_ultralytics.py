@@ -111,6 +111,16 @@ def test_cli_splits_genval_keys_from_ultralytics_keys():
         PasteSpec("x.lmdb", blend="sparkle")  # PasteConfig validation reaches the user early
 
 
+def test_attach_fails_early_on_a_missing_bank(tmp_path):
+    from genval_aug.errors import BankError
+
+    added = []
+    model = types.SimpleNamespace(add_callback=lambda event, fn: added.append(event))
+    with pytest.raises(BankError, match="nowhere.lmdb"):
+        attach(model, bank=tmp_path / "nowhere.lmdb", n=3)
+    assert added == []
+
+
 # ------------------------------------------------------------------------------------------------ hooking
 def test_hook_before_mixup_survives_close_mosaic_and_dataset_rebuilds(seg_yaml, bank, caplog):
     ds, cfg = train_dataset(seg_yaml)
