@@ -176,13 +176,23 @@ def _keep_rule(area_before, area_after, box_before, box_after, cfg) -> bool:
 
 
 def _check_polygon_mask(got: np.ndarray, expected: np.ndarray, min_iou: float, what: str) -> None:
-    """A re-extracted polygon covers its visible pixels (recall >= 0.95) and little else (IoU >= min_iou; the
-    zero-width bridges joining several parts rasterize to extra 1-px lines)."""
+    """A re-extracted polygon rasterizes to its visible mask plus thin lines.
+
+    Several parts (or holes) of one object are joined by zero-width bridges, which rasterize to 1-px lines, and
+    slivers under 4 px are dropped on purpose. So: at most 5% (or 12 px) of the visible pixels missing, and the
+    extra pixels either few (IoU >= ``min_iou``) or thin (nothing survives a 3x3 opening beyond 5% / 12 px).
+    """
     inter = int((got & expected).sum())
-    recall = inter / max(int(expected.sum()), 1)
+    area = int(expected.sum())
+    missing = area - inter
+    extra = got & ~expected
     iou = inter / max(int((got | expected).sum()), 1)
-    assert recall >= 0.95, f"{what}: polygon misses {1 - recall:.1%} of the visible mask"
-    assert iou >= min_iou, f"{what}: polygon IoU {iou:.3f} < {min_iou}"
+    assert missing <= max(0.05 * area, 12), f"{what}: polygon misses {missing} of {area} visible px"
+    if iou < min_iou:
+        thick = cv2.morphologyEx(extra.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+        assert thick.sum() <= max(0.05 * area, 12), (
+            f"{what}: polygon IoU {iou:.3f} < {min_iou} with {int(thick.sum())} extra px that are not thin bridges"
+        )
 
 
 def check_paste_result(

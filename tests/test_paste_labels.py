@@ -1,9 +1,18 @@
 """Label correctness of the paste engine on real coco128-seg images, checked by an independent checker."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
-from label_checks import check_paste_result, check_pixels
+from label_checks import (
+    MemoryInstance,
+    MemorySource,
+    Sample,
+    check_paste_result,
+    check_pixels,
+    extent_box,
+    rasterize,
+)
 from paste_fixtures import coco_samples, memory_source, real_bank, rgba_instances  # noqa: F401
 
 from genval_aug.paste import PasteConfig, PasteEngine, Targets
@@ -121,3 +130,57 @@ def test_border_truncation_stress(coco_samples, memory_source, mode):  # noqa: F
             h, w = pl["label_mask"].shape
             truncated += x < 0 or y < 0 or x + w > W or y + h > H
     assert truncated > 10
+
+
+def _synthetic_case(seed: int):
+    """Random image, random (possibly overlapping, border-touching, holed) objects and instances."""
+    rng = np.random.default_rng(seed)
+    H, W = int(rng.integers(40, 200)), int(rng.integers(40, 200))
+    image = rng.integers(0, 256, (H, W, 3), np.uint8)
+    polys, masks, boxes, classes = [], [], [], []
+    for _ in range(int(rng.integers(0, 8))):
+        c = rng.uniform([-10, -10], [W + 10, H + 10])
+        r = rng.uniform(2, max(H, W) / 2)
+        ang = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 12))))
+        rad = r * rng.uniform(0.4, 1.0, len(ang))
+        poly = np.stack([c[0] + rad * np.cos(ang), c[1] + rad * np.sin(ang)], 1).astype(np.float32)
+        m = rasterize(poly, H, W)
+        b = extent_box(m)
+        if b is None:
+            continue
+        polys.append(poly)
+        masks.append(m)
+        boxes.append(b)
+        classes.append(int(rng.integers(0, 80)))
+    n = len(classes)
+    sample = Sample("synthetic", image, np.array(classes, np.int64).reshape(n), polys,
+                    np.array(masks, bool).reshape(n, H, W), np.array(boxes, np.float32).reshape(n, 4))
+    insts = []
+    for j in range(3):
+        h, w = int(rng.integers(5, 60)), int(rng.integers(5, 60))
+        rgba = np.zeros((h, w, 4), np.uint8)
+        rgba[..., :3] = rng.integers(0, 256, 3)
+        a = np.zeros((h, w), np.uint8)
+        cv2.ellipse(a, (w // 2, h // 2), (max(w // 2 - 1, 1), max(h // 2 - 1, 1)), 0, 0, 360, 255, -1)
+        if rng.random() < 0.5:  # a hole and a detached part
+            cv2.circle(a, (w // 2, h // 2), max(min(h, w) // 6, 1), 0, -1)
+            cv2.circle(a, (1, 1), 1, 255, -1)
+        rgba[..., 3] = cv2.GaussianBlur(a, (3, 3), 1) if rng.random() < 0.5 else a
+        insts.append(MemoryInstance(f"s{seed}-{j}", "thing", int(rng.integers(0, 80)), rgba))
+    return sample, MemorySource(insts), rng
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_random_synthetic_cases(mode):
+    """Many small random scenes (tiny objects, border objects, holes, soft alphas) through the checker."""
+    for seed in range(60):
+        s, src, rng = _synthetic_case(seed)
+        cfg = PasteConfig(
+            n=(0, 6), max_ioa=float(rng.choice([0.3, 1.0])), scale_range=(0.05, 0.9),
+            rotation=float(rng.choice([0, 30])), min_inside=float(rng.choice([0.2, 1.0])),
+            allow_truncation=bool(rng.random() < 0.7), blend=str(rng.choice(["hard", "alpha", "feather", "poisson"])),
+            harmonize=str(rng.choice(["none", "reinhard", "linear_ot"])), min_side=2,
+        )
+        res = PasteEngine(src, cfg)(s.image, _targets(s, mode), np.random.default_rng(seed))
+        check_paste_result(s, res, s.image.shape[:2], 80, cfg, mode)
+        check_pixels(s.image, res)

@@ -52,7 +52,8 @@ def poisson_clone(image: np.ndarray, src: np.ndarray, mask: np.ndarray, x: int, 
     """Poisson-blend ``src`` where ``mask`` (uint8 0/255) at top-left (x, y) of ``image``, in place.
 
     Returns False (image untouched) when OpenCV's requirements are not met: the mask must not touch the
-    image border (>= 2 px margin) and must have a non-empty interior. The clone runs on a window of the
+    image border (>= 2 px margin) and must have a non-empty interior; also when the clone left most of the
+    mask unchanged (happens for thin masks), so that a labelled object is always visible. The clone runs on a window of the
     image around the object, so its cost is independent of the image size.
     """
     H, W = image.shape[:2]
@@ -69,10 +70,15 @@ def poisson_clone(image: np.ndarray, src: np.ndarray, mask: np.ndarray, x: int, 
     window = image[wy0 : wy0 + h + 2 * m, wx0 : wx0 + w + 2 * m]
     # OpenCV centres the destination ROI (size of the mask's bounding rect) on p with integer halving.
     center = (bx + bw // 2, by + bh // 2)
+    win = np.ascontiguousarray(window)
     try:
-        out = cv2.seamlessClone(pad_src, np.ascontiguousarray(window), pad_mask, center, cv2.NORMAL_CLONE)
+        out = cv2.seamlessClone(pad_src, win, pad_mask, center, cv2.NORMAL_CLONE)
     except cv2.error as exc:  # degenerate masks; caller falls back to alpha blending
         logger.debug("seamlessClone failed (%s); falling back", exc)
+        return False
+    # OpenCV can leave thin or tiny masks untouched; a labelled object must show, so fall back then
+    inside = pad_mask > 0
+    if np.count_nonzero((out != win).any(axis=2) & inside) < 0.5 * np.count_nonzero(inside):
         return False
     window[...] = out
     return True

@@ -229,7 +229,8 @@ class PasteResult:
     placements: one dict per pasted instance in paste order: id, category, class, box at paste time, blend
     actually used, xy (top-left of the patch, may be negative), label_mask (the patch's label mask, unclipped),
     rect (clipped image rectangle x0, y0, x1, y1 the patch touched), output_index (its index in targets, None if
-    a later paste occluded it below the thresholds)."""
+    a later paste occluded it below the thresholds). When nothing is pasted (probability ``p``), ``targets`` may
+    share mask/polygon arrays with the input."""
 
     image: np.ndarray
     targets: Targets
@@ -394,6 +395,9 @@ class PasteEngine:
                 continue
             x, y = pos
             label = patch.alpha >= cfg.label_threshold
+            # labels first: a patch whose label mask misses the image is not drawn at all
+            if not tracker.add(label, x, y, cls, getattr(inst, "id", None)):
+                continue
             colour = patch.rgb
             if cfg.harmonize != "none":
                 ref = context_window(colour_view, x, y, h, w, cfg.harmonize_context)
@@ -402,8 +406,6 @@ class PasteEngine:
                     cfg.harmonize_chroma, cfg.harmonize_max_gain,
                 )
             used = blend_patch(colour_view, colour, patch.alpha, x, y, cfg.blend, cfg.feather_sigma, cfg.label_threshold)
-            if not tracker.add(label, x, y, cls, getattr(inst, "id", None)):
-                continue
             if img.shape[2] == 4:
                 _opaque_alpha(out, label, x, y)
             placements.append(
