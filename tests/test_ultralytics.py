@@ -424,7 +424,8 @@ def test_segment_training_with_attach_survives_close_mosaic_and_oom_retry(seg_ya
 
 @pytest.mark.slow
 def test_detect_training_on_box_data_with_the_cli(box_yaml, bank, tmp_path, monkeypatch):
-    """`genval-aug yolo train ...` -> GenValDetectionTrainer (the trainer= route); recorder via default callbacks."""
+    """`genval-aug yolo train ...` -> GenValDetectionTrainer (the trainer= route), with 2 forked loader workers
+    (re-forked at close_mosaic) although on CPU; recorder via Ultralytics' default callbacks."""
     from ultralytics.utils.callbacks import base
 
     from genval_aug.cli import main
@@ -433,10 +434,22 @@ def test_detect_training_on_box_data_with_the_cli(box_yaml, bank, tmp_path, monk
     cb, rec = make_recorder()
     monkeypatch.setitem(base.default_callbacks, "on_pretrain_routine_end",
                         [*base.default_callbacks["on_pretrain_routine_end"], cb])
+
+    def forked_workers(trainer):  # Ultralytics forces workers=0 on CPU; undo it before the loaders exist
+        trainer.args.workers = 2
+
+    def record_workers(trainer):
+        rec["workers"] = trainer.train_loader.num_workers
+
+    monkeypatch.setitem(base.default_callbacks, "on_pretrain_routine_start",
+                        [*base.default_callbacks["on_pretrain_routine_start"], forked_workers])
+    monkeypatch.setitem(base.default_callbacks, "on_train_start",
+                        [*base.default_callbacks["on_train_start"], record_workers])
     rc = main(["yolo", "train", "model=yolo11n.yaml", f"data={box_yaml}", f"bank={bank}", "paste_n=3",
                "epochs=3", "close_mosaic=1", f"imgsz={IMGSZ}", "batch=4", "device=cpu", "workers=0", "plots=True",
                "val=False", "amp=False", f"project={tmp_path}", "name=det", "exist_ok=True", "seed=0",
                "verbose=False"])
     assert rc == 0
+    assert rec["workers"] == 2  # batches came from forked workers that opened the bank themselves
     check_run(rec, use_masks=False, tmp_path=tmp_path)
     assert (tmp_path / "det" / "weights" / "last.pt").is_file()
