@@ -36,3 +36,7 @@ class BackendError(AgentError):
 
 class AgentOutputError(AgentError):
     """An agent's model kept answering with output that does not parse (after retries)."""
+
+
+class TargetsError(GenValAugError, ValueError):
+    """Labels handed to a transform are inconsistent (lengths, shapes, coordinates); names the field."""
