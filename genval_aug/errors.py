@@ -24,3 +24,7 @@ class DatasetError(GenValAugError):
 
 class ConfigError(GenValAugError, ValueError):
     """A configuration value is invalid."""
+
+
+class TargetsError(GenValAugError, ValueError):
+    """Labels handed to a transform are inconsistent (lengths, shapes, coordinates); names the field."""
