@@ -177,7 +177,7 @@ class BankSampler:
         """Draw ``n`` instances (fewer only if the bank has no eligible instance at all)."""
         out: list[Instance] = []
         for category in self.sample_categories(rng, n):
-            for _ in range(3):  # a corrupt record is skipped; try another draw
+            for _ in range(10):  # a corrupt record is skipped; draw again
                 try:
                     if self.filtered:
                         ids = self._eligible_ids(category)

@@ -359,9 +359,10 @@ class BankWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.flush()  # queued records are complete; committing them is always safe
+        self.close()  # queued records are complete; committing them is always safe
 
     def close(self) -> None:
+        """Commit what is queued and release this process's handle (readers reopen lazily)."""
         self.flush()
         _REGISTRY.close(self.path)
 
@@ -373,21 +374,22 @@ class BankWriter:
             raise ValueError(f"category must be a non-empty string, got {category!r}")
         rgba = normalize_rgba(rgba, what=f"instance of {category!r}")
         rid = content_id(category, rgba)
-        if rid not in self._pending_ids:
-            self._pending.append(("add", (rid, rgba, category, category_id, source, verdict, None)))
-            self._pending_ids.add(rid)
-            self._maybe_flush()
+        self._queue(rid, (rid, rgba, category, category_id, source, verdict, None))
         return rid
 
     def add_encoded(self, meta: dict[str, Any], image: bytes) -> str:
         """Copy a record from another bank as is (merge): same id, same bytes."""
         rid = meta["id"]
-        if rid not in self._pending_ids:
-            self._pending.append(("add", (rid, None, meta["category"], meta.get("category_id"), None, None,
-                                          (meta, image))))
-            self._pending_ids.add(rid)
-            self._maybe_flush()
+        self._queue(rid, (rid, None, meta["category"], meta.get("category_id"), None, None, (meta, image)))
         return rid
+
+    def _queue(self, rid: str, payload: tuple) -> None:
+        if rid in self._pending_ids:
+            self.duplicates += 1
+            return
+        self._pending.append(("add", payload))
+        self._pending_ids.add(rid)
+        self._maybe_flush()
 
     def add_rejected(self, rgba: np.ndarray, *, category: str, source: dict[str, Any] | None = None,
                      verdict: dict[str, Any] | None = None) -> str:

@@ -1,0 +1,171 @@
+"""Per-instance augmentation before pasting: scale, aspect jitter, flip, rotation, colour jitter.
+
+Kernels are pure functions on small arrays (the instance, never the target image). Colour jitter is one
+3x4 affine colour matrix applied with ``cv2.transform`` (brightness, contrast, saturation and a hue rotation
+about the grey axis compose into a single matrix), which also performs the RGB -> BGR swap for BGR targets.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+_LUMA_RGB = np.array([0.299, 0.587, 0.114], np.float64)
+
+
+@dataclass
+class ObjectPatch:
+    """An augmented instance ready to paste: colour in the target channel order plus its alpha.
+
+    ``rgb`` (h, w, 3) uint8 and ``alpha`` (h, w) uint8 are cropped to the visible (alpha > 0) extent.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.alpha.shape[:2]
+
+
+def alpha_extent(alpha: np.ndarray, threshold: int = 1) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the pixels with alpha >= threshold; (0, 0, 0, 0) when there are none."""
+    if threshold <= 1:
+        return cv2.boundingRect(alpha)
+    _, m = cv2.threshold(alpha, threshold - 1, 255, cv2.THRESH_BINARY)
+    return cv2.boundingRect(m)
+
+
+def crop_to_alpha(rgba: np.ndarray, label_threshold: int = 128) -> tuple[np.ndarray, int]:
+    """Crop an RGBA instance to its visible extent; returns (crop, label area = #pixels alpha >= threshold)."""
+    if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8:
+        raise ValueError(f"instance rgba must be (H, W, 4) uint8, got {rgba.shape} {rgba.dtype}")
+    alpha = cv2.extractChannel(rgba, 3)
+    x, y, w, h = cv2.boundingRect(alpha)
+    if w == 0 or h == 0:
+        return rgba[:0, :0], 0
+    sub = alpha[y : y + h, x : x + w]
+    _, m = cv2.threshold(sub, label_threshold - 1, 1, cv2.THRESH_BINARY)
+    return rgba[y : y + h, x : x + w], int(cv2.countNonZero(m))
+
+
+def sample_relative_size(
+    rng: np.random.Generator,
+    prior: dict[str, Any] | None,
+    scale_range: tuple[float, float],
+    prior_clip_std: float = 2.0,
+) -> float:
+    """Relative size r = sqrt(object area / image area) of a pasted instance.
+
+    With a size prior (``rel_sqrt_area_mean``/``rel_sqrt_area_std`` from the bank) r ~ N(mean, std) clipped to
+    mean +- ``prior_clip_std`` std and to ``scale_range``; otherwise log-uniform in ``scale_range``.
+    """
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    if prior:
+        mean = prior.get("rel_sqrt_area_mean")
+        std = prior.get("rel_sqrt_area_std") or 0.0
+        if mean is not None and math.isfinite(float(mean)) and float(mean) > 0:
+            mean, std = float(mean), max(float(std), 0.0)
+            r = mean + std * float(rng.standard_normal())
+            r = min(max(r, mean - prior_clip_std * std), mean + prior_clip_std * std)
+            return float(min(max(r, lo), hi))
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def colour_matrix(
+    rng: np.random.Generator,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    mean_luma: float,
+) -> np.ndarray:
+    """3x4 affine RGB colour matrix for a random colour jitter (torchvision ColorJitter-like ranges).
+
+    brightness/contrast/saturation: factor uniform in [1 - v, 1 + v]; hue: rotation about the grey axis by
+    uniform [-hue, hue] turns (hue=0.5 is a full turn).
+    """
+    b = rng.uniform(1 - brightness, 1 + brightness) if brightness > 0 else 1.0
+    c = rng.uniform(1 - contrast, 1 + contrast) if contrast > 0 else 1.0
+    s = rng.uniform(1 - saturation, 1 + saturation) if saturation > 0 else 1.0
+    h = rng.uniform(-hue, hue) if hue > 0 else 0.0
+    ones = np.ones((3, 1))
+    m_sat = s * np.eye(3) + (1 - s) * ones @ _LUMA_RGB[None, :]
+    theta = 2 * math.pi * h
+    u = np.full(3, 1 / math.sqrt(3))
+    k = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    m_hue = math.cos(theta) * np.eye(3) + math.sin(theta) * k + (1 - math.cos(theta)) * np.outer(u, u)
+    lin = b * c * (m_hue @ m_sat)
+    off = b * (1 - c) * mean_luma * np.ones(3)
+    return np.concatenate([lin, off[:, None]], axis=1)
+
+
+def target_size(
+    crop_hw: tuple[int, int],
+    label_area: int,
+    image_hw: tuple[int, int],
+    rel_size: float,
+    aspect: float,
+    min_side: int = 4,
+) -> tuple[int, int]:
+    """(h, w) of the resized instance crop so that its label area is ``rel_size**2`` of the image area.
+
+    ``aspect`` multiplies w/h. The result fits inside the image and has a shorter side >= ``min_side``.
+    """
+    ch, cw = crop_hw
+    H, W = image_hw
+    area = max(label_area, 1)
+    s = rel_size * math.sqrt(H * W) / math.sqrt(area)
+    sx, sy = s * math.sqrt(aspect), s / math.sqrt(aspect)
+    w, h = cw * sx, ch * sy
+    fit = min(1.0, W / w, H / h)  # never larger than the image
+    w, h = w * fit, h * fit
+    grow = max(1.0, min_side / max(min(w, h), 1e-6))
+    w, h = min(w * grow, W), min(h * grow, H)
+    return max(int(round(h)), 1), max(int(round(w)), 1)
+
+
+def resize_rotate_flip(rgba: np.ndarray, size_hw: tuple[int, int], angle: float, flip: bool) -> np.ndarray:
+    """Resize an RGBA crop to (h, w), rotate by ``angle`` degrees (canvas grows, new area transparent), flip."""
+    h, w = size_hw
+    ch, cw = rgba.shape[:2]
+    interp = cv2.INTER_AREA if (w < cw and h < ch) else cv2.INTER_LINEAR
+    out = cv2.resize(rgba, (w, h), interpolation=interp) if (w, h) != (cw, ch) else rgba
+    if angle:
+        rad = math.radians(angle)
+        cos, sin = abs(math.cos(rad)), abs(math.sin(rad))
+        nw, nh = int(math.ceil(w * cos + h * sin)), int(math.ceil(w * sin + h * cos))
+        m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, 1.0)
+        m[0, 2] += nw / 2.0 - w / 2.0
+        m[1, 2] += nh / 2.0 - h / 2.0
+        out = cv2.warpAffine(out, m, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if flip:
+        out = cv2.flip(out, 1)
+    return out
+
+
+def apply_colour(rgba: np.ndarray, matrix: np.ndarray | None, bgr: bool) -> ObjectPatch:
+    """Split an RGBA patch into (colour in target order, alpha), applying a 3x4 RGB colour matrix if given.
+
+    The patch is re-cropped to alpha > 0 (rotation adds transparent corners).
+    """
+    alpha = cv2.extractChannel(rgba, 3)
+    x, y, w, h = cv2.boundingRect(alpha)
+    rgba, alpha = rgba[y : y + h, x : x + w], alpha[y : y + h, x : x + w]
+    rgb = rgba[..., :3]
+    if matrix is None:
+        colour = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if bgr else np.ascontiguousarray(rgb)
+    else:
+        m = matrix[::-1] if bgr else matrix  # row permutation = output in BGR order
+        colour = cv2.transform(np.ascontiguousarray(rgb), np.ascontiguousarray(m, np.float64))
+    return ObjectPatch(rgb=colour, alpha=np.ascontiguousarray(alpha))
+
+
+def mean_luma(rgba: np.ndarray) -> float:
+    """Mean luma (RGB order) of the visible pixels of a small RGBA patch."""
+    alpha = cv2.extractChannel(rgba, 3)
+    mean = cv2.mean(rgba, mask=alpha)
+    return float(_LUMA_RGB @ np.asarray(mean[:3]))

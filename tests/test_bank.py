@@ -1,0 +1,390 @@
+"""The LMDB instance bank with real LMDB, real processes and a real DataLoader."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import time
+
+import lmdb
+import numpy as np
+import pytest
+from bank_helpers import make_rgba, writer_process
+
+from genval_aug.bank import (
+    BankSampler,
+    BankWriter,
+    InstanceBank,
+    category_weights,
+    merge,
+    repeat_factors,
+    verify,
+)
+from genval_aug.bank.record import content_id, normalize_rgba
+from genval_aug.errors import BadInstanceError, BankError, ConfigError
+
+
+@pytest.fixture
+def bank_path(tmp_path):
+    return str(tmp_path / "bank.lmdb")
+
+
+def fill(path, n, categories=("cat", "dog", "zebra"), start=0, batch_size=16):
+    writer_process(path, list(categories), n, start, batch_size)
+
+
+def test_round_trip_every_field(bank_path):
+    rgba = make_rgba(7)
+    src = {"kind": "layerdiffusion", "base_model": "x/y", "prompt": "a red mug", "seed": 7}
+    verdict = {"keep": True, "score": 0.91, "criteria": {"single_object": True}, "reasons": {"single_object": "ok"}}
+    with BankWriter(bank_path) as w:
+        rid = w.add(rgba, category="mug", category_id=344, source=src, verdict=verdict)
+        w.set_size_prior("mug", {"rel_sqrt_area_mean": 0.2, "rel_sqrt_area_std": 0.05, "n": 3})
+    bank = InstanceBank(bank_path)
+    inst = bank.get(rid)
+    expected = normalize_rgba(rgba)
+    assert np.array_equal(inst.rgba, expected)
+    assert inst.id == rid == content_id("mug", expected)
+    assert (inst.category, inst.category_id) == ("mug", 344)
+    m = inst.meta
+    assert m["source"] == src and m["verdict"] == verdict and m["score"] == pytest.approx(0.91)
+    assert (m["width"], m["height"]) == (32, 24)
+    assert m["mask"]["area"] == int((rgba[..., 3] >= 128).sum())
+    ys, xs = np.nonzero(rgba[..., 3])
+    assert m["mask"]["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    assert m["mask"]["components"] == 1
+    assert m["created_at"].endswith("Z")
+    assert bank.size_prior("mug")["rel_sqrt_area_mean"] == 0.2
+    assert bank.schema_version() == 1
+    assert bank.category_ids() == {"mug": 344}
+    assert bank.stats()["sources"] == {"layerdiffusion": 1}
+
+
+def test_webp_codec_round_trip(bank_path):
+    rgba = make_rgba(3)
+    with BankWriter(bank_path, codec="webp") as w:
+        rid = w.add(rgba, category="a")
+    assert np.array_equal(InstanceBank(bank_path).get(rid).rgba, normalize_rgba(rgba))
+
+
+def test_dedupe(bank_path):
+    with BankWriter(bank_path, batch_size=2) as w:
+        ids = [w.add(make_rgba(i % 3), category="a") for i in range(9)]
+    with BankWriter(bank_path) as w:
+        w.add(make_rgba(0), category="a")
+        w.flush()
+        assert w.added == 0 and w.duplicates == 1
+    assert len(set(ids)) == 3
+    assert InstanceBank(bank_path).count() == 3
+    # the same pixels under another category are a different instance
+    with BankWriter(bank_path) as w:
+        w.add(make_rgba(0), category="b")
+    assert InstanceBank(bank_path).count() == 4
+    assert verify(bank_path).ok
+
+
+@pytest.mark.parametrize("mode", ["uniform", "balanced", "weights", "rare_boost"])
+def test_sampling_matches_requested_weights(bank_path, mode):
+    counts = {"a": 60, "b": 30, "c": 10}
+    seed = 0
+    with BankWriter(bank_path, batch_size=50) as w:
+        for cat, n in counts.items():
+            for _ in range(n):
+                w.add(make_rgba(seed), category=cat)
+                seed += 1
+    kw = {}
+    if mode == "weights":
+        kw["weights"] = {"a": 1, "b": 2, "c": 7}
+        expected = {"a": 0.1, "b": 0.2, "c": 0.7}
+    elif mode == "rare_boost":
+        kw["dataset_frequencies"] = {"a": 0.5, "b": 0.04, "c": 0.0001}
+        kw["repeat_threshold"] = 0.01
+        r = {"a": 1.0, "b": 1.0, "c": (0.01 / 0.0001) ** 0.5}
+        expected = {k: v / sum(r.values()) for k, v in r.items()}
+    elif mode == "uniform":
+        expected = {k: v / 100 for k, v in counts.items()}
+    else:
+        expected = {k: 1 / 3 for k in counts}
+    sampler = BankSampler(bank_path, mode, **kw)
+    assert sampler.probabilities() == pytest.approx(expected)
+    rng = np.random.default_rng(123)
+    n = 3000
+    cats = sampler.sample_categories(rng, n)
+    observed = np.array([cats.count(k) for k in counts])
+    exp = np.array([expected[k] * n for k in counts])
+    chi2 = float((((observed - exp) ** 2) / exp).sum())
+    assert chi2 < 13.8, (observed, exp)  # p = 0.001 for 2 degrees of freedom
+    # instances are uniform within a category and decode
+    insts = sampler.sample(rng, 30)
+    assert len(insts) == 30 and all(i.rgba.shape == (24, 32, 4) for i in insts)
+
+
+def test_sampler_filters_and_classes(bank_path):
+    with BankWriter(bank_path) as w:
+        for i in range(10):
+            w.add(make_rgba(i), category="a", source={"kind": "harvest" if i < 5 else "layerdiffusion"},
+                  verdict={"keep": True, "score": i / 10})
+        w.add(make_rgba(99), category="b")
+    rng = np.random.default_rng(0)
+    s = BankSampler(bank_path, min_score=0.5, sources=["layerdiffusion"])
+    got = {i.id for i in s.sample(rng, 50)}
+    assert got and all(InstanceBank(bank_path).get_meta(r)["score"] >= 0.5 for r in got)
+    assert s.probabilities() == {"a": 1.0}  # b has no score: filtered out
+    only_b = BankSampler(bank_path, classes=["b"])
+    assert {i.category for i in only_b.sample(rng, 10)} == {"b"}
+    assert BankSampler(bank_path, classes=["nope"]).sample(rng, 3) == []
+
+
+def test_repeat_factors_and_bad_config():
+    assert repeat_factors({"x": 0.001, "y": 0.00001}, 0.001) == pytest.approx({"x": 1.0, "y": 10.0})
+    with pytest.raises(ConfigError, match="frequency of 'x'"):
+        repeat_factors({"x": 0})
+    with pytest.raises(ConfigError, match="sampling mode"):
+        category_weights({"a": 1}, "nope")
+    with pytest.raises(ConfigError, match="weights"):
+        category_weights({"a": 1}, "weights")
+
+
+def test_bad_input_errors(bank_path, tmp_path):
+    with BankWriter(bank_path) as w:
+        with pytest.raises(BadInstanceError, match="HxWx4"):
+            w.add(np.zeros((10, 10, 3), np.uint8), category="a")
+        with pytest.raises(BadInstanceError, match="alpha channel is empty"):
+            w.add(np.zeros((10, 10, 4), np.uint8), category="a")
+        with pytest.raises(BadInstanceError, match="uint8"):
+            w.add(np.zeros((10, 10, 4), np.float32), category="a")
+        with pytest.raises(ValueError, match="category"):
+            w.add(make_rgba(0), category="")
+    with pytest.raises(BankError, match="no instance bank at .*missing"):
+        InstanceBank(tmp_path / "missing.lmdb").count()
+    plain = tmp_path / "plain.lmdb"
+    env = lmdb.open(str(plain))
+    env.close()
+    with pytest.raises(BankError, match="not a genval_aug instance bank"):
+        InstanceBank(plain).count()
+
+
+def test_corrupt_record_is_skipped_counted_and_reported(bank_path, caplog):
+    with BankWriter(bank_path) as w:
+        good = [w.add(make_rgba(i), category="a") for i in range(3)]
+    # corrupt one image behind the bank's back
+    env = lmdb.open(bank_path, max_dbs=8)
+    images = env.open_db(b"images")
+    with env.begin(write=True) as txn:
+        txn.put(good[1].encode(), b"not an image", db=images)
+    env.close()
+    bank = InstanceBank(bank_path)
+    with pytest.raises(Exception, match=good[1]):
+        bank.get(good[1])
+    sampler = BankSampler(bank)
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING"):
+        out = sampler.sample(rng, 60)
+    assert len(out) == 60 and all(i.id != good[1] for i in out)
+    assert sampler.skipped > 0
+    assert sum("corrupt bank record" in r.message for r in caplog.records) == 1
+    report = verify(bank_path)
+    assert not report.ok and any(good[1] in e for e in report.errors)
+
+
+def test_pickle_is_cheap_and_reopens(bank_path):
+    fill(bank_path, 6)
+    bank = InstanceBank(bank_path)
+    assert bank.count() == 6
+    blob = pickle.dumps(bank)
+    assert len(blob) < 400
+    clone = pickle.loads(blob)
+    assert clone.categories() == bank.categories()
+    sampler = pickle.loads(pickle.dumps(BankSampler(bank)))
+    assert len(sampler.sample(np.random.default_rng(0), 4)) == 4
+
+
+def test_map_grows_from_tiny_initial_size(bank_path):
+    big = [np.dstack([np.random.default_rng(i).integers(0, 256, (200, 200, 3), dtype=np.uint8),
+                      np.full((200, 200), 255, np.uint8)]) for i in range(12)]
+    with BankWriter(bank_path, batch_size=4, map_size=64 * 1024) as w:
+        ids = [w.add(a, category="noise") for a in big]
+    assert w._map_size > 64 * 1024
+    bank = InstanceBank(bank_path)
+    assert bank.count() == 12
+    assert all(np.array_equal(bank.get(r).rgba, a) for r, a in zip(ids, big, strict=True))
+    assert verify(bank_path).ok
+
+
+def _reader_process(path: str, seconds: float, out: mp.Queue) -> None:
+    """Sample + decode continuously, refreshing; report (decoded, errors, max count seen)."""
+    bank = InstanceBank(path, refresh_interval=None)
+    sampler = BankSampler(bank, "uniform")
+    rng = np.random.default_rng(os.getpid())
+    decoded = errors = 0
+    seen = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sampler.refresh()
+            seen = max(seen, bank.count())
+            for inst in sampler.sample(rng, 4):
+                assert inst.rgba.shape == (24, 32, 4)
+                decoded += 1
+        except Exception as e:  # noqa: BLE001 - any failure is what this test counts
+            errors += 1
+            out.put(("error", repr(e)))
+    out.put(("done", decoded, errors + sampler.skipped, seen))
+
+
+@pytest.mark.slow
+def test_one_writer_two_readers_fork_and_spawn(bank_path):
+    fill(bank_path, 12)
+    parent_bank = InstanceBank(bank_path)
+    assert parent_bank.count() == 12  # the parent holds the bank open while children start
+    results = []
+    procs = []
+    queue = mp.get_context("spawn").Queue()
+    for method in ("fork", "spawn"):
+        ctx = mp.get_context(method)
+        p = ctx.Process(target=_reader_process, args=(bank_path, 6.0, queue))
+        p.start()
+        procs.append(p)
+    writer = mp.get_context("spawn").Process(target=writer_process,
+                                             args=(bank_path, ["cat", "dog", "zebra"], 300, 1000, 10, 0.005))
+    writer.start()
+    writer.join(60)
+    assert writer.exitcode == 0
+    for _ in procs:
+        msg = queue.get(timeout=60)
+        while msg[0] == "error":
+            results.append(msg)
+            msg = queue.get(timeout=60)
+        results.append(msg)
+    for p in procs:
+        p.join(30)
+    errors = [r for r in results if r[0] == "error"]
+    assert not errors, errors[:3]
+    done = [r for r in results if r[0] == "done"]
+    assert len(done) == 2
+    for _, decoded, n_err, seen in done:
+        assert decoded > 50 and n_err == 0
+        assert seen == 312  # new instances became visible to both readers
+    assert parent_bank.count() == 12  # cached until refresh
+    parent_bank.refresh()
+    assert parent_bank.count() == 312
+    assert verify(bank_path).ok
+
+
+@pytest.mark.slow
+def test_sigkill_writer_mid_batch_loses_nothing_committed(bank_path):
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=writer_process, args=(bank_path, ["a", "b"], 100000, 0, 7, 0.001))
+    p.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.exists(os.path.join(bank_path, "data.mdb")):
+            try:
+                if InstanceBank(bank_path, refresh_interval=0).count() >= 30:
+                    break
+            except BankError:
+                pass
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    bank = InstanceBank(bank_path)
+    bank.refresh()
+    n = bank.count()
+    assert n >= 30 and n % 7 == 0  # only whole batches were committed
+    report = verify(bank_path)
+    assert report.ok, str(report)
+    for rid in bank.ids():
+        inst = bank.get(rid)
+        seed = inst.meta["source"]["seed"]
+        assert np.array_equal(inst.rgba, normalize_rgba(make_rgba(seed)))
+    # a new writer continues after the crash
+    writer_process(bank_path, ["a", "b"], 5, 10**6, 2)
+    bank.refresh()
+    assert bank.count() == n + 5 and verify(bank_path).ok
+
+
+class _BankDataset:
+    def __init__(self, bank):
+        self.bank = bank
+        self.ids = sorted(bank.ids())
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        import torch
+
+        inst = self.bank.get(self.ids[i])
+        return torch.from_numpy(inst.rgba[..., 3].copy()).sum(), os.getpid()
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_with_bank_held_by_parent(bank_path, context):
+    import torch
+    from torch.utils.data import DataLoader
+
+    fill(bank_path, 24)
+    bank = InstanceBank(bank_path)
+    ds = _BankDataset(bank)  # the parent has opened and read the bank
+    expected = sum(int(bank.get(r).rgba[..., 3].astype(np.int64).sum()) for r in ds.ids)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context=context)
+    total, pids = 0, set()
+    for _ in range(2):  # two epochs: workers are forked again while the parent holds the bank
+        for sums, worker_pids in loader:
+            total += int(sums.sum())
+            pids.update(int(p) for p in worker_pids)
+    assert total == 2 * expected
+    assert os.getpid() not in pids and len(pids) >= 2
+    assert bank.count() == 24  # the parent can still read
+    del torch
+
+
+def test_merge_dedupes_and_pools_priors(tmp_path):
+    a, b, out = (str(tmp_path / n) for n in ("a.lmdb", "b.lmdb", "out.lmdb"))
+    writer_process(a, ["x", "y"], 10, 0, 4)
+    writer_process(b, ["x", "y"], 10, 5, 4)  # seeds 5..9 overlap with a
+    with BankWriter(a) as w:
+        w.set_size_prior("x", {"rel_sqrt_area_mean": 0.1, "rel_sqrt_area_std": 0.0, "n": 1})
+        w.record_rejections({"too_small": 2})
+    with BankWriter(b) as w:
+        w.set_size_prior("x", {"rel_sqrt_area_mean": 0.3, "rel_sqrt_area_std": 0.0, "n": 1})
+        w.record_rejections({"too_small": 1, "coverage": 4})
+    res = merge(out, [a, b])
+    assert res == {"added": 15, "duplicates": 5}
+    bank = InstanceBank(out)
+    assert set(bank.ids()) == set(InstanceBank(a).ids()) | set(InstanceBank(b).ids())
+    prior = bank.size_prior("x")
+    assert prior["rel_sqrt_area_mean"] == pytest.approx(0.2) and prior["rel_sqrt_area_std"] == pytest.approx(0.1)
+    assert bank.stats()["rejections"] == {"too_small": 3, "coverage": 4}
+    assert verify(out).ok
+    merge(out, [a, b])  # idempotent
+    assert InstanceBank(out).count() == 15
+    with pytest.raises(BankError, match="into itself"):
+        merge(out, [out])
+
+
+def test_export_import_round_trip(tmp_path, rgba_objects):
+    src = str(tmp_path / "src.lmdb")
+    from genval_aug.bank import export_folder, import_folder
+
+    # per-class folders of real RGBA cut-outs
+    per_class = tmp_path / "per_class"
+    for name in ("car", "person"):
+        (per_class / name).mkdir(parents=True)
+        for f in sorted(rgba_objects.glob(f"rembg_{'girl' if name == 'person' else name}-*.png"))[:2]:
+            (per_class / name / f.name).write_bytes(f.read_bytes())
+    (per_class / "car" / "broken.png").write_bytes(b"garbage")
+    res = import_folder(src, per_class)
+    assert res["added"] == 4 and res["skipped"] == 1 and "broken.png" in res["errors"][0]
+    out = export_folder(src, tmp_path / "exported")
+    assert (out / "manifest.json").is_file()
+    res2 = import_folder(str(tmp_path / "copy.lmdb"), out)
+    assert res2 == {"added": 4, "skipped": 0, "errors": []}
+    a, b = InstanceBank(src), InstanceBank(tmp_path / "copy.lmdb")
+    assert set(a.ids()) == set(b.ids())
+    for rid in a.ids():
+        assert np.array_equal(a.get(rid).rgba, b.get(rid).rgba)
+        assert a.get_meta(rid)["source"] == b.get_meta(rid)["source"]
+    with pytest.raises(BankError, match="no manifest.json"):
+        import_folder(str(tmp_path / "x.lmdb"), tmp_path / "per_class" / "car")
