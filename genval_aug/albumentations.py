@@ -30,7 +30,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import cv2
 import numpy as np
 from albumentations.core.transforms_interface import DualTransform
 
@@ -43,51 +42,32 @@ logger = logging.getLogger(__name__)
 __all__ = ["GenValPaste", "class_map_from_names"]
 
 
-def _to_rgb_uint8(img: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def _to_uint8(img: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """uint8 view for the core ((H, W), (H, W, 1), (H, W, 3) or (H, W, 4)) + what restores the dtype."""
     if not isinstance(img, np.ndarray):
         raise TargetsError(f"image: expected a numpy array, got {type(img).__name__}")
-    info: dict[str, Any] = {"shape": img.shape, "dtype": img.dtype}
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        info["gray"] = True
-    elif img.ndim != 3 or img.shape[2] != 3:
-        raise TargetsError(f"image: expected (H, W, 3) or grayscale, got shape {img.shape} "
-                          "(RGBA / multi-channel images are not supported)")
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (1, 3, 4))):
+        raise TargetsError(f"image: expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {img.shape}")
+    info: dict[str, Any] = {"dtype": img.dtype}
     if img.dtype == np.uint8:
-        u8 = img
-    elif np.issubdtype(img.dtype, np.floating):
+        return np.ascontiguousarray(img), info
+    if np.issubdtype(img.dtype, np.floating):
         lo, hi = (float(img.min()), float(img.max())) if img.size else (0.0, 0.0)
-        if lo < -1e-3 or hi > 1 + 1e-3 or not np.isfinite([lo, hi]).all():
+        if not (np.isfinite([lo, hi]).all() and lo >= -1e-3 and hi <= 1 + 1e-3):
             raise TargetsError(f"image: float images must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}] "
-                              "(put GenValPaste before A.Normalize)")
-        u8 = (img * 255.0).round().clip(0, 255).astype(np.uint8)
+                               "(put GenValPaste before A.Normalize)")
         info["float"] = img
-    else:
-        raise TargetsError(f"image: dtype {img.dtype} is not supported (uint8 or float32 in [0, 1])")
-    if info.get("gray"):
-        info["gray_u8"] = u8
-        u8 = np.repeat(u8[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(u8), info
+        return (img * 255.0).round().clip(0, 255).astype(np.uint8), info
+    raise TargetsError(f"image: dtype {img.dtype} is not supported (uint8, or float32 in [0, 1])")
 
 
-def _from_rgb_uint8(rgb_in: np.ndarray, rgb_out: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    """Back to the input's shape and dtype; unchanged pixels are bit-exact (float: the change is a delta)."""
-    if info.get("gray"):
-        changed = np.any(rgb_out != rgb_in, axis=2)
-        arr_in = info["gray_u8"]
-        arr_out = arr_in.copy()
-        arr_out[changed] = cv2.cvtColor(rgb_out, cv2.COLOR_RGB2GRAY)[changed]
-    else:
-        arr_in, arr_out = rgb_in, rgb_out
-    if "float" in info:
-        base = info["float"]
-        base = base[:, :, 0] if base.ndim == 3 and info.get("gray") else base
-        out = np.clip(base + (arr_out.astype(np.float32) - arr_in.astype(np.float32)) / 255.0, 0.0, 1.0)
-        out = out.astype(info["dtype"])
-    else:
-        out = arr_out
-    return out.reshape(info["shape"])
+def _from_uint8(arr_in: np.ndarray, arr_out: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """Back to the input's dtype; unchanged pixels are bit-exact (float: the change is added as a delta)."""
+    arr_out = np.asarray(arr_out).reshape(arr_in.shape)
+    if "float" not in info:
+        return arr_out
+    delta = (arr_out.astype(np.float32) - arr_in.astype(np.float32)) / 255.0
+    return np.clip(info["float"] + delta, 0.0, 1.0).astype(info["dtype"])
 
 
 class GenValPaste(DualTransform):
@@ -105,7 +85,8 @@ class GenValPaste(DualTransform):
 
     Randomness comes from the transform's albumentations generator (``A.Compose(seed=...)``). In a torch
     DataLoader worker the generator is split by worker id on first use, since albumentations 2.0.8 copies
-    the same state into every worker. Images: uint8 or float32 in [0, 1], RGB or grayscale.
+    the same state into every worker. Images: uint8 or float32 in [0, 1]; RGB, grayscale or RGBA
+    (pasted label masks become opaque in alpha).
     Not supported (``TargetsError``): a semantic ``mask``, ``keypoints``, ``images`` batches.
     """
 
@@ -169,8 +150,8 @@ class GenValPaste(DualTransform):
         if kps is not None and len(kps):
             raise TargetsError("keypoints: not supported by GenValPaste (pasted objects would hide them)")
 
-        rgb, img_info = _to_rgb_uint8(data["image"])
-        h, w = rgb.shape[:2]
+        arr, img_info = _to_uint8(data["image"])
+        h, w = arr.shape[:2]
         processor = self.get_processor("bboxes")
         if processor is None or "bboxes" not in data:
             raise TargetsError("bboxes: GenValPaste must run inside A.Compose(..., bbox_params=A.BboxParams(...)) "
@@ -200,14 +181,14 @@ class GenValPaste(DualTransform):
 
         from genval_aug.paste import Targets
 
-        res = self.paster(rgb, Targets(boxes=raw, classes=classes, masks=masks_bool, polygons=None),
+        res = self.paster(arr, Targets(boxes=raw, classes=classes, masks=masks_bool, polygons=None),
                           self._rng(), channel_order="rgb")
         kept = np.asarray(res.kept, dtype=np.int64).reshape(-1)
         pasted = np.asarray(res.pasted, dtype=bool).reshape(-1)
         nk, m = len(kept), len(pasted)
         if pasted[:nk].any() or not pasted[nk:].all():
             raise RuntimeError("PasteEngine broke its contract: kept objects must come first, then pasted ones")
-        if nk == n and m == n and np.array_equal(res.image, rgb):
+        if nk == n and m == n and np.array_equal(np.asarray(res.image).reshape(arr.shape), arr):
             return {"genval_paste": None}
 
         out_xyxy = np.asarray(res.targets.boxes, dtype=np.float64).reshape(-1, 4)
@@ -222,7 +203,7 @@ class GenValPaste(DualTransform):
         new_masks = None
         if masks_bool is not None:
             new_masks = np.asarray(res.targets.masks, dtype=bool).reshape(m, h, w)
-        out_image = _from_rgb_uint8(rgb, np.asarray(res.image), img_info)
+        out_image = _from_uint8(arr, res.image, img_info)
         return {"genval_paste": {"image": out_image, "bboxes": rows, "masks": new_masks, "masks_in": masks_in}}
 
     def _label_columns(self, processor, label_fields: list[str], n_extra: int, n: int):
@@ -238,7 +219,8 @@ class GenValPaste(DualTransform):
                 meta = processor.label_manager.metadata.get("bboxes", {})
                 for j, f in enumerate(label_fields):
                     md = meta.get(f)
-                    encoders[first + j] = md.encoder if md is not None and not md.is_numerical else None
+                    enc = md.encoder if md is not None and not md.is_numerical else None
+                    encoders[first + j] = enc if enc is not None and not enc.is_numerical else None
             return class_col, encoders
         if self.label_field is not None:
             raise ConfigError(f"label_field={self.label_field!r} given but bbox_params has no label_fields")

@@ -81,10 +81,30 @@ class LazyPasteEngine:
         if self._engine is None or self._pid != pid:
             from genval_aug.paste import PasteEngine
 
-            self._engine = PasteEngine(self.source, config=self.config, class_map=self.class_map)
+            self._engine = PasteEngine(self.source, config=self._effective_config(), class_map=self.class_map)
             self._pid = pid
             logger.debug("built PasteEngine in process %d", pid)
         return self._engine
+
+    def _effective_config(self):
+        """With a dict class_map and a bank source, sample only the mapped categories (checked against the bank)."""
+        cfg = self.config
+        if not isinstance(self.class_map, Mapping) or hasattr(self.source, "sample"):
+            return cfg
+        cats = self.source.categories() if hasattr(self.source, "categories") else {}
+        present = [c for c in self.class_map if cats.get(c, 0) > 0]
+        if cats and not present:
+            raise ConfigError(f"{getattr(self.source, 'path', 'bank')}: none of the class_map categories "
+                              f"{sorted(self.class_map)} is in the bank (it has {sorted(cats)})")
+        if not cats:
+            logger.warning("%s is empty: nothing will be pasted until instances are added",
+                           getattr(self.source, "path", "the bank"))
+        missing = sorted(set(self.class_map) - set(present))
+        if missing and cats:
+            logger.info("class_map categories absent from the bank (not pasted): %s", missing)
+        if cfg.sampler_classes is None:
+            cfg = dataclasses.replace(cfg, sampler_classes=sorted(self.class_map))
+        return cfg
 
     def __call__(self, image, targets, rng, channel_order: str = "rgb"):
         return self.engine(image, targets, rng, channel_order=channel_order)

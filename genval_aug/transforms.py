@@ -23,7 +23,6 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import cv2
 import numpy as np
 import PIL.Image
 import torch
@@ -80,68 +79,55 @@ def _labels_key(target: Mapping) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- image io
-def _image_to_rgb(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    """(H, W, 3) uint8 RGB array for the core + what is needed to restore the input's type and dtype."""
+_PIL_MODES = {"RGB": 3, "L": 1, "RGBA": 4}
+
+
+def _image_to_array(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """(H, W, C) uint8 array for the core (C = 1, 3 or 4) + what is needed to restore type and dtype."""
     if isinstance(img, PIL.Image.Image):
-        if img.mode == "RGB":
-            return np.asarray(img).copy(), {"kind": "pil", "mode": "RGB"}
-        if img.mode == "L":
-            gray = np.asarray(img)
-            return np.repeat(gray[:, :, None], 3, axis=2), {"kind": "pil", "mode": "L", "gray": gray}
-        raise TargetsError(f"image: PIL mode {img.mode!r} is not supported; convert to 'RGB' first "
-                          "(e.g. put torchvision.transforms.v2.RGB() before GenValPaste)")
+        if img.mode not in _PIL_MODES:
+            raise TargetsError(f"image: PIL mode {img.mode!r} is not supported (RGB, L or RGBA); convert it "
+                               "first (e.g. torchvision.transforms.v2.RGB() before GenValPaste)")
+        arr = np.asarray(img).reshape(img.height, img.width, _PIL_MODES[img.mode])
+        return np.ascontiguousarray(arr), {"kind": "pil", "mode": img.mode}
     if not isinstance(img, torch.Tensor):
         raise TargetsError(f"image: expected a tv_tensors.Image, tensor or PIL image, got {type(img).__name__}")
     if img.ndim != 3:
         raise TargetsError(f"image: expected one (C, H, W) image, got shape {tuple(img.shape)} "
-                          "(batches are not supported; apply GenValPaste per sample)")
-    c = img.shape[0]
-    if c not in (1, 3):
-        raise TargetsError(f"image: {c} channels are not supported (1 or 3); for RGBA use v2.RGB() first")
+                           "(batches are not supported; apply GenValPaste per sample)")
+    if img.shape[0] not in (1, 3, 4):
+        raise TargetsError(f"image: {img.shape[0]} channels are not supported (1, 3 or 4)")
     t = img.as_subclass(torch.Tensor).detach().cpu()
-    info: dict[str, Any] = {"kind": "tensor", "channels": c, "dtype": img.dtype, "device": img.device}
+    info: dict[str, Any] = {"kind": "tensor", "device": img.device}
     if t.dtype == torch.uint8:
         hwc = t.permute(1, 2, 0).numpy()
     elif t.dtype.is_floating_point:
-        lo, hi = float(t.min()) if t.numel() else 0.0, float(t.max()) if t.numel() else 0.0
-        if lo < -1e-3 or hi > 1 + 1e-3 or not np.isfinite([lo, hi]).all():
+        lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+        if not (np.isfinite([lo, hi]).all() and lo >= -1e-3 and hi <= 1 + 1e-3):
             raise TargetsError(f"image: float images must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}] "
-                              "(put GenValPaste before v2.Normalize)")
+                               "(put GenValPaste before v2.Normalize)")
         hwc = (t.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
         info["float"] = t
     else:
-        raise TargetsError(f"image: dtype {img.dtype} is not supported (uint8 or float in [0, 1])")
-    hwc = np.ascontiguousarray(hwc)
-    if c == 1:
-        info["gray"] = hwc[:, :, 0].copy()
-        hwc = np.repeat(hwc, 3, axis=2)
-    return hwc, info
+        raise TargetsError(f"image: dtype {img.dtype} is not supported (uint8, or float in [0, 1])")
+    return np.ascontiguousarray(hwc), info
 
 
-def _restore_image(orig: Any, rgb_in: np.ndarray, rgb_out: np.ndarray, info: dict[str, Any]) -> Any:
-    """Put the core's output back into the input's type, dtype, channel count and device.
+def _restore_image(orig: Any, arr_in: np.ndarray, arr_out: np.ndarray, info: dict[str, Any]) -> Any:
+    """Put the core's output back into the input's type, dtype and device.
 
-    Pixels the core did not change are returned bit-exact (also for float images: the change is added as a
-    delta to the original values).
+    Pixels the core did not change come back bit-exact, also for float images (the change is added to the
+    original values as a delta).
     """
-    if info.get("gray") is not None:
-        gray_in = info["gray"]
-        changed = np.any(rgb_out != rgb_in, axis=2)
-        gray_out = gray_in.copy()
-        gray_out[changed] = cv2.cvtColor(rgb_out, cv2.COLOR_RGB2GRAY)[changed]
-        arr_in, arr_out = gray_in[:, :, None], gray_out[:, :, None]
-    else:
-        arr_in, arr_out = rgb_in, rgb_out
+    arr_out = np.ascontiguousarray(arr_out).reshape(arr_in.shape)
     if info["kind"] == "pil":
-        if info["mode"] == "L":
-            return PIL.Image.fromarray(np.ascontiguousarray(arr_out[:, :, 0]), mode="L")
-        return PIL.Image.fromarray(np.ascontiguousarray(arr_out), mode="RGB")
+        return PIL.Image.fromarray(arr_out[:, :, 0] if info["mode"] == "L" else arr_out, mode=info["mode"])
     if "float" in info:
         delta = (arr_out.astype(np.float32) - arr_in.astype(np.float32)) / 255.0
         base = info["float"]
         out = (base + torch.from_numpy(delta).permute(2, 0, 1).to(base.dtype)).clamp_(0.0, 1.0)
     else:
-        out = torch.from_numpy(np.ascontiguousarray(arr_out)).permute(2, 0, 1).contiguous()
+        out = torch.from_numpy(arr_out).permute(2, 0, 1).contiguous()
     out = out.to(info["device"])
     return tv_tensors.wrap(out, like=orig) if isinstance(orig, tv_tensors.TVTensor) else out
 
@@ -170,8 +156,8 @@ class GenValPaste(v2.Transform):
     occluded masks are cut and their boxes recomputed; ``area`` is recomputed for changed objects (mask pixels,
     or box area without masks); ``iscrowd`` is 0 for pasted objects.
 
-    Documented no-ops and limits: images may be uint8 or float in [0, 1], 1 or 3 channels (a grayscale image
-    stays grayscale, pasted objects become gray); a box partly outside the canvas is returned unchanged while
+    Images: uint8 or float in [0, 1]; 3 channels (RGB), 1 (stays grayscale, pasted objects become gray) or
+    4 (RGBA: objects go into the colour channels, their label masks become opaque in alpha). A box partly outside the canvas is returned unchanged while
     its object is untouched (clipped once it is occluded); boxes entirely outside the canvas, mismatched
     lengths, rotated box formats, semantic (H, W) masks, key points, batches and RGBA images raise
     :class:`~genval_aug.errors.TargetsError` naming the field.
@@ -216,8 +202,8 @@ class GenValPaste(v2.Transform):
         flat, spec = tree_flatten(sample)
         p = _parse_sample(sample, flat, self.extra_fields)
 
-        rgb, img_info = _image_to_rgb(flat[p["image"]])
-        h, w = rgb.shape[:2]
+        arr, img_info = _image_to_array(flat[p["image"]])
+        h, w = arr.shape[:2]
         boxes: tv_tensors.BoundingBoxes = flat[p["boxes"]]
         if tuple(boxes.canvas_size) != (h, w):
             raise TargetsError(f"boxes: canvas_size {tuple(boxes.canvas_size)} differs from the image size {(h, w)}")
@@ -243,14 +229,14 @@ class GenValPaste(v2.Transform):
 
         targets = Targets(boxes=xyxy.astype(np.float32), classes=labels.detach().cpu().numpy().astype(np.int64),
                           masks=masks_in, polygons=None)
-        res = self.paster(rgb, targets, self._generator(), channel_order="rgb")
+        res = self.paster(arr, targets, self._generator(), channel_order="rgb")
 
         kept = np.asarray(res.kept, dtype=np.int64).reshape(-1)
         pasted = np.asarray(res.pasted, dtype=bool).reshape(-1)
         nk, m = len(kept), len(pasted)
         if pasted[:nk].any() or not pasted[nk:].all() or len(res.targets.boxes) != m:
             raise RuntimeError("PasteEngine broke its contract: kept objects must come first, then pasted ones")
-        if nk == n and m == n and np.array_equal(res.image, rgb):
+        if nk == n and m == n and np.array_equal(np.asarray(res.image).reshape(arr.shape), arr):
             return sample  # nothing pasted (p, or no room): the sample is returned untouched
 
         out_boxes = np.asarray(res.targets.boxes, dtype=np.float32).reshape(-1, 4)
@@ -266,7 +252,7 @@ class GenValPaste(v2.Transform):
             new_area = ((out_boxes[:, 2] - out_boxes[:, 0]) * (out_boxes[:, 3] - out_boxes[:, 1])).astype(np.float64)
 
         repl: dict[int, Any] = {}
-        repl[p["image"]] = _restore_image(flat[p["image"]], rgb, np.asarray(res.image), img_info)
+        repl[p["image"]] = _restore_image(flat[p["image"]], arr, np.asarray(res.image), img_info)
         repl[p["boxes"]] = _pack_boxes(boxes, out_boxes, kept, box_same)
         if p["masks"] is not None:
             repl[p["masks"]] = _pack_masks(flat[p["masks"]], masks_out)
