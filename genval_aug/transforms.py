@@ -243,8 +243,8 @@ class GenValPaste(v2.Transform):
         box_same = np.all(out_boxes[:nk] == xyxy_in[kept], axis=1)
         masks_out = None if masks_in is None else np.asarray(res.targets.masks, dtype=bool)
         if masks_out is not None:
-            px_out = masks_out.reshape(m, -1).sum(1)
-            px_in = masks_in[kept].reshape(nk, -1).sum(1)
+            px_out = masks_out.sum((1, 2))
+            px_in = masks_in[kept].sum((1, 2))
             changed = np.concatenate([~box_same | (px_out[:nk] != px_in), np.ones(m - nk, bool)])
             new_area = px_out.astype(np.float64)
         else:
