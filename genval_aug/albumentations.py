@@ -174,7 +174,8 @@ class GenValPaste(DualTransform):
             masks_bool = marr != 0
 
         scale = np.array([w, h, w, h], dtype=np.float64)
-        raw = (bboxes[:, :4].astype(np.float64) * scale).astype(np.float32)
+        # normalized float32 rows carry ~1e-5 px of noise; 1/1000 px keeps real fractions and drops the noise
+        raw = np.round(bboxes[:, :4].astype(np.float64) * scale, 3).astype(np.float32)
         xyxy = np.clip(raw, 0, scale.astype(np.float32))  # what the core compares against (it clips too)
         # (string label fields hold the pipeline's own integer codes here; the core only carries them)
         classes = bboxes[:, 4 + class_col].astype(np.int64) if n else np.zeros(0, np.int64)

@@ -102,3 +102,21 @@ class TVSampleDataset:
 
 def collate_list(batch):
     return tuple(zip(*batch, strict=True))
+
+
+class AlbuSampleDataset:
+    """torch Dataset running an albumentations Compose on in-memory samples (pascal_voc boxes, stacked masks)."""
+
+    def __init__(self, samples, compose, length: int | None = None) -> None:
+        self.samples = samples
+        self.compose = compose
+        self.length = length or len(samples)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        s = self.samples[i % len(self.samples)]
+        out = self.compose(image=s.image, bboxes=s.boxes, class_labels=s.classes, masks=s.masks.astype(np.uint8))
+        return (out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4),
+                np.asarray(out["class_labels"]), np.asarray(out["masks"]))
