@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if not tiles:
         raise DatasetError(f"{args.data}: none of the chosen images could be read")
     cols = args.cols or (4 if args.with_original else None)
-    grid = make_grid(tiles, cols=cols, tile=args.tile, captions=captions)
+    grid = make_grid(tiles, cols=cols, tile_size=args.tile, captions=captions)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     params = [cv2.IMWRITE_PNG_COMPRESSION, 9] if out.suffix.lower() == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 90]
