@@ -89,19 +89,21 @@ class LazyPasteEngine:
     def _effective_config(self):
         """With a dict class_map and a bank source, sample only the mapped categories (checked against the bank)."""
         cfg = self.config
-        if not isinstance(self.class_map, Mapping) or hasattr(self.source, "sample"):
+        if hasattr(self.source, "sample") or not hasattr(self.source, "categories"):
+            return cfg  # a sampler: the caller controls what it draws
+        name = getattr(self.source, "path", "the bank")
+        cats = self.source.categories()
+        if not cats:
+            logger.warning("%s is empty: nothing will be pasted until instances are added", name)
+        if not isinstance(self.class_map, Mapping):
             return cfg
-        cats = self.source.categories() if hasattr(self.source, "categories") else {}
         present = [c for c in self.class_map if cats.get(c, 0) > 0]
         if cats and not present:
-            raise ConfigError(f"{getattr(self.source, 'path', 'bank')}: none of the class_map categories "
-                              f"{sorted(self.class_map)} is in the bank (it has {sorted(cats)})")
-        if not cats:
-            logger.warning("%s is empty: nothing will be pasted until instances are added",
-                           getattr(self.source, "path", "the bank"))
+            raise ConfigError(f"{name}: none of the class_map categories {sorted(self.class_map)} is in the bank "
+                              f"(it has {sorted(cats)})")
         missing = sorted(set(self.class_map) - set(present))
         if missing and cats:
-            logger.info("class_map categories absent from the bank (not pasted): %s", missing)
+            logger.info("class_map categories absent from %s (not pasted): %s", name, missing)
         if cfg.sampler_classes is None:
             cfg = dataclasses.replace(cfg, sampler_classes=sorted(self.class_map))
         return cfg

@@ -219,7 +219,7 @@ def draw_labels(
     polygons: Sequence[np.ndarray] | None = None,
     names: Mapping[int, str] | Sequence[str] | None = None,
     pasted: np.ndarray | None = None,
-    mask_alpha: float = 0.45,
+    mask_alpha: float = 0.35,
 ) -> np.ndarray:
     """Draw boxes (xyxy pixels), masks or polygons and class names on a copy of an RGB uint8 image.
 

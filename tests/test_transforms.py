@@ -188,7 +188,7 @@ def test_p_zero_returns_sample_untouched(bank_path, samples):
     assert out_img is img and out is target
 
 
-def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path):
+def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path, caplog):
     paste = GenValPaste(bank_path, seed=0)
     s = samples[0]
     H, W = s.image.shape[:2]
@@ -227,6 +227,14 @@ def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path):
         GenValPaste(bank_path, class_map={"unicorn": 3})(img, target)
     with pytest.raises(ConfigError, match="PasteConfig fields"):
         GenValPaste(bank_path, no_such_option=1)
+    # an empty bank is a logged no-op (a bank being filled by a worker may start empty)
+    from genval_aug.bank import BankWriter
+
+    with BankWriter(tmp_path / "empty.lmdb"):
+        pass
+    with caplog.at_level("WARNING", logger="genval_aug.lazy_engine"):
+        out_img, out = GenValPaste(tmp_path / "empty.lmdb", seed=0)(img, target)
+    assert out_img is img and out is target and "is empty" in caplog.text
 
 
 def test_class_map_from_names(bank_path, names):

@@ -34,7 +34,8 @@ def _int_range(text: str) -> int | tuple[int, int]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("preview", help="draw a grid of augmented samples (pasted objects marked)",
-                              description=__doc__.splitlines()[0])
+                              description="Draw a grid of augmented dataset samples: boxes, masks and class names, "
+                              "pasted objects marked with a white dashed frame and a + before the name.")
     p.add_argument("--data", required=True, help="dataset yaml or folder (Ultralytics YOLO layout)")
     p.add_argument("--bank", required=True, help="instance bank path")
     p.add_argument("--out", required=True, help="output picture (.png / .jpg)")
