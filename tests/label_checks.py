@@ -175,6 +175,16 @@ def _keep_rule(area_before, area_after, box_before, box_after, cfg) -> bool:
     return shift <= cfg.max_box_shift or area_after >= cfg.min_remaining_area
 
 
+def _check_polygon_mask(got: np.ndarray, expected: np.ndarray, min_iou: float, what: str) -> None:
+    """A re-extracted polygon covers its visible pixels (recall >= 0.95) and little else (IoU >= min_iou; the
+    zero-width bridges joining several parts rasterize to extra 1-px lines)."""
+    inter = int((got & expected).sum())
+    recall = inter / max(int(expected.sum()), 1)
+    iou = inter / max(int((got | expected).sum()), 1)
+    assert recall >= 0.95, f"{what}: polygon misses {1 - recall:.1%} of the visible mask"
+    assert iou >= min_iou, f"{what}: polygon IoU {iou:.3f} < {min_iou}"
+
+
 def check_paste_result(
     inp,
     res,
@@ -182,7 +192,7 @@ def check_paste_result(
     num_classes: int,
     cfg,
     mode: str,
-    polygon_iou: float = 0.8,
+    polygon_iou: float = 0.75,
 ) -> dict:
     """Assert every label invariant of a paste result; returns counters (pasted, dropped, occluded).
 
@@ -247,9 +257,7 @@ def check_paste_result(
                 if mode == "masks":
                     assert np.array_equal(out_masks[k], expected), f"original {i}: mask != mask_in & ~pasted"
                 else:
-                    inter = (out_masks[k] & expected).sum()
-                    iou = inter / max((out_masks[k] | expected).sum(), 1)
-                    assert iou >= polygon_iou or not touched, f"original {i}: polygon IoU {iou:.3f}"
+                    _check_polygon_mask(out_masks[k], expected, polygon_iou, f"original {i}")
                     if not touched:
                         np.testing.assert_array_equal(t.polygons[k], inp.polygons[i])
                 if touched:
@@ -270,8 +278,7 @@ def check_paste_result(
             if mode == "masks":
                 assert np.array_equal(out_masks[oi], expected), f"pasted {j}: mask != label & ~later pastes"
             else:
-                iou = (out_masks[oi] & expected).sum() / max((out_masks[oi] | expected).sum(), 1)
-                assert iou >= polygon_iou, f"pasted {j}: polygon IoU {iou:.3f}"
+                _check_polygon_mask(out_masks[oi], expected, polygon_iou, f"pasted {j}")
     else:
         assert t.masks is None and t.polygons is None
         for k, i in enumerate(res.kept):

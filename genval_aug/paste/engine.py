@@ -32,7 +32,8 @@ class PasteConfig:
 
     n: instances per image: an int, an inclusive range ``(lo, hi)``, or ``{count: probability}``.
     p: probability of pasting at all on a given image.
-    sampler_*: options of the default ``BankSampler`` built when the engine gets an ``InstanceBank``.
+    sampler_*, min_score: options of the default ``BankSampler`` built when the engine gets an ``InstanceBank``
+        (``sampler_options`` is passed on as keyword arguments, e.g. ``dataset_frequencies``, ``min_side``).
     scale_range: relative size ``sqrt(object area / image area)``: fallback range (log-uniform) when the source
         has no size prior for the category, and hard bounds otherwise. use_size_prior: use the bank's prior.
     aspect_jitter: log-uniform factor on width/height in ``[1/(1+j), 1+j]``.
@@ -56,6 +57,7 @@ class PasteConfig:
     sampler_weights: Mapping[str, float] | None = None
     sampler_classes: Sequence[str] | None = None
     min_score: float | None = None
+    sampler_options: Mapping[str, Any] | None = None
     use_size_prior: bool = True
     scale_range: tuple[float, float] = (0.08, 0.4)
     min_side: int = 8
@@ -206,16 +208,15 @@ class Targets:
         if polygons is not None:
             if len(polygons) != n:
                 raise TargetsError(f"Targets.polygons has {len(polygons)} entries but Targets.boxes has {n}")
-            polys = []
-            for i, p in enumerate(polygons):
-                p = np.asarray(p, np.float32)
+            polys = [np.asarray(p, np.float32) for p in polygons]
+            for i, p in enumerate(polys):
                 if p.size == 0:
-                    p = p.reshape(0, 2)
+                    polys[i] = p = p.reshape(0, 2)
                 if p.ndim != 2 or p.shape[1] != 2:
                     raise TargetsError(f"Targets.polygons[{i}] must have shape (K, 2), got {p.shape}")
-                if not np.isfinite(p).all():
-                    raise TargetsError(f"Targets.polygons[{i}] has non-finite coordinates")
-                polys.append(p)
+            if polys and not np.isfinite(np.concatenate(polys)).all():
+                bad = next(i for i, p in enumerate(polys) if not np.isfinite(p).all())
+                raise TargetsError(f"Targets.polygons[{bad}] has non-finite coordinates")
             polygons = polys
         return Targets(boxes, classes, masks, polygons)
 
@@ -299,7 +300,8 @@ class PasteEngine:
     def _augment(self, inst: Any, image_hw: tuple[int, int], rng: np.random.Generator, bgr: bool) -> A.ObjectPatch | None:
         cfg = self.config
         rgba = np.asarray(inst.rgba)
-        crop, area = A.crop_to_alpha(rgba, cfg.label_threshold)
+        fast = A.crop_from_meta(rgba, getattr(inst, "meta", None)) if cfg.label_threshold == 128 else None
+        crop, area = fast if fast is not None else A.crop_to_alpha(rgba, cfg.label_threshold)
         if area == 0:
             logger.debug("instance %s has an empty alpha; skipped", getattr(inst, "id", "?"))
             return None
@@ -419,7 +421,7 @@ def _as_sampler(source: Any, cfg: PasteConfig) -> Any:
 
         return BankSampler(
             source, mode=cfg.sampler_mode, weights=cfg.sampler_weights, classes=cfg.sampler_classes,
-            min_score=cfg.min_score,
+            min_score=cfg.min_score, **dict(cfg.sampler_options or {}),
         )
     raise ConfigError(
         f"PasteEngine source must have .sample(rng, n) (a BankSampler) or be an InstanceBank, got {type(source).__name__}"

@@ -1,7 +1,8 @@
 """Colour harmonization of a pasted object to a local window of the background.
 
 - ``reinhard``: Reinhard et al. statistics matching in 8-bit Lab (``cv2.meanStdDev`` + ``cv2.transform``),
-  L at ``strength``, a/b at ``strength * chroma``; guards for flat objects and extreme gains.
+  L at ``strength``, a/b at ``strength * chroma``; guards for flat objects and extreme gains; large patches
+  apply the map as a fitted RGB affine (bounded cost, see :func:`harmonize_reinhard`).
 - ``linear_ot``: linear optimal-transport (Monge-Kantorovich, Pitie 2007) colour map from the object's mean and
   covariance to the window's, interpolated with ``strength``.
 
@@ -41,7 +42,7 @@ def _downsample(img: np.ndarray, max_pixels: int) -> np.ndarray:
 
 def reinhard_matrix(
     obj_lab: np.ndarray,
-    mask: np.ndarray,
+    mask: np.ndarray | None,
     ref_lab: np.ndarray,
     strength: float,
     chroma: float = 0.5,
@@ -67,6 +68,23 @@ def reinhard_matrix(
     return m
 
 
+def sample_pixels(colour: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """About ``n`` (at least all when fewer) colours under ``mask`` on a regular grid, as (N, 3) uint8."""
+    area = int(cv2.countNonZero(mask))
+    step = max(int(np.sqrt(area / max(n, 1))), 1)
+    sub = mask[::step, ::step].astype(bool)
+    return colour[::step, ::step][sub]
+
+
+def fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares 3x4 affine colour map with dst ~ M @ [src, 1] ((N, 3) arrays)."""
+    x = np.empty((len(src), 4))
+    x[:, :3] = src
+    x[:, 3] = 1.0
+    xtx = x.T @ x + 1e-6 * np.eye(4)  # normal equations: 4x4, much cheaper than lstsq for N >> 4
+    return np.linalg.solve(xtx, x.T @ dst.astype(np.float64)).T
+
+
 def harmonize_reinhard(
     colour: np.ndarray,
     mask: np.ndarray,
@@ -75,15 +93,39 @@ def harmonize_reinhard(
     strength: float = 0.5,
     chroma: float = 0.5,
     max_gain: float = 2.0,
-    max_ref_pixels: int = 128 * 128,
+    max_ref_pixels: int = 48 * 48,
+    exact_max_pixels: int = 96 * 96,
+    fit_samples: int = 400,
 ) -> np.ndarray:
-    """Reinhard colour transfer of ``colour`` (h, w, 3) uint8 towards ``reference`` (the local window)."""
+    """Reinhard colour transfer of ``colour`` (h, w, 3) uint8 towards ``reference`` (the local window).
+
+    Patches of at most ``exact_max_pixels`` pixels are converted to Lab, mapped and converted back per pixel.
+    Larger ones keep the cost bounded: the same Lab statistics and map are computed on ~``fit_samples``
+    object pixels and the resulting colour change is applied as its least-squares RGB affine fit (one
+    ``cv2.transform``; mean absolute deviation from the per-pixel result ~1-2 levels at strength 0.5 on
+    coco128 backgrounds, larger only where the per-pixel result saturates).
+    """
     if strength <= 0 or reference.size == 0 or not mask.any():
         return colour
-    obj_lab = cv2.cvtColor(colour, _TO_LAB[bgr])
     ref_lab = cv2.cvtColor(_downsample(reference, max_ref_pixels), _TO_LAB[bgr])
-    m = reinhard_matrix(obj_lab, mask, ref_lab, strength, chroma, max_gain)
-    return cv2.cvtColor(cv2.transform(obj_lab, m), _FROM_LAB[bgr])
+    h, w = mask.shape
+    if h * w <= exact_max_pixels:
+        obj_lab = cv2.cvtColor(colour, _TO_LAB[bgr])
+        m = reinhard_matrix(obj_lab, mask, ref_lab, strength, chroma, max_gain)
+        return cv2.cvtColor(cv2.transform(obj_lab, m), _FROM_LAB[bgr])
+    px = sample_pixels(colour, mask, fit_samples)
+    lab = cv2.cvtColor(px[None], _TO_LAB[bgr])
+    m = reinhard_matrix(lab, None, ref_lab, strength, chroma, max_gain)
+    out = cv2.cvtColor(cv2.transform(lab, m), _FROM_LAB[bgr])[0]
+    return cv2.transform(colour, fit_affine(px, out))
+
+
+def _mean_cov(pixels: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray]:
+    """(covariance + reg * I, mean) of (N, 3) colours."""
+    x = pixels.astype(np.float64)
+    mu = x.mean(0)
+    x -= mu
+    return x.T @ x / max(len(x) - 1, 1) + reg * np.eye(3), mu
 
 
 def _sqrtm_psd(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +148,8 @@ def linear_ot_matrix(
     ``reg`` (in squared 8-bit units) is added to both covariances' diagonals (flat objects / windows);
     the eigenvalues of T are clamped to [1/max_gain, max_gain].
     """
-    xs = src_pixels.astype(np.float64)
-    xr = ref_pixels.astype(np.float64)
-    mu_s, mu_r = xs.mean(0), xr.mean(0)
-    cs = np.cov(xs, rowvar=False) + reg * np.eye(3)
-    cr = np.cov(xr, rowvar=False) + reg * np.eye(3)
+    cs, mu_s = _mean_cov(src_pixels, reg)
+    cr, mu_r = _mean_cov(ref_pixels, reg)
     s_half, s_inv_half = _sqrtm_psd(cs)
     mid, _ = _sqrtm_psd(s_half @ cr @ s_half)
     t = s_inv_half @ mid @ s_inv_half
@@ -128,16 +167,14 @@ def harmonize_linear_ot(
     reference: np.ndarray,
     strength: float = 0.5,
     max_gain: float = 2.0,
-    max_pixels: int = 64 * 64,
+    max_pixels: int = 1024,
 ) -> np.ndarray:
     """Linear optimal-transport colour transfer of ``colour`` towards ``reference`` (local window)."""
     if strength <= 0 or reference.size == 0:
         return colour
-    src = colour[mask.astype(bool)]
+    src = sample_pixels(colour, mask, max_pixels)
     if len(src) < 4:
         return colour
-    if len(src) > max_pixels:
-        src = src[:: len(src) // max_pixels + 1]
     ref = _downsample(reference, max_pixels).reshape(-1, 3)
     m = linear_ot_matrix(src, ref, strength, max_gain=max_gain)
     return cv2.transform(colour, m)

@@ -71,18 +71,30 @@ def rasterize_polygon(polygon: np.ndarray, H: int, W: int) -> tuple[int, int, np
     return x0, y0, m.view(bool)
 
 
-def _bridge(main: np.ndarray, part: np.ndarray) -> np.ndarray:
-    """Join ``part`` into ``main`` through a zero-width bridge at their closest points."""
-    d = ((main[:, None, :].astype(np.int64) - part[None, :, :]) ** 2).sum(-1)
+def _closest_pair(a: np.ndarray, b: np.ndarray, max_points: int = 64) -> tuple[int, int, int]:
+    """(index in a, index in b, squared distance) of a near-closest pair of vertices (vertices subsampled
+    to at most ``max_points`` per side, so the cost stays bounded for long contours)."""
+    sa = max(len(a) // max_points, 1)
+    sb = max(len(b) // max_points, 1)
+    d = ((a[::sa, None, :].astype(np.int64) - b[None, ::sb, :]) ** 2).sum(-1)
     i, k = np.unravel_index(int(np.argmin(d)), d.shape)
+    return int(i) * sa, int(k) * sb, int(d[i, k])
+
+
+def _bridge(main: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """Join ``part`` into ``main`` through a zero-width bridge at (nearly) their closest points."""
+    i, k, _ = _closest_pair(main, part)
     return np.concatenate([main[: i + 1], part[k:], part[: k + 1], main[i:]], axis=0)
 
 
-def mask_to_polygon(mask: np.ndarray, parts: str = "all") -> np.ndarray:
+def mask_to_polygon(
+    mask: np.ndarray, parts: str = "all", min_part: float = 0.01, min_part_px: float = 4.0
+) -> np.ndarray:
     """One (K, 2) float32 polygon (pixel coordinates of boundary pixels) describing a bool mask.
 
     ``parts="all"``: every outer contour and hole joined by zero-width bridges, so ``cv2.fillPoly`` of the
-    polygon reproduces the mask up to the bridge lines; ``"largest"``: the largest outer contour only.
+    polygon reproduces the mask up to the bridge lines and parts/holes smaller than ``min_part`` of the largest
+    part (or ``min_part_px`` pixels); ``"largest"``: the largest outer contour only.
     Returns shape (0, 2) for an empty mask.
     """
     m = mask.view(np.uint8) if mask.dtype == bool else mask
@@ -91,13 +103,16 @@ def mask_to_polygon(mask: np.ndarray, parts: str = "all") -> np.ndarray:
     contours = [c.reshape(-1, 2) for c in contours if len(c)]
     if not contours:
         return np.zeros((0, 2), np.float32)
-    sizes = [cv2.contourArea(c) + len(c) for c in contours]
+    sizes = np.array([cv2.contourArea(c) + 0.5 * len(c) for c in contours])  # ~ pixel area incl. boundary
     order = np.argsort(sizes)[::-1]
     if parts != "all":
         return contours[order[0]].astype(np.float32)
     poly = contours[order[0]]
-    for j in order[1:]:
-        poly = _bridge(poly, contours[j])
+    # slivers left by cutting along a soft edge are noise: drop parts/holes below min_part of the largest
+    rest = [contours[j] for j in order[1:] if sizes[j] >= max(min_part_px, min_part * sizes[order[0]])]
+    while rest:  # greedily attach the part closest to the polygon built so far (short bridges)
+        d = [_closest_pair(poly, c)[2] for c in rest]
+        poly = _bridge(poly, rest.pop(int(np.argmin(d))))
     return poly.astype(np.float32)
 
 
@@ -105,6 +120,21 @@ def polygon_box(polygon: np.ndarray) -> np.ndarray:
     """Pixel extent box of a rasterized polygon (vertices rounded as in :func:`rasterize_polygon`)."""
     pts = np.round(polygon).astype(np.int64)
     return np.array([pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1], np.float32)
+
+
+def polygon_boxes(polygons: list[np.ndarray]) -> np.ndarray:
+    """(N, 4) :func:`polygon_box` of many polygons at once (zeros for empty ones)."""
+    n = len(polygons)
+    out = np.zeros((n, 4), np.float32)
+    lens = np.array([len(p) for p in polygons], np.int64)
+    nz = np.flatnonzero(lens)
+    if len(nz) == 0:
+        return out
+    pts = np.round(np.concatenate([polygons[i] for i in nz])).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens[nz])[:-1]])
+    out[nz, :2] = np.minimum.reduceat(pts, starts, axis=0)
+    out[nz, 2:] = np.maximum.reduceat(pts, starts, axis=0) + 1
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- tracker
@@ -153,9 +183,7 @@ class OcclusionTracker:
         self.n_original = len(self.objects)
         self._coverage: np.ndarray | None = None  # box-only: union of pasted label masks
         if self.mode == "polygons":
-            self._poly_boxes = np.array(
-                [polygon_box(p) if len(p) else np.zeros(4, np.float32) for p in polygons], np.float32
-            ).reshape(-1, 4)
+            self._poly_boxes = polygon_boxes(polygons)
 
     # -- state -------------------------------------------------------------------------------------------
     def occupied_boxes(self) -> np.ndarray:

@@ -65,14 +65,14 @@ def place(
         x, y = cands[0]
         return int(x), int(y)
     occ = np.asarray(occupied, np.float64)
-    x1 = np.clip(cands[:, 0], 0, W)[:, None]
-    y1 = np.clip(cands[:, 1], 0, H)[:, None]
-    x2 = np.clip(cands[:, 0] + w, 0, W)[:, None]
-    y2 = np.clip(cands[:, 1] + h, 0, H)[:, None]
-    iw = np.clip(np.minimum(x2, occ[None, :, 2]) - np.maximum(x1, occ[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(y2, occ[None, :, 3]) - np.maximum(y1, occ[None, :, 1]), 0, None)
-    area = np.clip((occ[:, 2] - occ[:, 0]) * (occ[:, 3] - occ[:, 1]), 1e-9, None)
-    ok = ((iw * ih / area[None]) <= max_ioa).all(axis=1)
+    cx, cy = cands[:, :1], cands[:, 1:]
+    x1, y1 = np.maximum(cx, 0), np.maximum(cy, 0)
+    x2, y2 = np.minimum(cx + w, W), np.minimum(cy + h, H)
+    iw = np.minimum(x2, occ[:, 2]) - np.maximum(x1, occ[:, 0])
+    ih = np.minimum(y2, occ[:, 3]) - np.maximum(y1, occ[:, 1])
+    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
+    area = np.maximum((occ[:, 2] - occ[:, 0]) * (occ[:, 3] - occ[:, 1]), 1e-9)
+    ok = (inter <= max_ioa * area).all(axis=1)
     idx = np.flatnonzero(ok)
     if len(idx) == 0:
         return None
