@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import cv2
 import numpy as np
 import PIL.Image
 import torch
@@ -106,7 +107,9 @@ def _image_to_array(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
         if not (np.isfinite([lo, hi]).all() and lo >= -1e-3 and hi <= 1 + 1e-3):
             raise TargetsError(f"image: float images must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}] "
                                "(put GenValPaste before v2.Normalize)")
-        hwc = (t.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        chw = t.numpy()  # per-plane cv2 rounding + saturation is ~4x faster than numpy/torch here
+        hwc = cv2.merge([cv2.convertScaleAbs(np.ascontiguousarray(plane), alpha=255.0) for plane in chw])
+        hwc = hwc.reshape(t.shape[1], t.shape[2], t.shape[0])
         info["float"] = t
     else:
         raise TargetsError(f"image: dtype {img.dtype} is not supported (uint8, or float in [0, 1])")
@@ -123,9 +126,17 @@ def _restore_image(orig: Any, arr_in: np.ndarray, arr_out: np.ndarray, info: dic
     if info["kind"] == "pil":
         return PIL.Image.fromarray(arr_out[:, :, 0] if info["mode"] == "L" else arr_out, mode=info["mode"])
     if "float" in info:
-        delta = (arr_out.astype(np.float32) - arr_in.astype(np.float32)) / 255.0
         base = info["float"]
-        out = (base + torch.from_numpy(delta).permute(2, 0, 1).to(base.dtype)).clamp_(0.0, 1.0)
+        h, w, c = arr_in.shape
+        # bounding window of the changed pixels (boundingRect of the non-zero diff, channels side by side)
+        x, y, bw, bh = cv2.boundingRect(cv2.absdiff(arr_out, arr_in).reshape(h, w * c))
+        out = base.clone()
+        if bw and bh:  # add the change as a delta, on the changed window only
+            y0, y1, x0, x1 = y, y + bh, x // c, -(-(x + bw) // c)
+            delta = (arr_out[y0:y1, x0:x1].astype(np.float32) - arr_in[y0:y1, x0:x1].astype(np.float32)) / 255.0
+            win = out[:, y0:y1, x0:x1]
+            win += torch.from_numpy(delta).permute(2, 0, 1).to(base.dtype)
+            win.clamp_(0.0, 1.0)
     else:
         out = torch.from_numpy(arr_out).permute(2, 0, 1).contiguous()
     out = out.to(info["device"])
@@ -242,14 +253,16 @@ class GenValPaste(v2.Transform):
         out_boxes = np.asarray(res.targets.boxes, dtype=np.float32).reshape(-1, 4)
         box_same = np.all(out_boxes[:nk] == xyxy_in[kept], axis=1)
         masks_out = None if masks_in is None else np.asarray(res.targets.masks, dtype=bool)
-        if masks_out is not None:
-            px_out = masks_out.sum((1, 2))
-            px_in = masks_in[kept].sum((1, 2))
-            changed = np.concatenate([~box_same | (px_out[:nk] != px_in), np.ones(m - nk, bool)])
-            new_area = px_out.astype(np.float64)
-        else:
-            changed = np.concatenate([~box_same, np.ones(m - nk, bool)])
-            new_area = ((out_boxes[:, 2] - out_boxes[:, 0]) * (out_boxes[:, 3] - out_boxes[:, 1])).astype(np.float64)
+        changed = new_area = None
+        if p["area"] is not None:  # pixel counts only when there is an area to update
+            if masks_out is not None:
+                px_out = masks_out.sum((1, 2))
+                px_in = masks_in[kept].sum((1, 2))
+                changed = np.concatenate([~box_same | (px_out[:nk] != px_in), np.ones(m - nk, bool)])
+                new_area = px_out.astype(np.float64)
+            else:
+                changed = np.concatenate([~box_same, np.ones(m - nk, bool)])
+                new_area = ((out_boxes[:, 2] - out_boxes[:, 0]) * (out_boxes[:, 3] - out_boxes[:, 1])).astype(np.float64)
 
         repl: dict[int, Any] = {}
         repl[p["image"]] = _restore_image(flat[p["image"]], arr, np.asarray(res.image), img_info)
@@ -371,8 +384,16 @@ def _pack_boxes(boxes: tv_tensors.BoundingBoxes, out_xyxy: np.ndarray, kept: np.
 
 
 def _pack_masks(masks: tv_tensors.Mask, out: np.ndarray) -> tv_tensors.Mask:
-    t = torch.from_numpy(np.ascontiguousarray(out))
-    if masks.dtype != torch.bool:
-        scale = masks.amax().item() if masks.numel() and not masks.dtype.is_floating_point else 1
-        t = t.to(masks.dtype) * (scale if scale > 0 else 1)
+    """Bool core masks -> the input's dtype and foreground value (1, or e.g. 255 when the input used 255)."""
+    out = np.ascontiguousarray(out)
+    if masks.dtype == torch.uint8:
+        t = torch.from_numpy(out.view(np.uint8))  # bool bytes are 0/1: a free reinterpretation
+    else:
+        t = torch.from_numpy(out)
+    if masks.dtype not in (torch.bool, torch.uint8):
+        t = t.to(masks.dtype)
+    if masks.dtype != torch.bool and len(masks) and not masks.dtype.is_floating_point:
+        scale = int(masks[0].max())  # one mask tells the convention
+        if scale > 1:
+            t = t * scale  # a new tensor: never scale the core's bool array in place
     return tv_tensors.Mask(t.to(masks.device))

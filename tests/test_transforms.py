@@ -39,7 +39,7 @@ def names(shared_data):
 
 @pytest.fixture(scope="module")
 def samples(coco128_seg):
-    return coco128_samples(coco128_seg, limit=20)
+    return coco128_samples(coco128_seg, limit=40)
 
 
 def to_tv(s, fmt="XYXY", kind="image", extra=True):
