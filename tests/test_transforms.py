@@ -216,6 +216,12 @@ def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path, caplog):
         paste(PILImage.fromarray(s.image).convert("CMYK"), target)
     with pytest.raises(TargetsError, match="BoundingBoxes"):
         paste(img, {"labels": target["labels"]})
+    rotated = tv_tensors.BoundingBoxes(torch.cat([torch.from_numpy(s.boxes), torch.zeros(len(s.boxes), 1)], 1),
+                                       format="XYWHR", canvas_size=(H, W))
+    with pytest.raises(TargetsError, match="XYWHR"):
+        paste(img, dict(target, boxes=rotated))
+    with pytest.raises(TargetsError, match="KeyPoints"):
+        paste(img, dict(target, keypoints=tv_tensors.KeyPoints(torch.zeros(len(s.boxes), 2), canvas_size=(H, W))))
     # per-object fields can be filled explicitly
     ok = GenValPaste(bank_path, seed=0, extra_fields={"scores": 1.0})
     _, out = ok(img, dict(target, scores=torch.full((len(s.classes),), 0.5)))
