@@ -28,3 +28,15 @@ class ConfigError(GenValAugError, ValueError):
 
 class TargetsError(GenValAugError, ValueError):
     """Labels handed to a transform are inconsistent (lengths, shapes, coordinates); names the field."""
+
+
+class AgentError(GenValAugError):
+    """An LLM/VLLM agent or its backend failed."""
+
+
+class BackendError(AgentError):
+    """A chat backend request failed (HTTP status, timeout, bad response body, model error)."""
+
+
+class AgentOutputError(AgentError):
+    """An agent's model kept answering with output that does not parse (after retries)."""

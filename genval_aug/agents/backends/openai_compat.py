@@ -1,0 +1,154 @@
+"""OpenAI-compatible chat completions over HTTP (OpenAI, vLLM, Ollama, llama.cpp server, LM Studio, ...).
+
+Built on ``httpx``. The API key is read from an environment variable whose *name* is configured; the key
+itself lives only in this process' request headers (never in ``repr``, the cache or the bank).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from genval_aug.agents.backends.base import Message
+from genval_aug.errors import BackendError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+OPENAI_URL = "https://api.openai.com/v1"
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class OpenAICompatibleBackend:
+    """Chat completions client with timeouts, retries (429/5xx/timeouts, exponential backoff with jitter,
+    ``Retry-After`` honoured), a concurrency limit for :meth:`chat_batch` and clear errors on other 4xx.
+
+    Args:
+        model: model name sent in each request.
+        base_url: server root including ``/v1``; default ``$OPENAI_BASE_URL`` or OpenAI's.
+        api_key_env: name of the environment variable holding the key (``None``: send no key).
+            Required for api.openai.com; optional for local servers.
+        timeout: seconds per request (connect, read, write).
+        max_retries: retries after the first attempt for retryable failures.
+        backoff: first retry delay in seconds (doubles per retry, capped by ``max_backoff``).
+        concurrency: parallel requests in ``chat_batch``.
+        default_params: sent with every request (e.g. ``{"temperature": 0.7, "max_tokens": 512}``),
+            overridden by per-call params.
+    """
+
+    def __init__(self, model: str, base_url: str | None = None, *, api_key_env: str | None = "OPENAI_API_KEY",
+                 timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
+                 concurrency: int = 4, default_params: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None, transport: httpx.BaseTransport | None = None):
+        self.model = model
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
+        self.api_key_env = api_key_env
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.concurrency = max(1, int(concurrency))
+        self.default_params = dict(default_params or {})
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if key:
+            hdrs["Authorization"] = f"Bearer {key}"
+        elif self.base_url.startswith(OPENAI_URL):
+            raise ConfigError(f"no API key: set the environment variable {api_key_env or 'OPENAI_API_KEY'} "
+                              f"to use {self.base_url}")
+        self._client = httpx.Client(base_url=self.base_url, headers=hdrs, timeout=self.timeout,
+                                    transport=transport)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, "
+                f"api_key_env={self.api_key_env!r})")
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"backend": "openai-compatible", "base_url": self.base_url, "model": self.model,
+                "defaults": self.default_params}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- requests -----------------------------------------------------------------------------------
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            ra = response.headers.get("retry-after")
+            if ra:
+                try:
+                    return min(max(float(ra), 0.0), self.max_backoff)
+                except ValueError:
+                    pass
+        base = min(self.backoff * (2 ** attempt), self.max_backoff)
+        return base * (0.5 + random.random() / 2)
+
+    def chat(self, messages: list[Message], **params: Any) -> str:
+        body = {**self.default_params, **params, "model": self.model, "messages": messages, "stream": False}
+        url = f"{self.base_url}/chat/completions"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            response = None
+            try:
+                response = self._client.post("/chat/completions", json=body)
+            except httpx.TimeoutException as e:
+                last = f"timed out after {self.timeout:g} s ({type(e).__name__})"
+            except httpx.TransportError as e:
+                last = f"connection failed: {e}"
+            else:
+                if response.status_code < 400:
+                    return self._parse(response, url)
+                detail = _error_detail(response)
+                if response.status_code not in RETRY_STATUS:
+                    hint = ""
+                    if response.status_code in (401, 403):
+                        hint = f" (check the API key in ${self.api_key_env})" if self.api_key_env else " (no API key sent)"
+                    raise BackendError(f"POST {url} (model {self.model!r}) -> HTTP {response.status_code}: "
+                                       f"{detail}{hint}")
+                last = f"HTTP {response.status_code}: {detail}"
+            if attempt < self.max_retries:
+                delay = self._delay(attempt, response)
+                logger.warning("POST %s %s; retry %d/%d in %.1f s", url, last, attempt + 1, self.max_retries, delay)
+                time.sleep(delay)
+        raise BackendError(f"POST {url} (model {self.model!r}) failed after {self.max_retries + 1} attempts: {last}")
+
+    def _parse(self, response: httpx.Response, url: str) -> str:
+        try:
+            data = response.json()
+        except ValueError as e:
+            raise BackendError(f"POST {url}: response body is not JSON: {response.text[:200]!r}") from e
+        try:
+            content = data["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise BackendError(f"POST {url}: response has no choices[0].message: {str(data)[:200]!r}") from e
+        if content is None:
+            return ""
+        if isinstance(content, list):  # some servers return content parts
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return str(content)
+
+    def chat_batch(self, batch: list[list[Message]], **params: Any) -> list[str]:
+        if len(batch) <= 1 or self.concurrency == 1:
+            return [self.chat(m, **params) for m in batch]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batch))) as pool:
+            return list(pool.map(lambda m: self.chat(m, **params), batch))
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        err = data.get("error", data) if isinstance(data, dict) else data
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return str(err)[:300]
+    except ValueError:
+        return response.text[:300] or response.reason_phrase

@@ -1,0 +1,206 @@
+"""Local chat backends on Hugging Face transformers: a text LLM and a vision-language model.
+
+Both take OpenAI-style messages, render them with the model's chat template, generate in batches
+(left padding) and return only the newly generated text.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from genval_aug.agents.backends.base import Message, decode_image_data_url, iter_parts, message_text
+from genval_aug.errors import BackendError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+_GEN_KEYS = {"temperature", "top_p", "top_k", "max_tokens", "max_new_tokens", "seed", "repetition_penalty"}
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[str(dtype)]
+    except KeyError:
+        raise ConfigError(f"dtype must be one of float32/float16/bfloat16/auto, got {dtype!r}") from None
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+class _GenerateMixin:
+    model: str
+    max_new_tokens: int
+    batch_size: int
+    device: str
+
+    def _generation_kwargs(self, params: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
+        import torch
+
+        unknown = set(params) - _GEN_KEYS
+        if unknown:
+            logger.debug("%s ignores parameters %s", type(self).__name__, sorted(unknown))
+        kw: dict[str, Any] = {"max_new_tokens": int(params.get("max_new_tokens", params.get("max_tokens",
+                                                                                          self.max_new_tokens)))}
+        temp = float(params.get("temperature", 0.0) or 0.0)
+        if temp > 0:
+            kw.update(do_sample=True, temperature=temp)
+            for k in ("top_p", "top_k"):
+                if k in params:
+                    kw[k] = params[k]
+            if params.get("seed") is not None:
+                torch.manual_seed(int(params["seed"]))
+        else:
+            kw["do_sample"] = False
+        if "repetition_penalty" in params:
+            kw["repetition_penalty"] = float(params["repetition_penalty"])
+        if pad_token_id is not None:
+            kw["pad_token_id"] = pad_token_id
+        return kw
+
+    def chat(self, messages: list[Message], **params: Any) -> str:
+        return self.chat_batch([messages], **params)[0]
+
+    def chat_batch(self, batch: list[list[Message]], **params: Any) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(batch), self.batch_size):
+            out.extend(self._generate(batch[i:i + self.batch_size], params))
+        return out
+
+    def _generate(self, batch: list[list[Message]], params: dict[str, Any]) -> list[str]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TransformersChatBackend(_GenerateMixin):
+    """A causal LM (``AutoModelForCausalLM``) driven through its tokenizer's chat template."""
+
+    def __init__(self, model_obj, tokenizer, *, name: str | None = None, device: str | None = None,
+                 max_new_tokens: int = 512, batch_size: int = 8):
+        self.model_obj = model_obj
+        self.tokenizer = tokenizer
+        self.model = name or getattr(model_obj, "name_or_path", "") or type(model_obj).__name__
+        self.device = _resolve_device(device or str(getattr(model_obj, "device", "cpu")))
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = max(1, int(batch_size))
+        if getattr(tokenizer, "pad_token", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"tokenizer of {self.model!r} has no chat_template; set tokenizer.chat_template")
+        self.model_obj.to(self.device).eval()
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str, *, device: str | None = None, dtype: Any = "auto",
+                        local_files_only: bool | None = None, trust_remote_code: bool = False, **kwargs: Any):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hub = {"trust_remote_code": trust_remote_code}
+        if local_files_only is not None:
+            hub["local_files_only"] = local_files_only
+        tok = AutoTokenizer.from_pretrained(model_id_or_path, **hub)
+        model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype), **hub)
+        return cls(model, tok, name=str(model_id_or_path), device=device, **kwargs)
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"backend": "transformers-chat", "model": self.model, "max_new_tokens": self.max_new_tokens,
+                "dtype": str(getattr(self.model_obj, "dtype", ""))}
+
+    def _generate(self, batch: list[list[Message]], params: dict[str, Any]) -> list[str]:
+        import torch
+
+        convs = [[{"role": m["role"], "content": message_text(m)} for m in msgs] for msgs in batch]
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        kw = self._generation_kwargs(params, self.tokenizer.pad_token_id)
+        try:
+            with torch.inference_mode():
+                ids = self.model_obj.generate(**enc, **kw)
+        except Exception as e:  # noqa: BLE001 - surface as a backend error naming the model
+            raise BackendError(f"{self.model}: generate() failed: {e}") from e
+        new = ids[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+class TransformersVisionBackend(_GenerateMixin):
+    """A vision-language model (``AutoModelForImageTextToText`` + ``AutoProcessor``: Qwen2.5-VL, SmolVLM,
+    LLaVA, ...). Images arrive as base64 data-URL parts and are decoded locally."""
+
+    def __init__(self, model_obj, processor, *, name: str | None = None, device: str | None = None,
+                 max_new_tokens: int = 512, batch_size: int = 4):
+        self.model_obj = model_obj
+        self.processor = processor
+        self.model = name or getattr(model_obj, "name_or_path", "") or type(model_obj).__name__
+        self.device = _resolve_device(device or str(getattr(model_obj, "device", "cpu")))
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = max(1, int(batch_size))
+        tok = getattr(processor, "tokenizer", None)
+        if tok is not None:
+            tok.padding_side = "left"
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+        self.model_obj.to(self.device).eval()
+
+    @classmethod
+    def from_pretrained(cls, model_id_or_path: str, *, device: str | None = None, dtype: Any = "auto",
+                        local_files_only: bool | None = None, trust_remote_code: bool = False, **kwargs: Any):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        hub = {"trust_remote_code": trust_remote_code}
+        if local_files_only is not None:
+            hub["local_files_only"] = local_files_only
+        proc = AutoProcessor.from_pretrained(model_id_or_path, **hub)
+        model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype), **hub)
+        return cls(model, proc, name=str(model_id_or_path), device=device, **kwargs)
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"backend": "transformers-vision", "model": self.model, "max_new_tokens": self.max_new_tokens,
+                "dtype": str(getattr(self.model_obj, "dtype", ""))}
+
+    @staticmethod
+    def _convert(messages: list[Message]):
+        conv, images = [], []
+        for m in messages:
+            parts = []
+            for p in iter_parts(m):
+                if p["type"] == "text":
+                    parts.append({"type": "text", "text": p["text"]})
+                else:
+                    url = p.get("image_url", {})
+                    images.append(decode_image_data_url(url.get("url", "") if isinstance(url, dict) else str(url)))
+                    parts.append({"type": "image"})
+            conv.append({"role": m["role"], "content": parts})
+        return conv, images
+
+    def _generate(self, batch: list[list[Message]], params: dict[str, Any]) -> list[str]:
+        import torch
+
+        convs, images = [], []
+        for msgs in batch:
+            c, im = self._convert(msgs)
+            convs.append(c)
+            images.append(im)
+        flat = [im for ims in images for im in ims]
+        try:
+            texts = [self.processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+            kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+            if flat:
+                kwargs["images"] = flat
+            enc = self.processor(**kwargs).to(self.device)
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            kw = self._generation_kwargs(params, getattr(tok, "pad_token_id", None))
+            with torch.inference_mode():
+                ids = self.model_obj.generate(**enc, **kw)
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"{self.model}: processing or generate() failed: {e}") from e
+        new = ids[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]

@@ -1,0 +1,241 @@
+"""OpenAI-compatible backend against a loopback chat-completions server; response cache; local backends."""
+from __future__ import annotations
+
+import base64
+import time
+
+import cv2
+import numpy as np
+import pytest
+from agents_support import ChatServer, completion_body
+
+from genval_aug.agents.backends import (
+    CachedBackend,
+    OpenAICompatibleBackend,
+    ResponseCache,
+    image_part,
+    load_backend,
+    text_part,
+)
+from genval_aug.errors import BackendError, ConfigError
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+def _backend(server, **kw):
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("timeout", 5)
+    return OpenAICompatibleBackend("test-model", server.base_url, api_key_env=None, **kw)
+
+
+def test_plain_request_shape_and_params():
+    with ChatServer([("ok", "hi there")]) as srv:
+        b = _backend(srv, default_params={"temperature": 0.5, "max_tokens": 9})
+        assert b.chat(USER, temperature=0.1) == "hi there"
+    body = srv.requests[0]
+    assert body["model"] == "test-model"
+    assert body["stream"] is False
+    assert body["messages"] == USER
+    assert body["temperature"] == 0.1 and body["max_tokens"] == 9
+    assert "authorization" not in {k.lower() for k in srv.headers[0]}
+
+
+def test_image_content_parts_sent_as_base64_png():
+    img = np.zeros((20, 30, 3), np.uint8)
+    img[5:15, 10:20] = (255, 0, 0)
+    msgs = [{"role": "user", "content": [image_part(img), text_part("what is this?")]}]
+    with ChatServer([("ok", "a red square")]) as srv:
+        assert _backend(srv).chat(msgs) == "a red square"
+    parts = srv.requests[0]["messages"][0]["content"]
+    assert parts[0]["type"] == "image_url" and parts[1] == {"type": "text", "text": "what is this?"}
+    url = parts[0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    dec = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    assert dec.shape == (20, 30, 3)
+    assert tuple(dec[10, 15]) == (0, 0, 255)  # BGR of red: the RGB order survived the round trip
+
+
+def test_429_then_success_honours_retry_after():
+    script = [("status", 429, {"error": {"message": "slow down"}}, {"Retry-After": "0.2"}), ("ok", "done")]
+    with ChatServer(script) as srv:
+        t = time.perf_counter()
+        assert _backend(srv).chat(USER) == "done"
+        assert time.perf_counter() - t >= 0.2
+    assert len(srv.requests) == 2
+
+
+def test_500_exhausts_retries_with_clear_error():
+    with ChatServer([("status", 500, {"error": {"message": "boom"}})]) as srv:
+        with pytest.raises(BackendError, match=r"failed after 3 attempts: HTTP 500: boom"):
+            _backend(srv, max_retries=2).chat(USER)
+    assert len(srv.requests) == 3
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 422])
+def test_4xx_fails_at_once(code):
+    with ChatServer([("status", code, {"error": {"message": "bad request field x"}})]) as srv:
+        with pytest.raises(BackendError, match=rf"HTTP {code}: bad request field x"):
+            _backend(srv).chat(USER)
+    assert len(srv.requests) == 1
+
+
+def test_401_names_the_env_var_not_the_key(monkeypatch):
+    monkeypatch.setenv("MY_TEST_KEY", "sk-secret-123")
+    with ChatServer([("status", 401, {"error": {"message": "invalid key"}})]) as srv:
+        b = OpenAICompatibleBackend("m", srv.base_url, api_key_env="MY_TEST_KEY", backoff=0.01)
+        assert "sk-secret" not in repr(b)
+        with pytest.raises(BackendError) as ei:
+            b.chat(USER)
+    assert "$MY_TEST_KEY" in str(ei.value) and "sk-secret" not in str(ei.value)
+    assert srv.headers[0]["Authorization"] == "Bearer sk-secret-123"
+
+
+def test_timeout_then_success():
+    with ChatServer([("sleep", 1.0, "late"), ("ok", "on time")]) as srv:
+        assert _backend(srv, timeout=0.3).chat(USER) == "on time"
+    assert len(srv.requests) == 2
+
+
+def test_timeout_every_time_raises():
+    with ChatServer([("sleep", 0.6, "late")]) as srv:
+        with pytest.raises(BackendError, match="timed out after 0.2 s"):
+            _backend(srv, timeout=0.2, max_retries=1).chat(USER)
+
+
+def test_non_json_body_and_missing_choices():
+    with ChatServer([("raw", "<html>proxy error</html>")]) as srv:
+        with pytest.raises(BackendError, match="not JSON"):
+            _backend(srv).chat(USER)
+    with ChatServer([("raw", '{"object": "chat.completion"}')]) as srv:
+        with pytest.raises(BackendError, match=r"no choices\[0\]\.message"):
+            _backend(srv).chat(USER)
+
+
+def test_chat_batch_keeps_order_under_concurrency():
+    def reply(body):
+        time.sleep(0.05)
+        return "echo:" + body["messages"][0]["content"]
+
+    batch = [[{"role": "user", "content": str(i)}] for i in range(8)]
+    with ChatServer([reply]) as srv:
+        t = time.perf_counter()
+        out = _backend(srv, concurrency=4).chat_batch(batch)
+        elapsed = time.perf_counter() - t
+    assert out == [f"echo:{i}" for i in range(8)]
+    assert elapsed < 8 * 0.05  # ran in parallel
+
+
+def test_openai_url_without_key_is_config_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        OpenAICompatibleBackend("gpt-4o")
+
+
+def test_cache_hits_skip_the_server_and_store_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECRET_FOR_CACHE_TEST", "sk-never-on-disk")
+    with ChatServer([lambda body: "answer-" + str(body.get("seed"))]) as srv:
+        raw = OpenAICompatibleBackend("m", srv.base_url, api_key_env="SECRET_FOR_CACHE_TEST", backoff=0.01)
+        cached = CachedBackend(raw, ResponseCache(tmp_path / "c.sqlite"))
+        assert cached.chat(USER, seed=1) == "answer-1"
+        assert cached.chat(USER, seed=1) == "answer-1"
+        assert cached.chat(USER, seed=2) == "answer-2"        # params are part of the key
+        out = cached.chat_batch([USER, [{"role": "user", "content": "other"}]], seed=1)
+        assert out == ["answer-1", "answer-1"]
+    assert len(srv.requests) == 3                             # 2 misses + 1 miss in the batch
+    assert cached.cache.hits == 2
+    cached.cache.close()
+    blob = (tmp_path / "c.sqlite").read_bytes()
+    for p in tmp_path.iterdir():
+        blob += p.read_bytes()
+    assert b"sk-never-on-disk" not in blob
+
+
+def test_cache_can_be_turned_off(tmp_path):
+    with ChatServer([("ok", "x")]) as srv:
+        b = CachedBackend(_backend(srv), ResponseCache(tmp_path / "c.sqlite", enabled=False))
+        b.chat(USER)
+        b.chat(USER)
+        b2 = load_backend("openai", "m", base_url=srv.base_url, api_key_env=None, cache=False)
+        assert isinstance(b2, OpenAICompatibleBackend)
+        b2.chat(USER)
+    assert len(srv.requests) == 3
+    assert not (tmp_path / "c.sqlite").exists()
+
+
+def test_cache_keys_distinguish_models(tmp_path):
+    with ChatServer([lambda body: body["model"]]) as srv:
+        c = ResponseCache(tmp_path / "c.sqlite")
+        a = CachedBackend(OpenAICompatibleBackend("a", srv.base_url, api_key_env=None), c)
+        b = CachedBackend(OpenAICompatibleBackend("b", srv.base_url, api_key_env=None), c)
+        assert (a.chat(USER), b.chat(USER), a.chat(USER)) == ("a", "b", "a")
+    assert len(srv.requests) == 2 and len(c) == 2
+
+
+def test_completion_with_content_parts_is_joined():
+    body = completion_body("x")
+    body["choices"][0]["message"]["content"] = [{"type": "text", "text": "ab"}, {"type": "text", "text": "c"}]
+    import json
+
+    with ChatServer([("raw", json.dumps(body))]) as srv:
+        assert _backend(srv).chat(USER) == "abc"
+
+
+# --- local transformers backends -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def test_transformers_chat_backend_batched_and_reloaded(tmp_path, torch_one_thread):
+    from agents_support import tiny_llama
+
+    from genval_aug.agents.backends import TransformersChatBackend
+
+    model, tok = tiny_llama()
+    b = TransformersChatBackend(model, tok, max_new_tokens=6, batch_size=2)
+    convs = [[{"role": "system", "content": "s"}, {"role": "user", "content": "u" * k}] for k in range(1, 4)]
+    out = b.chat_batch(convs)
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    # batched generation with left padding gives the same greedy answer as one at a time
+    assert out[2] == b.chat(convs[2])
+    model.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    b2 = TransformersChatBackend.from_pretrained(str(tmp_path / "llm"), device="cpu", dtype="float32",
+                                                 local_files_only=True, max_new_tokens=6)
+    assert b2.chat(convs[2]) == out[2]
+    with pytest.raises(BackendError, match="text-only"):
+        b.chat([{"role": "user", "content": [image_part(np.zeros((4, 4, 3), np.uint8))]}])
+
+
+def test_transformers_vision_backend_reads_data_url_images(tmp_path, torch_one_thread):
+    from agents_support import tiny_qwen25_vl
+
+    from genval_aug.agents.backends import TransformersVisionBackend
+
+    model, proc = tiny_qwen25_vl()
+    b = TransformersVisionBackend(model, proc, max_new_tokens=5, batch_size=2)
+    rng = np.random.default_rng(0)
+    msgs = [[{"role": "system", "content": "judge"},
+             {"role": "user", "content": [image_part(rng.integers(0, 255, (48 + 8 * k, 64, 3), dtype=np.uint8)),
+                                          text_part("cat?")]}] for k in range(3)]
+    out = b.chat_batch(msgs)
+    assert len(out) == 3
+    model.save_pretrained(tmp_path / "vlm")
+    proc.save_pretrained(tmp_path / "vlm")
+    b2 = TransformersVisionBackend.from_pretrained(str(tmp_path / "vlm"), device="cpu", local_files_only=True,
+                                                   max_new_tokens=5)
+    assert b2.chat(msgs[0]) == b.chat(msgs[0])
+    with pytest.raises(BackendError, match="data URL"):
+        b.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
+def test_dtype_is_validated():
+    from genval_aug.agents.backends.transformers_backends import _torch_dtype
+
+    with pytest.raises(ConfigError, match="dtype"):
+        _torch_dtype("int3")
