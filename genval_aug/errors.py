@@ -26,10 +26,6 @@ class ConfigError(GenValAugError, ValueError):
     """A configuration value is invalid."""
 
 
-class TargetsError(GenValAugError, ValueError):
-    """Labels handed to a transform are inconsistent (lengths, shapes, coordinates); names the field."""
-
-
 class AgentError(GenValAugError):
     """An LLM/VLLM agent or its backend failed."""
 
@@ -40,3 +36,7 @@ class BackendError(AgentError):
 
 class AgentOutputError(AgentError):
     """An agent's model kept answering with output that does not parse (after retries)."""
+
+
+class TargetsError(GenValAugError, ValueError):
+    """Labels handed to a transform are inconsistent (lengths, shapes, coordinates); names the field."""

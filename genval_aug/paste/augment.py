@@ -207,8 +207,12 @@ def apply_colour(rgba: np.ndarray, matrix: np.ndarray | None, bgr: bool) -> Obje
     return ObjectPatch(rgb=colour, alpha=np.ascontiguousarray(alpha))
 
 
-def mean_luma(rgba: np.ndarray) -> float:
-    """Mean luma (RGB order) of the visible pixels of a small RGBA patch."""
-    alpha = cv2.extractChannel(rgba, 3)
-    mean = cv2.mean(rgba, mask=alpha)
-    return float(_LUMA_RGB @ np.asarray(mean[:3]))
+def mean_luma(rgba: np.ndarray, max_pixels: int = 1024) -> float:
+    """Alpha-weighted mean luma (RGB order) of an RGBA patch, from a grid of at most ~``max_pixels`` pixels."""
+    h, w = rgba.shape[:2]
+    step = max(int(np.sqrt(h * w / max_pixels)), 1)
+    sub = rgba[::step, ::step].reshape(-1, 4).astype(np.float32)
+    wsum = float(sub[:, 3].sum())
+    if wsum <= 0:
+        return 0.0
+    return float((sub[:, :3] @ _LUMA_RGB.astype(np.float32)) @ sub[:, 3] / wsum)

@@ -41,8 +41,11 @@ def composite_alpha(dst: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> None
 
 
 def composite_hard(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
-    """dst[mask] = src[mask], in place."""
-    np.copyto(dst, src, where=mask[..., None])
+    """dst[mask] = src[mask], in place (``cv2.copyTo``; numpy's masked copyto is ~5x slower)."""
+    tmp = np.ascontiguousarray(dst)
+    cv2.copyTo(src, mask.view(np.uint8) if mask.dtype == bool else mask, tmp)
+    if tmp is not dst:
+        dst[...] = tmp
 
 
 def poisson_clone(image: np.ndarray, src: np.ndarray, mask: np.ndarray, x: int, y: int) -> bool:

@@ -17,7 +17,7 @@ Conventions (shared by every adapter):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -153,7 +153,6 @@ class _Object:
     box_before: np.ndarray | None = None
     touched: bool = False
     cut: bool = False  # an original lost pixels to a paste
-    extra: dict = field(default_factory=dict)
 
 
 class OcclusionTracker:
@@ -332,7 +331,7 @@ class OcclusionTracker:
                 if self.mode == "masks":
                     mask_full = self.masks[o.source_index]
                 elif self.mode == "polygons":
-                    poly = np.asarray(self.polygons[o.source_index], np.float32)
+                    poly = np.array(self.polygons[o.source_index], np.float32)  # a copy, never the input
             else:
                 keep, box = self._finish_exact(o)
                 if keep and self.mode == "polygons":
