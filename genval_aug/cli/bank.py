@@ -20,6 +20,16 @@ from genval_aug.errors import BankError, ConfigError
 BANK_COMMAND_MODULES: list[str] = []
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d == argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # ----------------------------------------------------------------------------------------- registration
 def register(subparsers) -> argparse.ArgumentParser:
     bank = subparsers.add_parser("bank", help="harvest, inspect and maintain instance banks",
@@ -93,7 +103,7 @@ def _add_harvest(sub) -> None:
                     "yaml or folder), COCO json (polygons/RLE; iscrowd skipped), VOC instance PNGs, and box-only "
                     "YOLO detection (GrabCut masks, source kind harvest-grabcut). Bad input is reported with "
                     "file and line, counted and skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsFormatter)
     p.add_argument("--data", required=True, help="dataset yaml, dataset folder, COCO json or VOC folder")
     p.add_argument("--out", required=True, help="bank directory (created if missing)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="dataset format")
@@ -281,7 +291,7 @@ def _add_show(sub) -> None:
     p = sub.add_parser("show", help="write a contact sheet PNG (a row of instances per class)",
                        description="Write a contact sheet: one row per class with its name and count, then "
                                    "instances over a checkerboard (transparency visible).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("bank", help="bank directory")
     p.add_argument("--out", default="contact_sheet.png", help="PNG to write")
     p.add_argument("--per-class", type=int, default=8, help="instances per class")

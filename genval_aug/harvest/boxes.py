@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from genval_aug.datasets import YoloDataset, YoloSample
 from genval_aug.harvest.core import Annotation, SourceImage
-from genval_aug.harvest.yolo_seg import YoloSegSource, rel_path
+from genval_aug.harvest.yolo_seg import YoloSegSource, rel_path, warn_if_nameless
 
 
 class YoloBoxSource(YoloSegSource):
@@ -26,6 +26,7 @@ class YoloBoxSource(YoloSegSource):
         self.names = self.dataset.names
         self.name = self.dataset.name
         self._images = self.dataset.images(split)
+        warn_if_nameless(self.dataset)
 
     def to_source_image(self, s: YoloSample) -> SourceImage:
         anns = [Annotation(o.cls, self.dataset.class_name(o.cls), {"line": o.line}, box=o.box_xyxy(1, 1),

@@ -1,11 +1,13 @@
 """COCO instances json (polygons and RLE, decoded with pycocotools) as a harvest source.
 
-``iscrowd`` annotations are skipped and counted (``iscrowd``). LVIS json uses the same layout.
+``iscrowd`` annotations are skipped and counted (``iscrowd``). LVIS json uses the same layout (its images
+carry ``coco_url`` instead of ``file_name``: the last two URL parts, ``<split>/<file>``, are used).
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +58,8 @@ class CocoSource:
         self._bad_images: list[LabelIssue] = []
         for i, im in enumerate(data["images"]):
             try:
+                if "file_name" not in im and "coco_url" in im:  # LVIS: <split>/<file> at the end of the URL
+                    im = {**im, "file_name": "/".join(str(im["coco_url"]).split("/")[-2:])}
                 self._images.append({"id": im["id"], "file_name": str(im["file_name"]),
                                      "width": int(im["width"]), "height": int(im["height"])})
             except (KeyError, TypeError, ValueError) as e:
@@ -133,7 +137,9 @@ class CocoSource:
         else:
             return bad("empty_polygon", "no segmentation (polygons or RLE)")
         try:
-            m = mu.decode(rle)
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy= deprecation, not ours
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = mu.decode(rle)
         except Exception as e:  # noqa: BLE001 - malformed RLE strings raise various errors
             return bad("bad_rle", f"RLE does not decode ({e})")
         return Annotation(cid, self.names[cid], {"annotation": aid}, mask=m.view(bool) if m.dtype == np.uint8 else m)

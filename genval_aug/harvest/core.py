@@ -88,8 +88,10 @@ class HarvestConfig:
     soft_edges: bool = False  # polygon alpha = pixel coverage (4x4 supersampled) instead of 0/255
     classes: Sequence[str | int] | None = None  # only these class names or ids
     convert_images: bool = False  # convert grayscale/16-bit/CMYK images instead of skipping them
-    grabcut_iterations: int = 5
-    grabcut_max_side: int = 256
+    grabcut_iterations: int = 4
+    grabcut_max_side: int = 160
+    grabcut_context: float = 0.3
+    grabcut_seed: float = 0.5  # sure-foreground ellipse at the box centre, fraction of the box size
     store_rejected: bool = False  # keep rejected crops in the bank's audit table
     max_images: int | None = None
 
@@ -116,7 +118,7 @@ class HarvestReport:
     bad_input: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     file_issues: Counter = field(default_factory=Counter)  # files without objects lost (orphan labels, ...)
-    per_class: dict[str, Counter] = field(default_factory=dict)  # class -> {"kept": n, "rejected": n, ...}
+    per_class: dict[str, Counter] = field(default_factory=dict)  # class -> {"passed": n, "rejected": n, ...}
     issues: list[LabelIssue] = field(default_factory=list)
     issues_total: int = 0
     size_priors: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -207,11 +209,41 @@ class _SizeStats:
         return out
 
 
-def pool_priors(priors: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Pool size priors of several harvests (n-weighted means, pooled variances)."""
-    from genval_aug.bank.maintenance import _merge_priors
+_PRIOR_KEYS = ("rel_sqrt_area", "aspect")
 
-    return priors[0] if len(priors) == 1 else _merge_priors(list(priors))
+
+def _prior_sums(p: dict[str, float]) -> np.ndarray:
+    """(n, sum, sum of squares) per key: the additive form of an n-weighted pooled prior."""
+    n = float(p.get("n", 1))
+    out = [n]
+    for k in _PRIOR_KEYS:
+        m, sd = float(p.get(f"{k}_mean", 0.0)), float(p.get(f"{k}_std", 0.0))
+        out += [n * m, n * (sd * sd + m * m)]
+    return np.array(out)
+
+
+def _prior_from_sums(v: np.ndarray) -> dict[str, float] | None:
+    n = v[0]
+    if n < 0.5:
+        return None
+    out: dict[str, float] = {"n": int(round(n))}
+    for i, k in enumerate(_PRIOR_KEYS):
+        m = v[1 + 2 * i] / n
+        out[f"{k}_mean"] = float(m)
+        out[f"{k}_std"] = float(math.sqrt(max(v[2 + 2 * i] / n - m * m, 0.0)))
+    return out
+
+
+def update_prior(current: dict[str, float] | None, new: dict[str, float],
+                 replaced: dict[str, float] | None = None) -> dict[str, float]:
+    """Pool ``new`` into the bank's ``current`` prior (n-weighted), after taking out ``replaced`` (this
+    dataset's contribution from an earlier harvest), so re-harvesting a dataset does not count it twice."""
+    v = _prior_sums(new)
+    if current:
+        v = v + _prior_sums(current)
+        if replaced:
+            v = v - _prior_sums(replaced)
+    return _prior_from_sums(v) or new
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -254,7 +286,8 @@ class Harvester:
             return m[y0 - oy:ye - oy, x0 - ox:xe - ox], x0, y0
         if ann.box is not None:
             return M.grabcut_box(image, np.asarray(ann.box, np.float64), iterations=cfg.grabcut_iterations,
-                                 max_side=cfg.grabcut_max_side)
+                                 context=cfg.grabcut_context, max_side=cfg.grabcut_max_side,
+                                 seed_fraction=cfg.grabcut_seed)
         raise ValueError(f"annotation {ann.ref} has no geometry")
 
     # -- main loop --------------------------------------------------------------------------------
@@ -292,8 +325,11 @@ class Harvester:
         rep.seconds = time.perf_counter() - t0
         rep.check()
         if rep.issues_total:
-            log.warning("harvest %s: %d input problem(s) skipped (%s); see the report", source.name,
-                        rep.issues_total, ", ".join(f"{k} {v}" for k, v in (rep.bad_input + rep.file_issues).items()))
+            parts = [f"{sum(rep.bad_input.values())} annotation(s) skipped as bad input"]
+            if rep.file_issues:
+                parts.append(f"{sum(rep.file_issues.values())} file problem(s)")
+            log.warning("harvest %s: %s (%s); see the report", source.name, ", ".join(parts),
+                        ", ".join(f"{k} {v}" for k, v in (rep.bad_input + rep.file_issues).items()))
         return rep
 
     def _class_filter(self, source: HarvestSource) -> set[int] | None:
@@ -351,6 +387,34 @@ class Harvester:
         for ann in anns:
             self._one_annotation(image, H, W, ann, sample, source, writer, rep, sizes, seen)
 
+    def _box_precheck(self, ann: Annotation, W: int, H: int, rep: HarvestReport, sizes: _SizeStats,
+                      per: Counter) -> bool:
+        """Box sources: size statistics from the box, and no GrabCut for boxes that must fail anyway
+        (smaller than the size rules, or touching the image border). True = rejected here."""
+        cfg = self.config
+        if ann.normalized:
+            ann.box = np.asarray(ann.box, np.float64) * np.array([W, H, W, H], np.float64)
+            ann.normalized = False
+        x1, y1, x2, y2 = (float(v) for v in ann.box)
+        x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(W), x2), min(float(H), y2)
+        bw, bh = x2 - x1, y2 - y1
+        if bw < 1 or bh < 1:
+            reason = "empty_alpha"
+        else:
+            sizes.add(ann.category, int(round(bw * bh)), int(round(bw)), int(round(bh)), W, H)
+            b, r = cfg.border_px, cfg.rules
+            reason = None
+            if (r.min_area is not None and bw * bh < r.min_area) or (r.min_side is not None and min(bw, bh) < r.min_side):
+                reason = "too_small"
+            elif cfg.reject_truncated and (x1 < b or y1 < b or x2 > W - b or y2 > H - b):
+                reason = "truncated"
+        if reason is None:
+            return False
+        rep.rejected[reason] += 1
+        rep.rejected_any[reason] += 1
+        per["rejected"] += 1
+        return True
+
     @staticmethod
     def _image_failed(rep: HarvestReport, sample: SourceImage, anns: list[Annotation], reason: str, msg: str) -> None:
         rep.bad_input[reason] += len(anns)
@@ -362,6 +426,8 @@ class Harvester:
                         rep: HarvestReport, sizes: _SizeStats, seen: set[str]) -> None:
         cfg = self.config
         per = rep._cls(ann.category)
+        if ann.box is not None and self._box_precheck(ann, W, H, rep, sizes, per):
+            return
         try:
             mask, x, y = self.instance_mask(image, ann)
         except Exception as e:  # noqa: BLE001 - e.g. GrabCut on a degenerate region: count, keep going
@@ -378,16 +444,28 @@ class Harvester:
             return
         bx, by, bw, bh = bb
         area = int(np.count_nonzero(mask >= cfg.rules.alpha_threshold))
-        sizes.add(ann.category, area, bw, bh, W, H)
+        if ann.box is None:  # box sources add the box size in _box_precheck
+            sizes.add(ann.category, area, bw, bh, W, H)
         if cfg.keep_largest:
             keep = largest_component(mask >= cfg.rules.alpha_threshold)
             mask = np.where(keep, mask, 0).astype(np.uint8)
             bx, by, bw, bh = M.tight_bbox(mask >= cfg.rules.alpha_threshold)
+            area = int(np.count_nonzero(mask >= cfg.rules.alpha_threshold))
         # crop the mask window to its tight box before adding the margin
         mask = mask[by:by + bh, bx:bx + bw]
         x, y = x + bx, y + by
         b = cfg.border_px
         truncated = x < b or y < b or x + bw > W - b or y + bh > H - b
+        r = cfg.rules
+        if not cfg.store_rejected and ((r.min_area is not None and area < r.min_area)
+                                       or (r.min_side is not None and min(bw, bh) < r.min_side)):
+            # "too_small" is check_instance's first rule: decide it without building the crop
+            rep.rejected["too_small"] += 1
+            rep.rejected_any["too_small"] += 1
+            if truncated and cfg.reject_truncated:
+                rep.rejected_any["truncated"] += 1
+            per["rejected"] += 1
+            return
         margin = max(cfg.min_margin_px, int(round(cfg.margin * max(bw, bh))))
         rgba, crop_box = M.crop_rgba(image, mask, x, y, margin)
         stats = alpha_stats(rgba, cfg.rules.alpha_threshold)
@@ -417,28 +495,33 @@ class Harvester:
             return
         seen.add(rid)
         writer.add(rgba, category=ann.category, category_id=ann.category_id, source=prov)
-        per["kept"] += 1
+        per["passed"] += 1
 
     def _write_bank_stats(self, source: HarvestSource, writer, rep: HarvestReport) -> None:
         from genval_aug.bank import InstanceBank
 
-        bank = InstanceBank(writer.path) if hasattr(writer, "path") else None
+        bank = InstanceBank(writer.path) if getattr(writer, "path", None) else None
+        key = f"harvest/{source.name}"
+        previous: dict[str, Any] = {}
+        if bank is not None:
+            previous = bank.get_status(key) or {}
+        # the bank keeps each dataset's latest harvest: re-harvesting replaces its share, never doubles it
+        old_priors = previous.get("size_priors", {})
         for name, prior in rep.size_priors.items():
-            old = None
-            if bank is not None:
-                try:
-                    old = bank.size_prior(name)
-                except Exception:  # noqa: BLE001 - a fresh bank may not be readable yet
-                    old = None
-            writer.set_size_prior(name, pool_priors([old, prior]) if old else prior)
+            current = bank.size_prior(name) if bank is not None else None
+            writer.set_size_prior(name, update_prior(current, prior, old_priors.get(name)))
         reasons = Counter(rep.rejected)
         reasons.update(rep.bad_input)
         for k in ("iscrowd", "box_line"):
             if rep.skipped.get(k):
                 reasons[k] += rep.skipped[k]
-        if reasons:
-            writer.record_rejections(dict(reasons))
-        writer.set_status(f"harvest/{source.name}", {**rep.to_dict(), "config": self.config.to_dict()})
+        old = previous.get("recorded_rejections", {})
+        delta = {k: reasons.get(k, 0) - old.get(k, 0) for k in set(reasons) | set(old)}
+        delta = {k: v for k, v in delta.items() if v}
+        if delta:
+            writer.record_rejections(delta)
+        writer.set_status(key, {**rep.to_dict(), "recorded_rejections": dict(reasons),
+                                "size_priors": rep.size_priors, "config": self.config.to_dict()})
 
 
 def harvest(data: str | os.PathLike, out, *, format: str = "auto", config: HarvestConfig | None = None,

@@ -1,4 +1,4 @@
-"""Mask kernels for the harvest: exact polygon rasterization, RGBA crops, components, GrabCut.
+"""Mask kernels for the harvest: exact polygon rasterization, RGBA crops, GrabCut.
 
 Polygons use continuous pixel coordinates (pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``), so a
 normalized YOLO vertex maps to ``x * W``. A pixel is inside when its centre is (even-odd rule), which
@@ -83,16 +83,6 @@ def tight_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return None if w == 0 or h == 0 else (x, y, w, h)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep only the largest 8-connected component of ``mask >= 128`` (values of the kept pixels are kept)."""
-    binary = (mask >= 128).astype(np.uint8)
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    if n <= 2:
-        return mask
-    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    return np.where(lab == best, mask, 0).astype(np.uint8)
-
-
 def crop_rgba(image: np.ndarray, mask: np.ndarray, x: int, y: int, margin: int) -> tuple[np.ndarray, tuple]:
     """RGBA crop of ``image`` (H, W, 3 RGB) around ``mask`` placed at (x, y), grown by ``margin`` px.
 
@@ -115,13 +105,17 @@ def crop_rgba(image: np.ndarray, mask: np.ndarray, x: int, y: int, margin: int) 
     return rgba, (x0, y0, x1 - x0, y1 - y0)
 
 
-def grabcut_box(image: np.ndarray, box: np.ndarray, *, iterations: int = 5, context: float = 0.15,
-                max_side: int = 256) -> tuple[np.ndarray, int, int]:
+def grabcut_box(image: np.ndarray, box: np.ndarray, *, iterations: int = 4, context: float = 0.3,
+                max_side: int = 160, seed_fraction: float = 0.5) -> tuple[np.ndarray, int, int]:
     """Foreground mask of the object in ``box`` (x1, y1, x2, y2 pixels) by OpenCV GrabCut.
 
     GrabCut runs on the box grown by ``context`` (fraction of its size, at least 8 px) and
-    downscaled so its longer side is at most ``max_side``; outside the box is background.
-    Returns (mask uint8 0/255 of the box window, x, y) with the window at (x, y) in the image.
+    downscaled so its longer side is at most ``max_side``; outside the box is background, and an
+    ellipse of ``seed_fraction`` of the box size at its centre is foreground for sure. Returns
+    (mask uint8 0/255 of the box window, x, y) with the window at (x, y) in the image.
+
+    On 80 unclipped coco128 objects the defaults gave a mean IoU of 0.62 with the true polygons
+    (the box itself: 0.53; plain rectangle-initialised GrabCut: 0.30, with 33 empty masks).
     """
     H, W = image.shape[:2]
     x1, y1, x2, y2 = box
@@ -143,10 +137,17 @@ def grabcut_box(image: np.ndarray, box: np.ndarray, *, iterations: int = 5, cont
     rx1, ry1 = min(rx1, sw - 1), min(ry1, sh - 1)
     if rx1 - rx0 < 2 or ry1 - ry0 < 2:
         return np.zeros((by1 - by0, bx1 - bx0), np.uint8), bx0, by0
-    gc = np.zeros((sh, sw), np.uint8)
+    # seeds: outside the box is background, inside probably foreground, and a small ellipse at the
+    # box centre surely foreground (keeps GrabCut from giving the whole box to the background when
+    # object and surroundings look alike)
+    gc = np.full((sh, sw), cv2.GC_BGD, np.uint8)
+    gc[ry0:ry1, rx0:rx1] = cv2.GC_PR_FGD
+    if seed_fraction > 0:
+        cx, cy = (rx0 + rx1) // 2, (ry0 + ry1) // 2
+        axes = (max(1, int((rx1 - rx0) * seed_fraction / 2)), max(1, int((ry1 - ry0) * seed_fraction / 2)))
+        cv2.ellipse(gc, (cx, cy), axes, 0, 0, 360, int(cv2.GC_FGD), -1)
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.grabCut(np.ascontiguousarray(small[..., ::-1]), gc, (rx0, ry0, rx1 - rx0, ry1 - ry0), bgd, fgd,
-                iterations, cv2.GC_INIT_WITH_RECT)
+    cv2.grabCut(np.ascontiguousarray(small[..., ::-1]), gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     fg = ((gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)).astype(np.uint8) * 255
     if scale != 1.0:
         fg = cv2.resize(fg, (cx1 - cx0, cy1 - cy0), interpolation=cv2.INTER_LINEAR)

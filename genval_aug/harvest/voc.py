@@ -91,8 +91,8 @@ class VocSource:
             anns, issues = [], []
             # one pass: instance id x class index histogram
             valid = (obj != 0) & (obj != 255)
-            hist = np.zeros((256, 256), np.int64)
-            np.add.at(hist, (obj[valid], cls[valid]), 1)
+            pairs = obj[valid].astype(np.int64) * 256 + cls[valid]
+            hist = np.bincount(pairs, minlength=256 * 256).reshape(256, 256)
             hist[:, 0] = 0
             hist[:, 255] = 0
             for iid in np.flatnonzero(np.bincount(obj[valid].ravel(), minlength=256)):

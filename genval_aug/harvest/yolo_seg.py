@@ -1,6 +1,7 @@
 """Ultralytics YOLO-seg datasets (dataset yaml or folder; normalized polygons) as a harvest source."""
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -9,6 +10,8 @@ from pathlib import Path
 from genval_aug.datasets import LabelIssue, YoloDataset, YoloSample
 from genval_aug.harvest.core import Annotation, SourceImage
 
+log = logging.getLogger(__name__)
+
 
 def rel_path(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` (posix), or as given when it lies elsewhere."""
@@ -16,6 +19,12 @@ def rel_path(path: Path, root: Path) -> str:
         return path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return str(path)
+
+
+def warn_if_nameless(ds: YoloDataset) -> None:
+    if not ds.names:
+        log.warning("%s: no class names (no yaml 'names', no classes.txt); class ids become category names - "
+                    "pass names (CLI: --names coco_categories.json or another table)", ds.source)
 
 
 class YoloSegSource:
@@ -38,6 +47,7 @@ class YoloSegSource:
         self.names = self.dataset.names
         self.name = self.dataset.name
         self._images = self.dataset.images(split)
+        warn_if_nameless(self.dataset)
 
     def __len__(self) -> int:
         return len(self._images)
