@@ -57,9 +57,10 @@ def crop_to_alpha(rgba: np.ndarray, label_threshold: int = 128) -> tuple[np.ndar
     return rgba[y : y + h, x : x + w], int(cv2.countNonZero(m))
 
 
-def crop_from_meta(rgba: np.ndarray, meta: dict | None, pad: int = 4) -> tuple[np.ndarray, int] | None:
+def crop_from_meta(rgba: np.ndarray, meta: dict | None, pad: int | None = None) -> tuple[np.ndarray, int] | None:
     """Fast path of :func:`crop_to_alpha` from bank metadata (``meta["mask"]`` = area and x, y, w, h bbox of
-    alpha >= 128), padded by ``pad`` px for the soft edge; None when the metadata is missing or stale."""
+    alpha >= 128), padded for the soft edge below 128 by ``pad`` px (default: 8 px or 2% of the larger side);
+    None when the metadata is missing or stale."""
     m = (meta or {}).get("mask")
     if not isinstance(m, dict) or "bbox" not in m or "area" not in m:
         return None
@@ -69,6 +70,8 @@ def crop_from_meta(rgba: np.ndarray, meta: dict | None, pad: int = 4) -> tuple[n
     x, y, w, h = (int(v) for v in m["bbox"])
     if w <= 0 or h <= 0 or int(m["area"]) <= 0:
         return None
+    if pad is None:
+        pad = max(8, int(round(0.02 * max(H, W))))
     x0, y0, x1, y1 = max(x - pad, 0), max(y - pad, 0), min(x + w + pad, W), min(y + h + pad, H)
     return rgba[y0:y1, x0:x1], int(m["area"])
 
