@@ -159,7 +159,7 @@ class _Object:
     area_before: int = 0
     box_before: np.ndarray | None = None
     touched: bool = False
-    cut: bool = False  # an original lost pixels to a paste
+    cut: bool = False  # lost pixels to a later paste
 
 
 class OcclusionTracker:
@@ -270,7 +270,7 @@ class OcclusionTracker:
         # earlier pasted objects
         for o in self.objects[self.n_original :]:
             if _intersects(o.box[None], box)[0]:
-                self._cut(o, pm, px, py)
+                o.cut |= self._cut(o, pm, px, py)
         area = int(np.count_nonzero(pm))
         self.objects.append(
             _Object(
@@ -339,7 +339,8 @@ class OcclusionTracker:
                 elif self.mode == "polygons":
                     poly = np.array(self.polygons[o.source_index], np.float32)  # a copy, never the input
             else:
-                keep, box = self._finish_exact(o)
+                # a pasted object nothing was pasted over keeps its paste-time box
+                keep, box = self._finish_exact(o) if o.cut else (True, o.box_before)
                 if keep and self.mode == "polygons":
                     local = mask_to_polygon(o.mask, self.rules.polygon_parts)
                     poly = local + np.array([o.x0, o.y0], np.float32)
