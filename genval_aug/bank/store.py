@@ -105,12 +105,19 @@ class _Registry:
             raise BankError(f"cannot open instance bank at {path}: {e}") from e
         try:
             if write:
-                dbs = {n: env.open_db(n.encode()) for n in DB_NAMES}
+                # create every sub-database and the schema record in ONE transaction, so a reader
+                # never sees a half-initialized bank
+                with env.begin(write=True) as txn:
+                    dbs = {n: env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
+                    if txn.get(b"schema", db=dbs["meta"]) is None:
+                        txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=dbs["meta"])
+                        txn.put(b"stats", dumps(_empty_stats()), db=dbs["meta"])
             else:
                 dbs = {n: env.open_db(n.encode(), create=False) for n in DB_NAMES}
-        except lmdb.Error as e:
+        except lmdb.NotFoundError as e:
             env.close()
-            raise BankError(f"{path} is not a genval_aug instance bank (missing sub-database: {e})") from e
+            raise BankError(f"{path} is not a genval_aug instance bank, or its writer is still creating it "
+                            f"(missing sub-database: {e})") from e
         return _Handle(env, dbs, write)
 
     def reopen_resized(self, path: str) -> None:
@@ -228,6 +235,38 @@ class InstanceBank:
         raw = self._read(lambda txn, dbs: txn.get(b"status/" + name.encode(), db=dbs["meta"]))
         return loads(raw) if raw else None
 
+    def statuses(self, prefix: str = "") -> dict[str, Any]:
+        """All status entries whose name starts with ``prefix`` (name -> JSON)."""
+        key = b"status/" + prefix.encode()
+
+        def fn(txn, dbs):
+            out = {}
+            cur = txn.cursor(db=dbs["meta"])
+            if cur.set_range(key):
+                for k, v in cur:
+                    if not k.startswith(key):
+                        break
+                    out[k[len(b"status/"):].decode()] = loads(v, what=f"status {k.decode()}")
+            return out
+
+        return self._read(fn)
+
+    def scan_meta(self, tables: tuple[str, ...] = ("records",), *, contains: bytes | None = None) -> list[dict[str, Any]]:
+        """Metadata of every record in ``tables`` ("records", "rejected"), in one read transaction.
+
+        ``contains`` is a cheap pre-filter on the raw JSON bytes (records without it are not parsed).
+        """
+
+        def fn(txn, dbs):
+            out = []
+            for table in tables:
+                for k, v in txn.cursor(db=dbs[table]):
+                    if contains is None or contains in v:
+                        out.append(loads(v, what=f"{table} {k.decode()}"))
+            return out
+
+        return self._read(fn)
+
     def get_meta(self, record_id: str) -> dict[str, Any]:
         raw = self._read(lambda txn, dbs: txn.get(record_id.encode(), db=dbs["records"]))
         if raw is None:
@@ -343,12 +382,9 @@ class BankWriter:
         self.added = 0
         self.duplicates = 0
         h = self._handle()
-        with h.env.begin(write=True) as txn:
+        with h.env.begin() as txn:
             raw = txn.get(b"schema", db=h.dbs["meta"])
-            if raw is None:
-                txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=h.dbs["meta"])
-                txn.put(b"stats", dumps(_empty_stats()), db=h.dbs["meta"])
-            elif loads(raw)["version"] > SCHEMA_VERSION:
+            if loads(raw)["version"] > SCHEMA_VERSION:
                 raise BankError(f"{self.path} has bank schema {loads(raw)['version']}, newer than this "
                                 f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
 

@@ -1,0 +1,82 @@
+"""Top a bank up in a spawned worker while a DataLoader reads it through the paste transform.
+
+Runs offline on CPU with the deterministic ``shapes`` source; swap the ``source``/``validator`` blocks
+for ``layerdiffusion`` / ``agent`` (see build_lvis_rare.yaml) to top up with generated, validated
+instances on a GPU.
+
+    python examples/topup_worker.py [--bank cache/topup_demo.lmdb]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from genval_aug.bank import BankSampler, InstanceBank
+from genval_aug.build import BankBuilder, parse_config
+from genval_aug.build.draws import TrackingSampler
+from genval_aug.build.worker import start_worker
+
+CONFIG = {
+    "name": "topup-demo",
+    "output": {"bank": "cache/topup_demo.lmdb"},
+    "classes": {"names": ["disk", "box", "star"], "target": 60},
+    "source": {"kind": "shapes", "batch_size": 8, "params": {"size": 96, "bad_fraction": 0.2, "delay": 0.02}},
+    "validator": "none",
+    "prefilter": {"reject_border": True},
+    "pipeline": {"progress": False},
+    "worker": {"poll_interval": 1.0, "most_drawn_top_k": 1, "topup_step": 10, "max_extra_per_class": 40},
+}
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, bank: str):
+        sampler = TrackingSampler(BankSampler(InstanceBank(bank, refresh_interval=1.0)))  # reports draws
+        try:
+            from genval_aug.transforms import GenValPaste
+
+            self.paste = GenValPaste(sampler, n=(1, 3), p=1.0)
+        except ImportError:  # torchvision adapter not installed: draw directly
+            self.paste, self.sampler = None, sampler
+
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        if self.paste is None:
+            return len(self.sampler.sample(np.random.default_rng(i), 2))
+        from torchvision import tv_tensors
+
+        img = tv_tensors.Image(torch.zeros(3, 128, 128, dtype=torch.uint8))
+        tgt = {"boxes": tv_tensors.BoundingBoxes([[8, 8, 40, 40]], format="XYXY", canvas_size=(128, 128)),
+               "labels": torch.tensor([0])}
+        return len(self.paste(img, tgt)[1]["labels"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bank", default=CONFIG["output"]["bank"])
+    ap.add_argument("--seconds", type=float, default=8.0)
+    args = ap.parse_args()
+    cfg = parse_config({**CONFIG, "output": {"bank": args.bank}})
+    # seed the bank with a few instances per class (a real run would start from a harvested bank)
+    seed_cfg = parse_config({**CONFIG, "output": {"bank": args.bank}, "classes": {"names": ["disk", "box", "star"], "target": 5}})
+    BankBuilder(seed_cfg).run()
+    loader = torch.utils.data.DataLoader(Images(args.bank), batch_size=8, num_workers=2)
+    t0 = time.monotonic()
+    with start_worker(args.bank, cfg) as worker:        # spawned; holds the only writer
+        for step, _ in enumerate(loader):
+            if step % 20 == 0:
+                st = worker.status() or {}
+                print(f"step {step:4d}  bank {InstanceBank(args.bank, refresh_interval=None).categories()}  "
+                      f"worker: +{st.get('total_added', st.get('added', 0))} added, missing {st.get('missing')}")
+            if time.monotonic() - t0 > args.seconds:
+                break
+    print("final:", InstanceBank(args.bank, refresh_interval=None).categories(), "| status:",
+          {k: (worker.status() or {}).get(k) for k in ("state", "total_added", "extra")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""A real YOLO11n-seg training run with bank instances pasted in; keeps its train_batch picture.
+
+    python examples/yolo_train_batch.py [--data ../shared/data] [--out docs/images/yolo_train_batch.jpg]
+
+Builds a bank from shared/data/rgba_objects (person, car, elephant cut-outs), copies 16 coco128-seg images that
+contain none of those classes (so every person/car/elephant in the picture was pasted), trains 2 epochs on CPU
+with ``attach(model, bank=..., n=3)`` and copies Ultralytics' own ``train_batch*.jpg`` of the run to ``--out``.
+Offline: YOLO_OFFLINE=1 and a local font in YOLO_CONFIG_DIR (see README, "Ultralytics YOLO").
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TMP = Path(tempfile.mkdtemp(prefix="genval-yolo-example-"))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+os.environ.setdefault("YOLO_CONFIG_DIR", str(TMP / "yolo"))
+os.environ.setdefault("MPLCONFIGDIR", str(TMP / "mpl"))
+
+import argparse  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BANK = {"rembg_girl-1.png": "person", "rembg_girl-2.png": "person", "rembg_girl-3.png": "person",
+        "rembg_car-1.png": "car", "rembg_car-2.png": "car", "rembg_animal-2.png": "elephant"}
+BANK_IDS = {0, 2, 20}  # their COCO ids
+
+
+def local_font() -> None:
+    """Ultralytics looks for Arial.ttf in YOLO_CONFIG_DIR before downloading it: give it matplotlib's DejaVuSans."""
+    import matplotlib
+
+    d = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    d.mkdir(parents=True, exist_ok=True)
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if not (d / name).exists():
+            shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", d / name)
+
+
+def build_bank(rgba_dir: Path, path: Path) -> Path:
+    from genval_aug.bank import BankWriter
+
+    with BankWriter(path) as w:
+        for name, category in BANK.items():
+            rgba = cv2.cvtColor(cv2.imread(str(rgba_dir / name), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+            ys, xs = np.nonzero(rgba[..., 3])
+            w.add(rgba[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1], category=category,
+                  source={"kind": "example", "dataset": "rgba_objects", "image": name})
+    return path
+
+
+def copy_images(coco: Path, dst: Path, n: int) -> Path:
+    (dst / "images" / "train").mkdir(parents=True)
+    (dst / "labels" / "train").mkdir(parents=True)
+    taken = 0
+    for lab in sorted((coco / "labels" / "train2017").glob("*.txt")):
+        rows = [r for r in lab.read_text().splitlines() if r.strip()]
+        if not rows or {int(r.split()[0]) for r in rows} & BANK_IDS:
+            continue
+        shutil.copy(coco / "images" / "train2017" / f"{lab.stem}.jpg", dst / "images" / "train")
+        shutil.copy(lab, dst / "labels" / "train")
+        taken += 1
+        if taken == n:
+            break
+    names = yaml.safe_load((coco / "coco128-seg.yaml").read_text())["names"]
+    out = dst / "data.yaml"
+    out.write_text(yaml.safe_dump({"path": str(dst), "train": "images/train", "val": "images/train", "names": names}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path,
+                    default=Path(os.environ.get("GENVAL_AUG_SHARED_DATA", ROOT.parent / "shared" / "data")))
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "yolo_train_batch.jpg")
+    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--batch-index", type=int, default=0, help="which train_batch<i>.jpg to keep")
+    args = ap.parse_args()
+    local_font()
+
+    import torch
+    from ultralytics import YOLO
+
+    from genval_aug.ultralytics import attach
+
+    torch.set_num_threads(2)
+    bank = build_bank(args.data / "rgba_objects", TMP / "bank.lmdb")
+    data = copy_images(args.data / "coco128-seg", TMP / "data", 16)
+    model = attach(YOLO("yolo11n-seg.yaml"), bank=bank, n=3)
+    model.train(data=str(data), epochs=2, close_mosaic=1, imgsz=args.imgsz, batch=4, device="cpu", workers=0,
+                plots=True, val=False, amp=False, project=str(TMP / "runs"), name="seg", exist_ok=True, seed=0)
+    src = TMP / "runs" / "seg" / f"train_batch{args.batch_index}.jpg"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, args.out)
+    print(f"saved {args.out} ({args.out.stat().st_size / 1024:.0f} KB) from {src}")
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

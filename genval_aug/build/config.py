@@ -1,0 +1,388 @@
+"""Bank-build configuration: YAML -> validated dataclasses.
+
+Every error raised here is a :class:`~genval_aug.errors.ConfigError` naming the file and the field
+(``build.yaml: classes.groups.r: expected an integer >= 0, got 'many'``).
+
+Example (see ``examples/build_lvis_rare.yaml``)::
+
+    name: lvis-rare
+    seed: 0
+    output: {bank: cache/lvis_rare.lmdb}
+    classes:
+      table: lvis_v1_categories.json     # or `names: [dog, cat]` with `target: 100`
+      groups: {r: 1000}                  # every rare class to >= 1000 instances
+    prompts: {kind: template, n: 16}
+    source: {kind: layerdiffusion, batch_size: 8, params: {base_model: ...}}
+    validator: {kind: agent, backend: {kind: openai, model: ...}}
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from genval_aug.errors import ConfigError
+
+__all__ = [
+    "BuildConfig",
+    "ClassSpec",
+    "ComponentSpec",
+    "OutputSpec",
+    "PipelineSpec",
+    "PromptSpec",
+    "WorkerSpec",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_TEMPLATES = (
+    "a photo of a single {name}, {definition}, full view, centered, plain background",
+)
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One category to build: its name, id, target (minimum instance count) and prompt hints."""
+
+    name: str
+    target: int
+    category_id: int | None = None
+    definition: str | None = None
+    synonyms: tuple[str, ...] = ()
+    group: str | None = None
+
+
+@dataclass
+class ComponentSpec:
+    """A pluggable component: registry ``kind`` (or ``"module:factory"``), batch size and free params."""
+
+    kind: str
+    batch_size: int = 4
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PromptSpec:
+    kind: str = "template"              # "template" | "agent" | registered name | "module:factory"
+    n: int = 8                          # prompts per class; unit i uses prompt i % n
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    params: dict[str, Any] = field(default_factory=dict)   # e.g. backend spec, prompt_version
+    cache: str | None = None            # JSON file of prompts per class (default: <bank>.prompts.json)
+
+
+@dataclass
+class OutputSpec:
+    bank: str
+    commit_every: int = 32
+
+
+@dataclass
+class PipelineSpec:
+    queue_size: int = 2                 # bounded queues between stages (in batches)
+    overgenerate: float = 1.0           # units scheduled per round = ceil(deficit * overgenerate)
+    max_units_per_round: int = 4096     # per class
+    max_attempts_factor: float = 20.0   # give a class up after target * factor units
+    progress: bool = True
+
+
+@dataclass
+class WorkerSpec:
+    poll_interval: float = 5.0          # seconds between checks once all targets are met
+    topup_step: int = 8                 # extra instances for each of the most-drawn classes
+    most_drawn_top_k: int = 0           # 0 = only fill deficits
+    max_extra_per_class: int = 256      # cap of the most-drawn raise per class
+    draws_dir: str | None = None        # default: <bank>.draws/
+
+
+@dataclass
+class BuildConfig:
+    name: str
+    output: OutputSpec
+    classes: list[ClassSpec]
+    source: ComponentSpec
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    validator: ComponentSpec = field(default_factory=lambda: ComponentSpec(kind="none"))
+    prefilter: dict[str, Any] | None = field(default_factory=dict)   # QualityRules kwargs; None = off
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
+    worker: WorkerSpec = field(default_factory=WorkerSpec)
+    seed: int = 0
+    path: str | None = None             # the YAML file it came from (for messages)
+
+    def targets(self) -> dict[str, int]:
+        return {c.name: c.target for c in self.classes}
+
+    def class_spec(self, name: str) -> ClassSpec:
+        for c in self.classes:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+
+
+class _Ctx:
+    def __init__(self, where: str, base_dir: Path):
+        self.where = where
+        self.base_dir = base_dir
+
+    def fail(self, fld: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {fld}: {msg}")
+
+    def mapping(self, value: Any, fld: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(fld, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def check_keys(self, d: dict[str, Any], fld: str, allowed: set[str]) -> None:
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            prefix = f"{fld}." if fld else ""
+            raise self.fail(f"{prefix}{unknown[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+    def int_(self, value: Any, fld: str, lo: int | None = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(fld, f"expected an integer{f' >= {lo}' if lo is not None else ''}, got {value!r}")
+        if lo is not None and value < lo:
+            raise self.fail(fld, f"expected an integer >= {lo}, got {value}")
+        return value
+
+    def float_(self, value: Any, fld: str, lo: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(fld, f"expected a number, got {value!r}")
+        if lo is not None and value < lo:
+            raise self.fail(fld, f"expected a number >= {lo}, got {value}")
+        return float(value)
+
+    def str_(self, value: Any, fld: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(fld, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def path(self, value: Any, fld: str) -> str:
+        raw = os.path.expandvars(self.str_(value, fld))
+        if "$" in raw:
+            raise self.fail(fld, f"unset environment variable in {value!r}")
+        p = Path(raw).expanduser()
+        return str(p if p.is_absolute() else self.base_dir / p)
+
+
+def _component(ctx: _Ctx, raw: Any, fld: str, default_kind: str | None = None) -> ComponentSpec:
+    if isinstance(raw, str):
+        raw = {"kind": raw}
+    d = ctx.mapping(raw, fld)
+    ctx.check_keys(d, fld, {"kind", "batch_size", "params"})
+    kind = d.get("kind", default_kind)
+    if kind is None:
+        raise ctx.fail(f"{fld}.kind", "missing (name a registered kind or 'module:factory')")
+    return ComponentSpec(
+        kind=ctx.str_(kind, f"{fld}.kind"),
+        batch_size=ctx.int_(d.get("batch_size", 4), f"{fld}.batch_size", lo=1),
+        params=dict(ctx.mapping(d.get("params"), f"{fld}.params")),
+    )
+
+
+def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ctx.fail(fld, f"category table {p} not found")
+    try:
+        if p.suffix.lower() == ".csv":
+            with p.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            for r in rows:
+                if isinstance(r.get("synonyms"), str):
+                    r["synonyms"] = [s for s in r["synonyms"].split("|") if s]
+        else:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            rows = data.get("categories", data) if isinstance(data, dict) else data
+    except (OSError, ValueError, csv.Error) as e:
+        raise ctx.fail(fld, f"cannot read category table {p}: {e}") from e
+    if not isinstance(rows, list) or not rows:
+        raise ctx.fail(fld, f"category table {p} holds no categories (expected a list or {{'categories': [...]}})")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not r.get("name"):
+            raise ctx.fail(fld, f"category table {p}: entry {i} has no 'name'")
+    return rows
+
+
+def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
+    if isinstance(raw, list):
+        raw = {"names": raw}
+    d = ctx.mapping(raw, "classes")
+    if not d:
+        raise ctx.fail("classes", "missing (give `names: [...]` or `table: <file>`)")
+    ctx.check_keys(d, "classes", {"names", "table", "target", "groups", "only", "targets", "limit"})
+    if ("names" in d) == ("table" in d):
+        raise ctx.fail("classes", "give exactly one of `names` or `table`")
+    default_target = ctx.int_(d["target"], "classes.target") if "target" in d else None
+    groups = {str(k): ctx.int_(v, f"classes.groups.{k}") for k, v in ctx.mapping(d.get("groups"), "classes.groups").items()}
+    overrides = {str(k): ctx.int_(v, f"classes.targets.{k}") for k, v in ctx.mapping(d.get("targets"), "classes.targets").items()}
+
+    rows: list[dict[str, Any]]
+    if "names" in d:
+        names = d["names"]
+        if not isinstance(names, list) or not names:
+            raise ctx.fail("classes.names", "expected a non-empty list")
+        rows = []
+        for i, n in enumerate(names):
+            if isinstance(n, dict):
+                if not n.get("name"):
+                    raise ctx.fail(f"classes.names[{i}]", "entry has no 'name'")
+                rows.append(dict(n))
+            else:
+                rows.append({"name": ctx.str_(n, f"classes.names[{i}]")})
+    else:
+        rows = _load_table(ctx, ctx.path(d["table"], "classes.table"), "classes.table")
+    if "only" in d:
+        only = d["only"]
+        if not isinstance(only, list):
+            raise ctx.fail("classes.only", "expected a list of names")
+        known = {str(r["name"]) for r in rows}
+        missing = [n for n in only if n not in known]
+        if missing:
+            raise ctx.fail("classes.only", f"unknown class {missing[0]!r}")
+        keep = set(only)
+        rows = [r for r in rows if r["name"] in keep]
+
+    out: list[ClassSpec] = []
+    seen: set[str] = set()
+    for r in rows:
+        name = str(r["name"])
+        if name in seen:
+            raise ctx.fail("classes", f"class {name!r} listed twice")
+        seen.add(name)
+        group = r.get("frequency", r.get("group"))
+        if name in overrides:
+            target = overrides[name]
+        elif "target" in r:
+            target = ctx.int_(r["target"], f"classes.names.{name}.target")
+        elif group is not None and str(group) in groups:
+            target = groups[str(group)]
+        elif default_target is not None:
+            target = default_target
+        elif groups:
+            target = 0          # group not listed: nothing to build for it
+        else:
+            raise ctx.fail("classes.target", f"no target for class {name!r} (set `target`, `groups` or `targets`)")
+        cid = r.get("category_id", r.get("id"))
+        out.append(ClassSpec(
+            name=name,
+            target=target,
+            category_id=int(cid) if cid is not None and str(cid).strip() != "" else None,
+            definition=r.get("def") or r.get("definition"),
+            synonyms=tuple(r.get("synonyms") or ()),
+            group=str(group) if group is not None else None,
+        ))
+    unknown = sorted(set(overrides) - seen)
+    if unknown:
+        raise ctx.fail(f"classes.targets.{unknown[0]}", "not one of the configured classes")
+    if "limit" in d:
+        out = out[: ctx.int_(d["limit"], "classes.limit", lo=1)]
+    if not any(c.target > 0 for c in out):
+        raise ctx.fail("classes", "every class has target 0; nothing to build")
+    return out
+
+
+def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".") -> BuildConfig:
+    """Validate a parsed YAML mapping. Relative paths resolve against ``base_dir``."""
+    ctx = _Ctx(where, Path(base_dir))
+    d = ctx.mapping(raw, "<top level>")
+    ctx.check_keys(d, "", {"name", "seed", "output", "classes", "prompts", "source", "validator",
+                           "prefilter", "pipeline", "worker"})
+    if "output" not in d:
+        raise ctx.fail("output", "missing (need `output: {bank: path}`)")
+    out_raw = d["output"] if not isinstance(d["output"], str) else {"bank": d["output"]}
+    o = ctx.mapping(out_raw, "output")
+    ctx.check_keys(o, "output", {"bank", "commit_every"})
+    if "bank" not in o:
+        raise ctx.fail("output.bank", "missing")
+    output = OutputSpec(bank=ctx.path(o["bank"], "output.bank"),
+                        commit_every=ctx.int_(o.get("commit_every", 32), "output.commit_every", lo=1))
+    if "source" not in d:
+        raise ctx.fail("source", "missing (e.g. `source: {kind: layerdiffusion, params: {...}}`)")
+
+    p = ctx.mapping(d.get("prompts"), "prompts")
+    ctx.check_keys(p, "prompts", {"kind", "n", "templates", "params", "cache"})
+    templates = p.get("templates", list(DEFAULT_TEMPLATES))
+    if isinstance(templates, str):
+        templates = [templates]
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) and t for t in templates):
+        raise ctx.fail("prompts.templates", "expected a non-empty list of strings")
+    for i, t in enumerate(templates):
+        try:
+            t.format(name="x", definition="y", synonym="z")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ctx.fail(f"prompts.templates[{i}]", f"bad placeholder {e} (use {{name}}, {{definition}}, {{synonym}})") from e
+    prompts = PromptSpec(
+        kind=ctx.str_(p.get("kind", "template"), "prompts.kind"),
+        n=ctx.int_(p.get("n", 8), "prompts.n", lo=1),
+        templates=tuple(templates),
+        params=dict(ctx.mapping(p.get("params"), "prompts.params")),
+        cache=ctx.path(p["cache"], "prompts.cache") if p.get("cache") else None,
+    )
+
+    pf = d.get("prefilter", {})
+    if pf is not None and pf is not False:
+        pf = dict(ctx.mapping(pf, "prefilter"))
+    else:
+        pf = None
+
+    pl = ctx.mapping(d.get("pipeline"), "pipeline")
+    ctx.check_keys(pl, "pipeline", {f.name for f in dataclasses.fields(PipelineSpec)})
+    pipeline = PipelineSpec(
+        queue_size=ctx.int_(pl.get("queue_size", 2), "pipeline.queue_size", lo=1),
+        overgenerate=ctx.float_(pl.get("overgenerate", 1.0), "pipeline.overgenerate", lo=1.0),
+        max_units_per_round=ctx.int_(pl.get("max_units_per_round", 4096), "pipeline.max_units_per_round", lo=1),
+        max_attempts_factor=ctx.float_(pl.get("max_attempts_factor", 20.0), "pipeline.max_attempts_factor", lo=1.0),
+        progress=bool(pl.get("progress", True)),
+    )
+    wk = ctx.mapping(d.get("worker"), "worker")
+    ctx.check_keys(wk, "worker", {f.name for f in dataclasses.fields(WorkerSpec)})
+    worker = WorkerSpec(
+        poll_interval=ctx.float_(wk.get("poll_interval", 5.0), "worker.poll_interval", lo=0.0),
+        topup_step=ctx.int_(wk.get("topup_step", 8), "worker.topup_step", lo=0),
+        most_drawn_top_k=ctx.int_(wk.get("most_drawn_top_k", 0), "worker.most_drawn_top_k", lo=0),
+        max_extra_per_class=ctx.int_(wk.get("max_extra_per_class", 256), "worker.max_extra_per_class", lo=0),
+        draws_dir=ctx.path(wk["draws_dir"], "worker.draws_dir") if wk.get("draws_dir") else None,
+    )
+    return BuildConfig(
+        name=ctx.str_(d.get("name", "default"), "name"),
+        seed=ctx.int_(d.get("seed", 0), "seed"),
+        output=output,
+        classes=_classes(ctx, d.get("classes")),
+        source=_component(ctx, d["source"], "source"),
+        prompts=prompts,
+        validator=_component(ctx, d.get("validator", "none"), "validator"),
+        prefilter=pf,
+        pipeline=pipeline,
+        worker=worker,
+        path=where if where != "<config>" else None,
+    )
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BuildConfig:
+    """Read and validate a YAML build config. ``overrides`` (top-level keys) replace file values."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if raw is None:
+        raise ConfigError(f"{p}: empty config")
+    if overrides:
+        raw = {**raw, **overrides}
+    return parse_config(raw, where=str(p), base_dir=p.resolve().parent)

@@ -1,0 +1,316 @@
+"""Built-in instance sources: ``layerdiffusion``, ``harvest``, ``folder`` and ``shapes``.
+
+Each is a thin adapter from work units to :class:`~genval_aug.build.registry.Candidate`; the
+heavy modules (diffusers, the harvesters) are imported only when the source is built.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from genval_aug.build.registry import Candidate, WorkUnit, register_source
+from genval_aug.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FolderSource", "GeneratorSource", "ShapesSource"]
+
+
+# ----------------------------------------------------------------------------- generators (prompt -> RGBA)
+
+
+class GeneratorSource:
+    """Wraps any ``InstanceGenerator`` (``generate(prompts, seeds, negative_prompt)``)."""
+
+    needs_prompts = True
+
+    def __init__(self, generator: Any, negative_prompt: str | None = None, name: str | None = None):
+        self.generator = generator
+        self.negative_prompt = negative_prompt
+        self.name = name or getattr(generator, "name", type(generator).__name__)
+
+    def capacity(self, cls) -> int | None:  # noqa: ARG002
+        return None
+
+    def produce(self, units: list[WorkUnit]) -> list[Candidate]:
+        prompts = [u.prompt or u.category for u in units]
+        seeds = [u.seed for u in units]
+        try:
+            outs = self.generator.generate(prompts, seeds, negative_prompt=self.negative_prompt)
+        except Exception as e:  # one failing batch must not end a long build: retry unit by unit
+            if len(units) == 1:
+                log.warning("generator %s failed on %s: %s", self.name, units[0].key, e)
+                return [Candidate(units[0], None, error=f"generation_error: {type(e).__name__}")]
+            return [c for u in units for c in self.produce([u])]
+        if len(outs) != len(units):
+            raise RuntimeError(f"generator {self.name} returned {len(outs)} instances for {len(units)} prompts")
+        cands = []
+        for u, g in zip(units, outs, strict=True):
+            prov = dict(getattr(g, "provenance", None) or {})
+            prov.setdefault("kind", self.name)
+            prov.update(prompt=getattr(g, "prompt", u.prompt), seed=int(getattr(g, "seed", u.seed)))
+            cands.append(Candidate(u, np.asarray(g.rgba), source=prov))
+        return cands
+
+    def close(self) -> None:
+        close = getattr(self.generator, "close", None)
+        if callable(close):
+            close()
+
+
+@register_source("layerdiffusion")
+def _layerdiffusion(spec, config, device=None):  # noqa: ARG001
+    try:
+        from genval_aug.generation import LayerDiffusionGenerator
+    except ImportError as e:
+        raise ConfigError(f"source.kind: 'layerdiffusion' needs genval_aug.generation and the [gen] extra: {e}") from e
+    params = dict(spec.params)
+    negative = params.pop("negative_prompt", None)
+    gen_kwargs = params.pop("generate", {}) or {}
+    if device is not None:
+        params["device"] = device
+    params.setdefault("batch_size", spec.batch_size)
+    if "base_model" not in params:
+        raise ConfigError("source.params.base_model: missing (a diffusers model id or local path)")
+    gen = LayerDiffusionGenerator.from_pretrained(params.pop("base_model"), **params)
+    for k, v in gen_kwargs.items():      # e.g. num_inference_steps, guidance_scale, height, width
+        if not hasattr(gen, k):
+            raise ConfigError(f"source.params.generate.{k}: LayerDiffusionGenerator has no attribute {k!r}")
+        setattr(gen, k, v)
+    return GeneratorSource(gen, negative_prompt=negative, name="layerdiffusion")
+
+
+# ----------------------------------------------------------------------------- shapes (deterministic renderer)
+
+
+def _stable_int(*parts: object) -> int:
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+class ShapesSource:
+    """Deterministic renderer of simple anti-aliased RGBA shapes, one shape family per class.
+
+    A real (if simple) plug-in source for smoke tests, demos and pipeline benchmarks without a GPU:
+    the instance depends only on (category, seed), so ids are reproducible across runs, processes and
+    ranks. ``bad_fraction`` of the units come out deliberately flawed (cut by the image border or
+    tiny) so the pre-filters have something to reject.
+    """
+
+    needs_prompts = False
+    name = "shapes"
+
+    def __init__(self, size: int = 64, bad_fraction: float = 0.0, delay: float = 0.0):
+        if size < 16:
+            raise ConfigError(f"source.params.size: expected >= 16, got {size}")
+        if not 0.0 <= bad_fraction <= 1.0:
+            raise ConfigError(f"source.params.bad_fraction: expected 0..1, got {bad_fraction}")
+        self.size = int(size)
+        self.bad_fraction = float(bad_fraction)
+        self.delay = float(delay)           # seconds per instance, to emulate a slow generator
+
+    def capacity(self, cls) -> int | None:  # noqa: ARG002
+        return None
+
+    def render(self, category: str, seed: int) -> tuple[np.ndarray, bool]:
+        rng = np.random.default_rng(_stable_int("shapes", category, seed))
+        s = self.size
+        ss = 4 * s                                     # supersample for a soft edge
+        family = _stable_int("family", category) % 4
+        bad = bool(rng.random() < self.bad_fraction)
+        mask = np.zeros((ss, ss), np.uint8)
+        r = rng.uniform(0.22, 0.38) * ss
+        cx, cy = (ss / 2 + rng.uniform(-0.06, 0.06) * ss for _ in range(2))
+        if bad:
+            if rng.random() < 0.5:
+                cx = ss * 0.98                         # cut by the border
+            else:
+                r = ss * 0.02                          # tiny
+        if family == 0:
+            cv2.ellipse(mask, (int(cx), int(cy)), (int(r), int(r * rng.uniform(0.5, 1.0))),
+                        float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
+        elif family == 1:
+            box = cv2.boxPoints(((cx, cy), (2 * r, 2 * r * rng.uniform(0.4, 1.0)), float(rng.uniform(0, 90))))
+            cv2.fillPoly(mask, [box.astype(np.int32)], 255, cv2.LINE_AA)
+        else:
+            k = 3 if family == 2 else int(rng.integers(5, 9))
+            ang = np.sort(rng.uniform(0, 2 * np.pi, k)) if family == 3 else np.arange(k) * 2 * np.pi / k
+            rad = r * (rng.uniform(0.6, 1.0, k) if family == 3 else 1.0)
+            pts = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], 1).astype(np.int32)
+            cv2.fillPoly(mask, [pts], 255, cv2.LINE_AA)
+        alpha = cv2.resize(mask, (s, s), interpolation=cv2.INTER_AREA)
+        base = rng.integers(40, 216, 3).astype(np.float32)
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        shade = (0.75 + 0.5 * (0.6 * xx + 0.4 * yy))[..., None]
+        noise = rng.normal(0.0, 6.0, (s, s, 3)).astype(np.float32)
+        rgb = np.clip(base * shade + noise, 0, 255).astype(np.uint8)
+        return np.dstack([rgb, alpha]), bad
+
+    def produce(self, units: list[WorkUnit]) -> list[Candidate]:
+        if self.delay:
+            import time
+
+            time.sleep(self.delay * len(units))
+        out = []
+        for u in units:
+            rgba, bad = self.render(u.category, u.seed)
+            out.append(Candidate(u, rgba, source={"kind": "shapes", "seed": int(u.seed), "flawed": bad}))
+        return out
+
+
+@register_source("shapes")
+def _shapes(spec, config, device=None):  # noqa: ARG001
+    return ShapesSource(**spec.params)
+
+
+# ----------------------------------------------------------------------------- folder import
+
+
+class FolderSource:
+    """RGBA images from ``<root>/<category>/*.png`` (sorted); unit ``i`` is the ``i``-th file.
+
+    Images without alpha get an opaque alpha (the pre-filters then reject them as full-frame).
+    """
+
+    needs_prompts = False
+    name = "folder"
+
+    def __init__(self, root: str | Path, pattern: str = "*.png"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ConfigError(f"source.params.root: folder {self.root} not found")
+        self.pattern = pattern
+        self._files: dict[str, list[Path]] = {}
+
+    def files(self, category: str) -> list[Path]:
+        if category not in self._files:
+            d = self.root / category
+            self._files[category] = sorted(d.glob(self.pattern)) if d.is_dir() else []
+        return self._files[category]
+
+    def capacity(self, cls) -> int | None:
+        return len(self.files(cls.name))
+
+    def produce(self, units: list[WorkUnit]) -> list[Candidate]:
+        out = []
+        for u in units:
+            files = self.files(u.category)
+            if u.index >= len(files):
+                out.append(Candidate(u, None, error="folder_index_out_of_range"))
+                continue
+            path = files[u.index]
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if img is None or img.ndim != 3 or img.shape[2] not in (3, 4):
+                log.warning("folder source: %s is not a colour image; skipped", path)
+                out.append(Candidate(u, None, error="unreadable_image"))
+                continue
+            if img.shape[2] == 3:
+                img = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+            rgba = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)
+            out.append(Candidate(u, rgba, source={"kind": "folder", "path": str(path)}))
+        return out
+
+
+@register_source("folder")
+def _folder(spec, config, device=None):  # noqa: ARG001
+    if "root" not in spec.params:
+        raise ConfigError("source.params.root: missing (a folder with one sub-folder per class)")
+    return FolderSource(**spec.params)
+
+
+# ----------------------------------------------------------------------------- harvest (labeled datasets)
+
+
+class _Collector:
+    """Duck-typed BankWriter that keeps the harvester's kept crops in memory, in dataset order."""
+
+    def __init__(self):
+        self.items: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
+        self.added = 0
+        self.duplicates = 0
+        self._seen: set[str] = set()
+
+    def add(self, rgba, *, category, category_id=None, source=None, verdict=None):  # noqa: ARG002
+        from genval_aug.bank.record import content_id, normalize_rgba
+
+        rgba = normalize_rgba(rgba)
+        rid = content_id(category, rgba)
+        if rid in self._seen:
+            self.duplicates += 1
+        else:
+            self._seen.add(rid)
+            self.items.setdefault(category, []).append((rgba, dict(source or {})))
+            self.added += 1
+        return rid
+
+    def add_rejected(self, *a, **k):
+        pass
+
+    def flush(self):
+        pass
+
+    def record_rejections(self, reasons):
+        pass
+
+    def set_size_prior(self, category, prior):
+        pass
+
+    def set_status(self, name, status):
+        pass
+
+
+class HarvestSource:
+    """Real instances cut out of a labeled dataset (YOLO-seg, COCO, VOC, YOLO boxes via GrabCut).
+
+    The dataset is harvested once (in memory) with :class:`genval_aug.harvest.core.Harvester`; unit
+    ``i`` of a class is its ``i``-th kept instance in dataset order. Class names must match the
+    dataset's (``classes.names`` or the category table).
+    """
+
+    needs_prompts = False
+    name = "harvest"
+
+    def __init__(self, data: str | Path, format: str = "auto", split: str | None = None, **harvest_options: Any):
+        try:
+            from genval_aug.harvest.core import HarvestConfig, Harvester
+            from genval_aug.harvest.formats import open_source
+        except ImportError as e:
+            raise ConfigError(f"source.kind: 'harvest' needs genval_aug.harvest: {e}") from e
+        self.data = str(data)
+        try:
+            hcfg = HarvestConfig(**harvest_options)
+        except TypeError as e:
+            raise ConfigError(f"source.params: {e}") from e
+        self._collector = _Collector()
+        src = open_source(self.data, format=format, split=split)
+        self.report = Harvester(hcfg).run(src, self._collector)
+        log.info("harvest source %s: %d instances in %d classes", self.data, self._collector.added,
+                 len(self._collector.items))
+
+    def capacity(self, cls) -> int | None:
+        return len(self._collector.items.get(cls.name, ()))
+
+    def produce(self, units: list[WorkUnit]) -> list[Candidate]:
+        out = []
+        for u in units:
+            items = self._collector.items.get(u.category, [])
+            if u.index >= len(items):
+                out.append(Candidate(u, None, error="harvest_index_out_of_range"))
+                continue
+            rgba, prov = items[u.index]
+            prov = dict(prov)
+            prov.setdefault("kind", "harvest")
+            out.append(Candidate(u, rgba, source=prov))
+        return out
+
+
+@register_source("harvest")
+def _harvest(spec, config, device=None):  # noqa: ARG001
+    if "data" not in spec.params:
+        raise ConfigError("source.params.data: missing (a YOLO-seg yaml/folder, COCO json or VOC root)")
+    return HarvestSource(**spec.params)

@@ -1,0 +1,281 @@
+"""Bank build pipeline (issue 9): config, resumable/idempotent builds, `bank build` CLI, plug-ins."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))  # genval_build_testplugins (also seen by spawned workers)
+
+from genval_aug.bank import InstanceBank, verify  # noqa: E402
+from genval_aug.build import BankBuilder, load_config, parse_config, register_source  # noqa: E402
+from genval_aug.build.pipeline import scan_units  # noqa: E402
+from genval_aug.build.sources import ShapesSource  # noqa: E402
+from genval_aug.errors import ConfigError  # noqa: E402
+
+PLUG = "genval_build_testplugins"
+
+
+def write_cfg(tmp: Path, name: str = "b.yaml", **over) -> Path:
+    cfg = {
+        "name": "t",
+        "seed": 3,
+        "output": {"bank": "bank.lmdb"},
+        "classes": {"names": ["mug", "kite", "shoe"], "target": 12},
+        "source": {"kind": "shapes", "batch_size": 5, "params": {"size": 48, "bad_fraction": 0.25}},
+        "validator": {"kind": f"{PLUG}:make_validator", "batch_size": 3, "params": {"keep_rate": 0.7}},
+        "prefilter": {"reject_border": True},
+        "pipeline": {"progress": False},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    p = tmp / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def bank_units(path) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for m in InstanceBank(path).iter_meta():
+        out.setdefault(m["category"], []).append(m["source"]["unit"])
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_field(tmp_path):
+    base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    cases = [
+        ({"classes": {"names": ["a"], "target": "many"}}, "classes.target"),
+        ({"classes": {"names": ["a"], "target": 3, "targets": {"b": 1}}}, "classes.targets.b"),
+        ({"source": {"kind": "shapes", "batch_size": 0}}, "source.batch_size"),
+        ({"pipeline": {"overgenerate": 0.5}}, "pipeline.overgenerate"),
+        ({"pipeline": {"queue_sise": 2}}, "pipeline.queue_sise"),
+        ({"prompts": {"templates": ["a {nme}"]}}, "prompts.templates[0]"),
+        ({"classes": {"table": "missing.json", "groups": {"r": 1}}}, "classes.table"),
+    ]
+    for over, fld in cases:
+        with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ":"):
+            parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="output"):
+        parse_config({k: v for k, v in base.items() if k != "output"}, where="b.yaml")
+    # unknown plug-in kinds are reported with the registered names
+    cfg = parse_config({**base, "source": {"kind": "nope"}}, where="b.yaml", base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"source\.kind: unknown kind 'nope' \(registered: .*layerdiffusion"):
+        BankBuilder(cfg)._component("source")
+
+
+def test_lvis_table_with_frequency_groups(shared_data, tmp_path):
+    table = shared_data / "lvis_v1_categories.json"
+    cfg = parse_config({
+        "output": {"bank": "x.lmdb"},
+        "classes": {"table": str(table), "groups": {"r": 1000, "c": 100}, "targets": {"aerosol_can": 7}},
+        "source": "shapes",
+    }, where="lvis.yaml", base_dir=tmp_path)
+    by = {c.name: c for c in cfg.classes}
+    assert len(by) == 1203
+    groups = json.loads(table.read_text())["counts"]
+    assert sum(c.target == 1000 for c in cfg.classes) == groups["r"]
+    assert sum(c.target == 0 for c in cfg.classes) == groups["f"]
+    assert by["aerosol_can"].target == 7 and by["aerosol_can"].category_id == 1
+    assert by["aerosol_can"].definition and "spray_can" in by["aerosol_can"].synonyms
+
+
+# ----------------------------------------------------------------------------- builds
+
+
+def test_build_is_deterministic_resumable_and_idempotent(tmp_path):
+    cfg_path = write_cfg(tmp_path)
+    cfg = load_config(cfg_path)
+    # reference: one uninterrupted build
+    ref = BankBuilder(cfg, bank=tmp_path / "ref.lmdb").run()
+    assert ref.total_added == 36 and not any(ref.deficits.values())
+    assert ref.rejected["validator:plausible"] > 0 and any(k.startswith("prefilter:") for k in ref.rejected)
+    ref_ids = set(InstanceBank(tmp_path / "ref.lmdb").ids())
+
+    # interrupted after 3 commits, with other batch sizes; then resumed
+    commits = []
+
+    def stop_after_three(builder, status):
+        commits.append(status)
+
+    cfg2 = load_config(cfg_path)
+    cfg2.source.batch_size, cfg2.validator.batch_size = 2, 1
+    import threading
+
+    stop = threading.Event()
+    b = BankBuilder(cfg2, bank=tmp_path / "resumed.lmdb",
+                    on_commit=lambda bl, st: (commits.append(st), len(commits) >= 3 and stop.set()))
+    part = b.run(stop=stop)
+    assert part.stopped and 0 < part.total_added < 36
+    held = InstanceBank(tmp_path / "resumed.lmdb").get_status("build:t")
+    assert held["state"] == "stopped" and held["missing"] == 36 - part.total_added
+    rest = BankBuilder(load_config(cfg_path), bank=tmp_path / "resumed.lmdb").run()
+    assert part.total_added + rest.total_added == 36
+    assert set(InstanceBank(tmp_path / "resumed.lmdb").ids()) == ref_ids      # same instances, no duplicates
+    units = bank_units(tmp_path / "resumed.lmdb")
+    assert all(len(v) == len(set(v)) == 12 for v in units.values())
+    # kept + rejected units: the same contiguous prefix 0..k as the uninterrupted build (nothing skipped,
+    # nothing done twice)
+    settled = scan_units(InstanceBank(tmp_path / "resumed.lmdb"), "t")
+    assert settled == scan_units(InstanceBank(tmp_path / "ref.lmdb"), "t")
+    assert all(idx == set(range(max(idx) + 1)) for idx in settled.values())
+    assert verify(tmp_path / "resumed.lmdb").ok
+
+    # a finished config does nothing, not even building its components
+    def explode(*a, **k):
+        raise AssertionError("components of a finished build must not be built")
+
+    register_source("exploding", explode)
+    finished = load_config(write_cfg(tmp_path, "b3.yaml", source={"kind": "exploding"}))
+    again = BankBuilder(finished, bank=tmp_path / "ref.lmdb").run()
+    assert again.units == 0 and again.total_added == 0
+    assert set(InstanceBank(tmp_path / "ref.lmdb").ids()) == ref_ids
+    with pytest.raises(AssertionError, match="must not be built"):   # ... which it would with work to do
+        BankBuilder(finished, bank=tmp_path / "empty.lmdb").run()
+
+
+def test_targets_count_existing_instances(tmp_path):
+    cfg = load_config(write_cfg(tmp_path))
+    from genval_aug.bank import BankWriter
+
+    src = ShapesSource(size=48)
+    with BankWriter(tmp_path / "pre.lmdb") as w:   # 10 harvested mugs already there
+        for s in range(10):
+            w.add(src.render("mug", 1000 + s)[0], category="mug", source={"kind": "harvest"})
+    r = BankBuilder(cfg, bank=tmp_path / "pre.lmdb").run()
+    assert r.added["mug"] == 2 and r.added["kite"] == 12 and r.added["shoe"] == 12
+    assert InstanceBank(tmp_path / "pre.lmdb").categories() == {"mug": 12, "kite": 12, "shoe": 12}
+
+
+def test_attempt_limit_gives_up_instead_of_looping(tmp_path):
+    cfg = load_config(write_cfg(tmp_path, validator={"kind": f"{PLUG}:make_validator", "params": {"keep_rate": 0.0}},
+                                pipeline={"progress": False, "max_attempts_factor": 2.0}))
+    r = BankBuilder(cfg, bank=tmp_path / "none.lmdb").run()
+    assert r.total_added == 0 and sorted(r.gave_up) == ["kite", "mug", "shoe"]
+    assert r.units == 3 * 24          # target 12 x factor 2 per class, then stop
+    assert r.deficits == {"mug": 12, "kite": 12, "shoe": 12}
+
+
+def _bank_cli(argv):
+    from genval_aug.cli.bank_build import add_bank_commands
+
+    parser = argparse.ArgumentParser(prog="genval-aug")
+    sub = parser.add_subparsers(dest="command")
+    bank = sub.add_parser("bank").add_subparsers(dest="bank_command")
+    add_bank_commands(bank)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_bank_build_cli_end_to_end_with_tiny_random_generator(tmp_path, capsys):
+    import genval_build_testplugins as plug
+
+    cfg = write_cfg(
+        tmp_path,
+        source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4, "params": {"size": 48}},
+        prompts={"kind": f"{PLUG}:make_prompts", "n": 3},
+        classes={"names": ["mug", "kite"], "target": 6},
+    )
+    plug.CountingPrompts.calls = 0
+    assert _bank_cli(["bank", "build", "--config", str(cfg), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["added"] == 12 and rep["deficits"] == {"mug": 0, "kite": 0}
+    assert rep["stages"]["generate"]["items"] == rep["units"] >= 12
+    assert plug.CountingPrompts.calls == 2       # once per class, then cached in the bank
+    bank = InstanceBank(tmp_path / "bank.lmdb")
+    metas = list(bank.iter_meta())
+    assert {m["source"]["kind"] for m in metas} == {"tiny-random"}
+    assert all(m["source"]["prompt"].startswith("a photo of a ") for m in metas)
+    assert all(m["verdict"]["model"] == "hash-validator" for m in metas)
+    assert bank.get_status("prompts:t:mug")["prompts"][2] == "a photo of a mug, variant 2"
+    ids = sorted(bank.ids())
+    stats = bank.stats(refresh=True)
+
+    assert _bank_cli(["bank", "build", "--config", str(cfg)]) == 0      # second run: nothing to do
+    assert "units processed: 0   added: 0" in capsys.readouterr().out
+    assert sorted(InstanceBank(tmp_path / "bank.lmdb").ids()) == ids
+    assert InstanceBank(tmp_path / "bank.lmdb").stats(refresh=True) == stats
+    assert plug.CountingPrompts.calls == 2
+
+    # resumed with prompts from the bank cache: raise a target, prompts are not regenerated
+    cfg2 = write_cfg(
+        tmp_path, "b2.yaml",
+        source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4, "params": {"size": 48}},
+        prompts={"kind": f"{PLUG}:make_prompts", "n": 3},
+        classes={"names": ["mug", "kite"], "target": 6, "targets": {"kite": 9}},
+    )
+    assert _bank_cli(["bank", "build", "--config", str(cfg2), "--dry-run"]) == 0
+    assert "kite: 3" in capsys.readouterr().out
+    assert _bank_cli(["bank", "build", "--config", str(cfg2)]) == 0
+    assert InstanceBank(tmp_path / "bank.lmdb").categories() == {"mug": 6, "kite": 9}
+    assert plug.CountingPrompts.calls == 2
+    assert verify(tmp_path / "bank.lmdb").ok
+
+
+def test_folder_source_and_registry_kinds(tmp_path):
+    import cv2
+
+    from genval_aug.build.registry import registered
+
+    assert {"layerdiffusion", "harvest", "folder", "shapes"} <= set(registered("source"))
+    src = ShapesSource(size=48)
+    for cat in ("mug", "kite"):
+        (tmp_path / "in" / cat).mkdir(parents=True)
+        for i in range(4):
+            rgba = src.render(cat, i)[0]
+            cv2.imwrite(str(tmp_path / "in" / cat / f"{i}.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    cfg = load_config(write_cfg(tmp_path, source={"kind": "folder", "params": {"root": str(tmp_path / "in")}},
+                                validator="none", prefilter=None, classes={"names": ["mug", "kite"], "target": 10}))
+    r = BankBuilder(cfg, bank=tmp_path / "f.lmdb").run()
+    # only 4 files per class: the source is exhausted, the build says so instead of looping
+    assert r.added == {"mug": 4, "kite": 4} and sorted(r.gave_up) == ["kite", "mug"]
+    inst = InstanceBank(tmp_path / "f.lmdb").random_instance("mug", np.random.default_rng(0))
+    assert inst.meta["source"]["kind"] == "folder" and inst.meta["source"]["path"].endswith(".png")
+
+
+def test_harvest_source_fills_targets_from_a_real_dataset(coco128_seg, tmp_path):
+    cfg = load_config(write_cfg(
+        tmp_path, validator="none", prefilter=None,
+        source={"kind": "harvest", "params": {"data": str(coco128_seg / "coco128-seg.yaml"), "max_images": 24}},
+        classes={"names": ["person", "car", "zebra"], "target": 5}))
+    r = BankBuilder(cfg, bank=tmp_path / "h.lmdb").run()
+    bank = InstanceBank(tmp_path / "h.lmdb")
+    assert bank.count("person") == 5 and r.added["person"] == 5
+    metas = list(bank.iter_meta("person"))
+    assert all(m["source"]["kind"] == "harvest" and m["source"]["build"] == "t" for m in metas)
+    # classes the first 24 images do not hold enough of are reported, not looped on
+    for name in ("car", "zebra"):
+        assert bank.count(name) == 5 or name in r.gave_up
+
+
+def test_example_lvis_config_is_valid(shared_data, monkeypatch):
+    monkeypatch.setenv("LVIS_CATEGORIES", str(shared_data / "lvis_v1_categories.json"))
+    cfg = load_config(Path(__file__).parents[1] / "examples" / "build_lvis_rare.yaml")
+    rare = [c for c in cfg.classes if c.target > 0]
+    assert len(rare) == 337 and all(c.group == "r" and c.target == 1000 for c in rare)
+    assert cfg.source.kind == "layerdiffusion" and cfg.validator.kind == "agent"
+    monkeypatch.delenv("LVIS_CATEGORIES")
+    with pytest.raises(ConfigError, match=r"classes\.table: unset environment variable"):
+        load_config(Path(__file__).parents[1] / "examples" / "build_lvis_rare.yaml")
+
+
+def test_prompt_failure_gives_one_class_up_not_the_build(tmp_path):
+    import genval_build_testplugins as plug
+
+    cfg = load_config(write_cfg(
+        tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4, "params": {"size": 48}},
+        prompts={"kind": f"{PLUG}:make_picky_prompts", "n": 2}, validator="none",
+        classes={"names": ["mug", "kite", "shoe"], "target": 3}))
+    plug.CountingPrompts.calls = 0
+    r = BankBuilder(cfg, bank=tmp_path / "p.lmdb").run()
+    assert plug.CountingPrompts.calls == 1                       # one batched call for all three classes
+    assert r.added == {"mug": 3, "shoe": 3} and r.gave_up == ["kite"] and r.rejected["prompt_error"] == 1
+    assert InstanceBank(tmp_path / "p.lmdb").get_status("prompts:t:kite") is None

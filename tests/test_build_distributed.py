@@ -1,0 +1,177 @@
+"""Scale-out (issue 12): torchrun shards whose merge equals a single-process build, a crashed rank re-run
+alone, deterministic class split, read-only bank replicas for training nodes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from genval_aug.bank import BankSampler, InstanceBank, verify
+from genval_aug.build import BankBuilder, load_config
+from genval_aug.build.distributed import (
+    DistInfo,
+    assign_classes,
+    build_distributed,
+    rank_share,
+    replicate_bank,
+    shard_path,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUG = "genval_build_testplugins"
+CLASSES = ["mug", "kite", "shoe", "lamp", "bell"]
+
+
+def write_cfg(tmp: Path, delay: float = 0.0, name: str = "d.yaml", **over) -> Path:
+    cfg = {
+        "name": "dist",
+        "seed": 5,
+        "output": {"bank": "out.lmdb"},
+        "classes": {"names": CLASSES, "target": 8, "targets": {"mug": 20, "kite": 14}},
+        "source": {"kind": "shapes", "batch_size": 4, "params": {"size": 40, "bad_fraction": 0.2, "delay": delay}},
+        "validator": {"kind": f"{PLUG}:make_validator", "batch_size": 4, "params": {"keep_rate": 0.75}},
+        "prefilter": {"reject_border": True},
+        "pipeline": {"progress": False},
+        **over,
+    }
+    p = tmp / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")])
+    e["OMP_NUM_THREADS"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def ids(path) -> set[str]:
+    return set(InstanceBank(path, refresh_interval=None).ids())
+
+
+def test_split_is_deterministic_and_balanced(tmp_path):
+    deficits = {"a": 100, "b": 60, "c": 50, "d": 40, "e": 0, "f": 10}
+    shares = assign_classes(deficits, 2)
+    assert shares == [["a", "d", "e"], ["b", "c", "f"]]         # loads 140 / 120 (LPT)
+    assert assign_classes(deficits, 1) == [["a", "b", "c", "d", "f", "e"]]
+    assert assign_classes(deficits, 8)[6:] == [[], []]
+    cfg = load_config(write_cfg(tmp_path))
+    # every rank computes the same split from the (unwritten) output bank
+    s = [rank_share(cfg, tmp_path / "out.lmdb", r, 2) for r in range(2)]
+    assert sorted(s[0] + s[1]) == sorted(CLASSES) and not set(s[0]) & set(s[1])
+    assert DistInfo.from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}).rank == 1
+    assert not DistInfo.from_env({"RANK": "1", "WORLD_SIZE": "2"}).coordinated
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_merge_equals_single_process(tmp_path):
+    # a prompt-driven generator (tiny random conv net): prompt caches must survive the merge too
+    cfg_path = write_cfg(tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4,
+                                           "params": {"size": 40}},
+                         prompts={"kind": f"{PLUG}:make_prompts", "n": 3}, pipeline={"progress": True})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "genval_aug.cli", "bank", "build", "--config", str(cfg_path)]
+    r = subprocess.run(cmd + ["--json"], env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "banked (all 2 ranks)" in r.stderr                   # rank 0's aggregate progress bar
+    agg = json.loads(r.stdout[r.stdout.index("{"):])           # rank 0 alone prints the aggregate report
+    assert agg["added"] == 58 and set(agg["added_per_class"]) == set(CLASSES)
+    assert agg["deficits"] == {c: 0 for c in CLASSES}
+    out = tmp_path / "out.lmdb"
+    shards = [shard_path(out, k, 2) for k in range(2)]
+    cats = [set(InstanceBank(s).categories()) for s in shards]
+    assert cats[0] and cats[1] and not cats[0] & cats[1]       # each class built by exactly one rank
+    assert ids(shards[0]) | ids(shards[1]) == ids(out)
+
+    single = tmp_path / "single.lmdb"
+    BankBuilder(load_config(cfg_path), bank=single).run()
+    assert ids(out) == ids(single)                              # same ids as one process
+    assert InstanceBank(out).categories() == {"mug": 20, "kite": 14, "shoe": 8, "lamp": 8, "bell": 8}
+    assert verify(out).ok
+    for c in CLASSES:                                            # prompt caches merged with the records
+        assert InstanceBank(out).get_status(f"prompts:dist:{c}")["prompts"][0] == f"a photo of a {c}, variant 0"
+
+    # re-running the finished distributed build does nothing
+    r = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "units processed: 0" in r.stdout, r.stderr[-3000:]
+    assert ids(out) == ids(single)
+
+
+@pytest.mark.slow
+def test_crashed_rank_rerun_alone_resumes(tmp_path):
+    slow = write_cfg(tmp_path, delay=0.05, name="slow.yaml")
+    fast = load_config(write_cfg(tmp_path))          # same units; `delay` only sleeps
+    out = tmp_path / "out.lmdb"
+    s1 = shard_path(out, 1, 2)
+    p = subprocess.Popen([sys.executable, "-m", "genval_aug.cli", "bank", "build", "--config", str(slow),
+                          "--rank", "1", "--world-size", "2", "--no-progress"], env=env(), cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        try:
+            if InstanceBank(s1, refresh_interval=None).count() >= 4:
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    partial = ids(s1)
+    assert partial and verify(s1).ok
+    share1 = rank_share(fast, out, 1, 2)
+    assert InstanceBank(s1).count() < sum(fast.class_spec(c).target for c in share1)
+
+    # the crashed rank alone, then the other one, then the merge
+    r1 = build_distributed(fast, dist=DistInfo(rank=1, world_size=2))
+    assert r1.units > 0 and partial <= ids(s1)
+    build_distributed(fast, dist=DistInfo(rank=0, world_size=2))
+    r = subprocess.run([sys.executable, "-m", "genval_aug.cli", "bank", "build", "--config", str(slow),
+                        "--merge-shards"], env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    BankBuilder(fast, bank=tmp_path / "single.lmdb").run()
+    assert ids(out) == ids(tmp_path / "single.lmdb")
+    units: dict[str, list[int]] = {}
+    for m in InstanceBank(out).iter_meta():
+        units.setdefault(m["category"], []).append(m["source"]["unit"])
+    assert all(len(u) == len(set(u)) for u in units.values())
+
+
+def _read_replica(args):
+    path, i = args
+    bank = InstanceBank(path, lock=False)
+    return [x.id for x in BankSampler(bank).sample(np.random.default_rng(i), 3)]
+
+
+def test_read_only_replica_for_training_nodes(tmp_path):
+    import torch
+
+    cfg = load_config(write_cfg(tmp_path))
+    BankBuilder(cfg, bank=tmp_path / "src.lmdb").run()
+    dst = replicate_bank(tmp_path / "src.lmdb", tmp_path / "node1" / "bank.lmdb")
+    assert sorted(os.listdir(dst)) == ["data.mdb"]              # compact copy, no lock file
+    replica = set(InstanceBank(dst, lock=False).ids())
+    assert replica == ids(tmp_path / "src.lmdb")
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return ",".join(_read_replica((dst, i)))
+
+    got = [x for b in torch.utils.data.DataLoader(DS(), batch_size=4, num_workers=2) for x in b]
+    assert len(got) == 16 and set(",".join(got).split(",")) <= replica
+    assert sorted(os.listdir(dst)) == ["data.mdb"]              # lock=False readers wrote nothing
+    with pytest.raises(Exception, match="refusing to overwrite"):
+        replicate_bank(tmp_path / "src.lmdb", dst)

@@ -1,0 +1,346 @@
+"""torchvision transforms v2 adapter (GenValPaste) on real coco128-seg images with a real LMDB bank."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from adapter_helpers import (
+    Recorder,
+    TVSampleDataset,
+    build_rgba_bank,
+    check_output_objects,
+    coco_names,
+    collate_list,
+)
+from label_checks import check_paste_result, coco128_samples
+from PIL import Image as PILImage
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from genval_aug.bank import InstanceBank
+from genval_aug.errors import BankError, ConfigError, TargetsError
+from genval_aug.transforms import GenValPaste, class_map_from_names
+
+FORMATS = ("XYXY", "XYWH", "CXCYWH")
+
+
+@pytest.fixture(scope="module")
+def bank_path(tmp_path_factory, shared_data):
+    return build_rgba_bank(tmp_path_factory.mktemp("bank") / "rgba.lmdb", shared_data)
+
+
+@pytest.fixture(scope="module")
+def names(shared_data):
+    return coco_names(shared_data)
+
+
+@pytest.fixture(scope="module")
+def samples(coco128_seg):
+    return coco128_samples(coco128_seg, limit=40)
+
+
+def to_tv(s, fmt="XYXY", kind="image", extra=True):
+    """A label_checks.Sample as the detection references' (image, target) with boxes in ``fmt``."""
+    H, W = s.image.shape[:2]
+    chw = torch.from_numpy(s.image).permute(2, 0, 1).contiguous()
+    img = {"image": tv_tensors.Image(chw), "float": tv_tensors.Image(chw.float() / 255),
+           "tensor": chw, "pil": PILImage.fromarray(s.image)}[kind]
+    boxes = tv_tensors.BoundingBoxes(torch.from_numpy(s.boxes), format="XYXY", canvas_size=(H, W))
+    target = {"boxes": F.convert_bounding_box_format(boxes, new_format=fmt),
+              "masks": tv_tensors.Mask(torch.from_numpy(s.masks).to(torch.uint8)),
+              "labels": torch.from_numpy(s.classes), "image_id": 7}
+    if extra:
+        target["area"] = torch.from_numpy(s.masks.reshape(len(s.masks), -1).sum(1).astype(np.float32))
+        target["iscrowd"] = torch.zeros(len(s.classes), dtype=torch.int64)
+    return img, target
+
+
+def xyxy_of(boxes):
+    return F.convert_bounding_box_format(boxes, new_format="XYXY").as_subclass(torch.Tensor).numpy()
+
+
+def test_label_checker_over_real_samples_every_format(bank_path, samples, names):
+    cm = class_map_from_names(names, bank_path)
+    paste = GenValPaste(bank_path, class_map=cm, seed=0, n=(1, 4), max_ioa=0.6)
+    rec = Recorder(paste.paster)
+    paste.paster = rec
+    cfg = rec.inner.engine.config
+    kinds = ("image", "float", "tensor", "pil")
+    totals = {"pasted": 0, "dropped": 0, "occluded": 0, "calls": 0}
+    for i, s in enumerate(samples):
+        for j, fmt in enumerate(FORMATS):
+            kind = kinds[(i + j) % len(kinds)]
+            img, target = to_tv(s, fmt, kind)
+            out_img, out = paste(img, target)
+            _, core_in, res = rec.calls[-1]
+            H, W = s.image.shape[:2]
+            # the adapter handed the core exactly the sample (xyxy pixels, classes, bool masks)
+            np.testing.assert_allclose(core_in.boxes, s.boxes, atol=1e-3)
+            assert np.array_equal(core_in.classes, s.classes) and np.array_equal(core_in.masks, s.masks)
+            # independent checker on the core's result
+            st = check_paste_result(core_in, res, (H, W), len(names), cfg, "masks")
+            for k in ("pasted", "dropped", "occluded"):
+                totals[k] += st[k]
+            totals["calls"] += 1
+            t = res.targets
+            nk = len(res.kept)
+            # output types, formats and dtypes are the input's
+            assert type(out_img) is type(img) and out["boxes"].format.name == fmt
+            assert out["boxes"].canvas_size == (H, W) and out["boxes"].dtype == target["boxes"].dtype
+            assert isinstance(out["masks"], tv_tensors.Mask) and out["masks"].dtype == torch.uint8
+            assert out["labels"].dtype == target["labels"].dtype and out["image_id"] == 7
+            if kind == "float":
+                assert out_img.dtype == torch.float32
+                np.testing.assert_allclose(out_img.permute(1, 2, 0).numpy() * 255, res.image, atol=0.51)
+            else:
+                arr = np.asarray(out_img) if kind == "pil" else out_img.permute(1, 2, 0).numpy()
+                assert np.array_equal(arr, res.image)
+            # output == core result, in the user's format
+            box = xyxy_of(out["boxes"])
+            np.testing.assert_allclose(box, t.boxes, atol=1e-3)
+            assert np.array_equal(out["masks"].numpy().astype(bool), t.masks)
+            assert np.array_equal(out["labels"].numpy(), t.classes)
+            assert out["iscrowd"].tolist() == [0] * len(t.classes)
+            px = t.masks.reshape(len(t.classes), -1).sum(1)
+            np.testing.assert_allclose(out["area"].numpy(), px)  # input area == pixels, so all rows must match
+            # untouched originals come back with their exact input box rows
+            in_rows = target["boxes"].as_subclass(torch.Tensor)
+            for k, i0 in enumerate(res.kept):
+                if np.array_equal(t.masks[k], s.masks[i0]):
+                    assert torch.equal(out["boxes"].as_subclass(torch.Tensor)[k], in_rows[i0])
+            # and what a consumer sees on its own is consistent
+            check_output_objects(box, out["labels"].numpy(), out["masks"].numpy().astype(bool), (H, W),
+                                 len(names), in_masks=s.masks, n_kept=nk, kept=res.kept)
+    assert totals["calls"] == len(samples) * len(FORMATS)
+    assert totals["pasted"] >= totals["calls"], totals
+    assert totals["occluded"] > 0 and totals["dropped"] >= 0, totals
+
+
+def test_box_only_samples_and_dict_input(bank_path, samples, names):
+    paste = GenValPaste(bank_path, class_map=class_map_from_names(names, bank_path), seed=1, n=3)
+    for s in samples[:8]:
+        img, target = to_tv(s, "XYWH", extra=False)
+        del target["masks"]
+        sample = {"image": img, **target}
+        out = paste(sample)
+        assert set(out) == set(sample) and "masks" not in out
+        H, W = s.image.shape[:2]
+        box = xyxy_of(out["boxes"])
+        check_output_objects(box, out["labels"].numpy(), None, (H, W), len(names))
+        assert len(out["labels"]) >= len(s.classes) - 3
+
+
+def test_composes_with_v2_and_sanitize(bank_path, samples, names):
+    pipe = v2.Compose([
+        GenValPaste(bank_path, class_map=class_map_from_names(names, bank_path), seed=2),
+        v2.RandomHorizontalFlip(p=1.0),
+        v2.RandomPhotometricDistort(p=1.0),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.SanitizeBoundingBoxes(),
+    ])
+    for s in samples[:6]:
+        img, target = to_tv(s, "CXCYWH")
+        out_img, out = pipe(img, target)
+        assert out_img.dtype == torch.float32 and out["boxes"].format.name == "CXCYWH"
+        n = len(out["labels"])
+        assert out["boxes"].shape == (n, 4) and out["masks"].shape[0] == n == len(out["area"]) == len(out["iscrowd"])
+        H, W = s.image.shape[:2]
+        # the flip keeps the box == mask extent invariant exactly
+        check_output_objects(xyxy_of(out["boxes"]), out["labels"].numpy(), out["masks"].numpy().astype(bool),
+                             (H, W), len(names))
+        assert n > len(s.classes) - 2
+
+
+def test_grayscale_rgba_and_empty_samples(bank_path, samples, names):
+    cm = class_map_from_names(names, bank_path)
+    paste = GenValPaste(bank_path, class_map=cm, seed=3, n=2)
+    s = samples[0]
+    H, W = s.image.shape[:2]
+    _, target = to_tv(s)
+    gray = PILImage.fromarray(s.image).convert("L")
+    out_img, out = paste(gray, target)
+    assert out_img.mode == "L" and out_img.size == gray.size and len(out["labels"]) >= 1
+    one = tv_tensors.Image(torch.from_numpy(np.array(gray))[None])
+    out_img, out = paste(one, target)
+    assert out_img.shape == (1, H, W) and out_img.dtype == torch.uint8
+    rgba = PILImage.fromarray(s.image).convert("RGBA")
+    out_img, out = paste(rgba, target)
+    assert out_img.mode == "RGBA"
+    # an empty sample gets pasted objects only
+    empty = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(H, W)),
+             "masks": tv_tensors.Mask(torch.zeros(0, H, W, dtype=torch.uint8)),
+             "labels": torch.zeros(0, dtype=torch.int64)}
+    out_img, out = paste(tv_tensors.Image(torch.from_numpy(s.image).permute(2, 0, 1)), empty)
+    n = len(out["labels"])
+    assert n >= 1 and out["masks"].shape == (n, H, W)
+    check_output_objects(xyxy_of(out["boxes"]), out["labels"].numpy(), out["masks"].numpy().astype(bool), (H, W),
+                         len(names), n_kept=0)
+    assert set(out["labels"].tolist()) <= set(cm.values())
+
+
+def test_p_zero_returns_sample_untouched(bank_path, samples):
+    paste = GenValPaste(bank_path, p=0.0, seed=0)
+    img, target = to_tv(samples[0])
+    out_img, out = paste(img, target)
+    assert out_img is img and out is target
+
+
+def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path, caplog):
+    paste = GenValPaste(bank_path, seed=0)
+    s = samples[0]
+    H, W = s.image.shape[:2]
+    img, target = to_tv(s)
+    cases = {
+        "labels": dict(target, labels=target["labels"][:-1]),
+        "masks": dict(target, masks=tv_tensors.Mask(target["masks"][:-1])),
+        "area": dict(target, area=torch.ones(len(s.classes) + 1)),
+        "canvas_size": dict(target, boxes=tv_tensors.BoundingBoxes(s.boxes, format="XYXY", canvas_size=(H + 1, W))),
+        "lies outside": dict(target, boxes=tv_tensors.BoundingBoxes(s.boxes + 5000, format="XYXY", canvas_size=(H, W))),
+        "invalid box": dict(target, boxes=tv_tensors.BoundingBoxes(s.boxes[:, [2, 1, 0, 3]], format="XYXY",
+                                                                   canvas_size=(H, W))),
+        "semantic": dict(target, masks=tv_tensors.Mask(torch.zeros(H, W, dtype=torch.uint8))),
+        "no labels": {k: v for k, v in target.items() if k != "labels"},
+        "scores": dict(target, scores=torch.ones(len(s.classes))),
+    }
+    for what, bad in cases.items():
+        with pytest.raises(TargetsError, match=what.split()[0] if what != "lies outside" else "outside"):
+            paste(img, bad)
+    with pytest.raises(TargetsError, match="image"):
+        paste(img.float() * 2, target)  # not in [0, 1]
+    with pytest.raises(TargetsError, match="batches"):
+        paste(img[None], target)
+    with pytest.raises(TargetsError, match="mode"):
+        paste(PILImage.fromarray(s.image).convert("CMYK"), target)
+    with pytest.raises(TargetsError, match="BoundingBoxes"):
+        paste(img, {"labels": target["labels"]})
+    rotated = tv_tensors.BoundingBoxes(torch.cat([torch.from_numpy(s.boxes), torch.zeros(len(s.boxes), 1)], 1),
+                                       format="XYWHR", canvas_size=(H, W))
+    with pytest.raises(TargetsError, match="XYWHR"):
+        paste(img, dict(target, boxes=rotated))
+    with pytest.raises(TargetsError, match="KeyPoints"):
+        paste(img, dict(target, keypoints=tv_tensors.KeyPoints(torch.zeros(len(s.boxes), 2), canvas_size=(H, W))))
+    # per-object fields can be filled explicitly
+    ok = GenValPaste(bank_path, seed=0, extra_fields={"scores": 1.0})
+    _, out = ok(img, dict(target, scores=torch.full((len(s.classes),), 0.5)))
+    assert out["scores"].shape == out["labels"].shape and (out["scores"][len(s.classes):] == 1.0).all()
+    # bank and class map problems
+    with pytest.raises(BankError, match="no instance bank"):
+        GenValPaste(tmp_path / "missing.lmdb")(img, target)
+    with pytest.raises(ConfigError, match="none of the class_map categories"):
+        GenValPaste(bank_path, class_map={"unicorn": 3})(img, target)
+    with pytest.raises(ConfigError, match="PasteConfig fields"):
+        GenValPaste(bank_path, no_such_option=1)
+    # an empty bank is a logged no-op (a bank being filled by a worker may start empty)
+    from genval_aug.bank import BankWriter
+
+    with BankWriter(tmp_path / "empty.lmdb"):
+        pass
+    with caplog.at_level("WARNING", logger="genval_aug.lazy_engine"):
+        out_img, out = GenValPaste(tmp_path / "empty.lmdb", seed=0)(img, target)
+    assert out_img is img and out is target and "is empty" in caplog.text
+
+
+def test_class_map_from_names(bank_path, names):
+    cm = class_map_from_names(names, bank_path)
+    assert cm == {"person": 0, "car": 2, "elephant": 20, "potted plant": 58}
+    tv_names = ["__background__", *names]  # torchvision's 91-style lists put background at 0
+    assert class_map_from_names(tv_names, InstanceBank(bank_path))["car"] == 3
+    assert class_map_from_names({5: "Potted_Plant", 9: "car"}, ["potted plant", "car", "tiger"]) == {
+        "potted plant": 5, "car": 9}
+    assert class_map_from_names(["automobile"], ["car"], aliases={"car": "automobile"}) == {"car": 0}
+    with pytest.raises(ConfigError, match="tiger"):
+        class_map_from_names(names, ["car", "tiger"], strict=True)
+    with pytest.raises(ConfigError, match="no bank category"):
+        class_map_from_names(["dog"], ["car"])
+
+
+def test_deterministic_and_picklable(bank_path, samples):
+    img, target = to_tv(samples[1])
+    a = GenValPaste(bank_path, seed=5)
+    b = pickle.loads(pickle.dumps(GenValPaste(bank_path, seed=5)))
+    for _ in range(3):
+        (ia, ta), (ib, tb) = a(img, target), b(img, target)
+        assert torch.equal(ia, ib) and torch.equal(ta["boxes"], tb["boxes"])
+    # seed=None follows torch's global RNG like other v2 transforms
+    c = GenValPaste(bank_path)
+    torch.manual_seed(11)
+    r1 = c(img, target)
+    torch.manual_seed(11)
+    r2 = c(img, target)
+    assert torch.equal(r1[0], r2[0]) and torch.equal(r1[1]["labels"], r2[1]["labels"])
+    a.set_epoch(1)
+    r3 = a(img, target)
+    a2 = GenValPaste(bank_path, seed=5)
+    a2.set_epoch(1)
+    assert torch.equal(r3[0], a2(img, target)[0])
+
+
+def _run_loader(ds, context, seed=0):
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context=context,
+                                         collate_fn=collate_list, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for images, targets in loader:
+        for im, t in zip(images, targets, strict=True):
+            out.append((im.clone(), t["boxes"].clone(), t["labels"].clone(), t["masks"].clone()))
+    return out
+
+
+@pytest.mark.slow
+def test_dataloader_two_workers_fork_and_spawn(bank_path, coco128_seg, names):
+    small = coco128_samples(coco128_seg, limit=3, size=160)
+    bank = InstanceBank(bank_path)  # the parent holds and reads the bank first
+    assert bank.count() > 0 and bank.random_instance("car", np.random.default_rng(0)).rgba.shape[2] == 4
+    paste = GenValPaste(bank, class_map=class_map_from_names(names, bank), seed=123, n=2)
+    ds = TVSampleDataset([small[0]], paste, length=8)  # one image: every item differs only by its paste
+    ds[0]  # ...and builds its engine in the parent before the workers start
+    runs = {"fork": _run_loader(ds, "fork"), "fork2": _run_loader(ds, "fork"), "spawn": _run_loader(ds, "spawn")}
+    assert len(runs["fork"]) == 8
+    for other in ("fork2", "spawn"):
+        for a, b in zip(runs["fork"], runs[other], strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), f"{other} differs from fork"
+    # worker 0 gets items 0,1,4,5 and worker 1 items 2,3,6,7: their streams must differ
+    imgs = [r[0] for r in runs["fork"]]
+    assert not torch.equal(imgs[0], imgs[2]) and not torch.equal(imgs[1], imgs[3])
+    assert len({r[0].sum().item() for r in runs["fork"]}) > 4
+    for im, boxes, labels, masks in runs["spawn"]:
+        check_output_objects(boxes.numpy(), labels.numpy(), masks.numpy().astype(bool), im.shape[-2:], len(names))
+
+
+@pytest.mark.slow
+def test_maskrcnn_training_step_on_pasted_batch(bank_path, coco128_seg, names):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    small = coco128_samples(coco128_seg, limit=2, size=320)
+    cm = {k: v + 1 for k, v in class_map_from_names(names, bank_path).items()}  # 0 is background
+    pipe = v2.Compose([
+        GenValPaste(bank_path, class_map=cm, seed=0, n=(2, 3)),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.SanitizeBoundingBoxes(),
+    ])
+    images, targets = [], []
+    for s in small:
+        img, target = to_tv(s)
+        target["labels"] = target["labels"] + 1
+        im, t = pipe(img, target)
+        assert len(t["labels"]) > len(s.classes) - 2 and t["masks"].shape[0] == len(t["labels"])
+        images.append(im)
+        targets.append({"boxes": t["boxes"], "labels": t["labels"], "masks": t["masks"]})
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=len(names) + 1,
+                                  min_size=320, max_size=320)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = model(images, targets)
+    assert set(losses) >= {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    total = sum(losses.values())
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    opt.zero_grad()
+    total.backward()
+    grads = [p.grad for p in model.roi_heads.mask_predictor.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    opt.step()
