@@ -7,7 +7,7 @@ as Ultralytics does); labels are the images' YOLO-seg polygons resampled to 1000
 representation). Instances are the real RGBA cut-outs in shared/data/rgba_objects, cropped to their alpha and
 limited to 256 px, kept decoded in memory with the metadata a bank record has ("engine" rows: the cost of the
 engine alone) or stored in a real LMDB
-bank ("bank" row: adds sampling + PNG decode). The baseline is ``ultralytics.data.augment.CopyPaste(p=0.5,
+bank ("bank" row: adds sampling + decode). The baseline is ``ultralytics.data.augment.CopyPaste(p=0.5,
 mode="flip")`` on the same images in the same run, interleaved per image. Times are CPU time of the calling
 thread (``time.thread_time_ns``), so other processes on a shared machine inflate them less than wall-clock.
 Prints median / p90 ms per image and the ratio of medians to the baseline.
@@ -206,7 +206,7 @@ def main() -> None:
                     fns[f"{blend}+{harm}|{k}"] = engine_fn(PasteEngine(source, PasteConfig(n=k, blend=blend, harmonize=harm)))
         bank = build_bank(instances, Path(bank_dir.name) / "bench.lmdb")
         for k in ks:
-            fns[f"default + LMDB bank (sampling, PNG decode)|{k}"] = engine_fn(PasteEngine(bank, PasteConfig(n=k)))
+            fns[f"default + LMDB bank (sampling + decode)|{k}"] = engine_fn(PasteEngine(bank, PasteConfig(n=k)))
     for fn in fns.values():  # warm-up
         fn(samples[0], np.random.default_rng(0))
     counts.clear()
