@@ -204,8 +204,8 @@ def resize_rotate_flip(
             support = cv2.warpAffine(support, m, (nw, nh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     if support is not None:
         # colour = filtered colour / filtered support (pixels with full support are unchanged)
-        opaque = np.full(support.shape, 255, np.uint8)  # alpha / 255 * 255: alpha unchanged
-        out = cv2.divide(out, cv2.merge([support, support, support, opaque]), scale=255)
+        # divisor (s, s, s, 255) in one call: alpha / 255 * 255 leaves alpha unchanged
+        out = cv2.divide(out, cv2.cvtColor(support, cv2.COLOR_GRAY2BGRA), scale=255)
     if flip:
         out = cv2.flip(out, 1)
     return out
