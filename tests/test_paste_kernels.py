@@ -312,3 +312,29 @@ def test_no_dark_outline_from_transparent_black(angle):
         naive = A.resize_rotate_flip(rgba, size, angle, flip=True, unbleed=False)
         if size[0] < 600:
             assert naive[..., :3][naive[..., 3] > 0].min() < 200  # what the fix prevents
+
+
+def test_source_cache_gives_identical_patches_and_stays_bounded():
+    """The per-instance source cache memoizes exact work: cached, uncached and repeated results are equal."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (173, 131, 4), dtype=np.uint8)  # arbitrary colour under alpha == 0 too
+    a = np.zeros((173, 131), np.uint8)
+    cv2.ellipse(a, (65, 86), (55, 70), 20, 0, 360, 255, -1)
+    rgba[..., 3] = cv2.GaussianBlur(a, (9, 9), 3)
+    cache = A.SourceCache(1 << 20)
+    for size, angle, flip in [((40, 30), 0.0, False), ((173, 131), 0.0, True), ((90, 61), 17.0, True),
+                              ((300, 250), 0.0, False), ((40, 30), 0.0, True), ((21, 16), -40.0, False)]:
+        ref = A.resize_rotate_flip(rgba, size, angle, flip)
+        for _ in range(2):  # miss, then hit
+            got = A.resize_rotate_flip(rgba, size, angle, flip, cache=cache, key="inst-1")
+            assert got.dtype == np.uint8 and np.array_equal(got, ref), (size, angle, flip)
+            assert got.flags.writeable
+    assert cache.hits >= 6 and cache.misses <= 6 and 0 < cache.nbytes <= cache.max_bytes
+    small = A.SourceCache(40_000)  # room for one small level only
+    for k, size in enumerate([(40, 30), (20, 15), (10, 8)]):
+        A.resize_rotate_flip(rgba, size, 0.0, False, cache=small, key=k)
+        assert small.nbytes <= small.max_bytes
+    clone = pickle.loads(pickle.dumps(cache))  # DataLoader workers start empty
+    assert len(clone) == 0 and clone.max_bytes == cache.max_bytes

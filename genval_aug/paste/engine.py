@@ -47,6 +47,9 @@ class PasteConfig:
         Reinhard a/b strength; harmonize_context: the reference window is the paste rectangle grown by this
         times its size on each side.
     label_threshold: alpha >= this is the pasted object's label mask.
+    source_cache_mb: per-engine LRU (megabytes, 0 disables) of instances prepared at their own resolution
+        (colour-bleed guard, integer pre-shrink), keyed by instance id, which must identify the pixels (bank
+        ids are content hashes); results are the same with or without it.
     min_visible_fraction/min_remaining_area/max_box_shift/box_min_visible_fraction/polygon_parts: occlusion
         rules, see :mod:`genval_aug.paste.labels`.
     """
@@ -86,6 +89,7 @@ class PasteConfig:
     max_box_shift: float = 10.0
     box_min_visible_fraction: float = 0.3
     polygon_parts: str = "all"
+    source_cache_mb: float = 64.0
 
     def __post_init__(self) -> None:
         if self.blend not in BLEND_MODES:
@@ -103,6 +107,8 @@ class PasteConfig:
             raise ConfigError(f"PasteConfig.polygon_parts must be 'all' or 'largest', got {self.polygon_parts!r}")
         if not 0 < self.min_inside <= 1:
             raise ConfigError(f"PasteConfig.min_inside must be in (0, 1], got {self.min_inside}")
+        if not self.source_cache_mb >= 0:
+            raise ConfigError(f"PasteConfig.source_cache_mb must be >= 0, got {self.source_cache_mb}")
         _count_spec(self.n)  # validates
 
     def sample_count(self, rng: np.random.Generator) -> int:
@@ -266,6 +272,7 @@ class PasteEngine:
         self.class_map = class_map
         self.skipped = 0  # unusable instances drawn from the source (bad array, empty alpha)
         self._warned = False
+        self._sources = A.SourceCache(int(self.config.source_cache_mb * (1 << 20)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sampler={type(self.sampler).__name__}, config={self.config!r})"
@@ -327,7 +334,9 @@ class PasteEngine:
         size = A.target_size(crop.shape[:2], area, image_hw, rel, aspect, cfg.min_side)
         flip = bool(rng.random() < cfg.hflip)
         angle = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cfg.rotation > 0 else 0.0
-        patch = A.resize_rotate_flip(crop, size, angle, flip)
+        key = getattr(inst, "id", None)
+        patch = A.resize_rotate_flip(crop, size, angle, flip, cache=self._sources,
+                                     key=key if isinstance(key, (str, int)) else None)
         matrix = None
         if cfg.colour_jitter_p > 0 and (cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue):
             if rng.random() < cfg.colour_jitter_p:
