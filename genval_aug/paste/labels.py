@@ -83,14 +83,19 @@ def _closest_pair(a: np.ndarray, b: np.ndarray, max_points: int = 64) -> tuple[i
     to at most ``max_points`` per side, so the cost stays bounded for long contours)."""
     sa = max(len(a) // max_points, 1)
     sb = max(len(b) // max_points, 1)
-    d = ((a[::sa, None, :].astype(np.int64) - b[None, ::sb, :]) ** 2).sum(-1)
-    i, k = np.unravel_index(int(np.argmin(d)), d.shape)
-    return int(i) * sa, int(k) * sb, int(d[i, k])
+    pa, pb = a[::sa].astype(np.int64), b[::sb].astype(np.int64)
+    dx = pa[:, 0, None] - pb[None, :, 0]
+    dy = pa[:, 1, None] - pb[None, :, 1]
+    d = dx * dx + dy * dy
+    j = int(d.argmin())
+    i, k = divmod(j, d.shape[1])
+    return i * sa, k * sb, int(d.flat[j])
 
 
-def _bridge(main: np.ndarray, part: np.ndarray) -> np.ndarray:
-    """Join ``part`` into ``main`` through a zero-width bridge at (nearly) their closest points."""
-    i, k, _ = _closest_pair(main, part)
+def _bridge(main: np.ndarray, part: np.ndarray, pair: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Join ``part`` into ``main`` through a zero-width bridge at (nearly) their closest points
+    (``pair``: their :func:`_closest_pair` when already computed)."""
+    i, k, _ = pair if pair is not None else _closest_pair(main, part)
     return np.concatenate([main[: i + 1], part[k:], part[: k + 1], main[i:]], axis=0)
 
 
@@ -118,8 +123,9 @@ def mask_to_polygon(
     # slivers left by cutting along a soft edge are noise: drop parts/holes below min_part of the largest
     rest = [contours[j] for j in order[1:] if sizes[j] >= max(min_part_px, min_part * sizes[order[0]])]
     while rest:  # greedily attach the part closest to the polygon built so far (short bridges)
-        d = [_closest_pair(poly, c)[2] for c in rest]
-        poly = _bridge(poly, rest.pop(int(np.argmin(d))))
+        pairs = [_closest_pair(poly, c) for c in rest]
+        j = min(range(len(pairs)), key=lambda q: pairs[q][2])  # first minimum, as np.argmin
+        poly = _bridge(poly, rest.pop(j), pairs[j])
     return poly.astype(np.float32)
 
 
