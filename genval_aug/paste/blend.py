@@ -34,7 +34,7 @@ def feather_alpha(alpha: np.ndarray, sigma: float) -> np.ndarray:
 
 def composite_alpha(dst: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> None:
     """dst = src * a + dst * (1 - a) with a = alpha / 255 (each term rounded, saturated), in place."""
-    a3 = cv2.merge([alpha, alpha, alpha])
+    a3 = cv2.cvtColor(alpha, cv2.COLOR_GRAY2BGR)  # (a, a, a), ~4x faster than cv2.merge
     fg = cv2.multiply(src, a3, scale=1 / 255.0)
     bg = cv2.multiply(np.ascontiguousarray(dst), cv2.bitwise_not(a3), scale=1 / 255.0)
     dst[...] = cv2.add(fg, bg)
