@@ -102,7 +102,8 @@ def main() -> None:
     data = check_det_dataset(str(data_yaml))
     ds = build_yolo_dataset(cfg, data["train"], 16, data, mode="train", stride=32)
     variants = {"paste": PasteSpec(bank, n=args.n).make_transform(ds),  # default: decoded-instance LRU
-                "paste_nocache": PasteSpec(bank, n=args.n, cache_mb=0).make_transform(ds)}
+                # no decoded-instance LRU and no engine source cache: every draw decodes and prepares anew
+                "paste_nocache": PasteSpec(bank, n=args.n, cache_mb=0, source_cache_mb=0).make_transform(ds)}
     indices = list(range(len(ds)))
     print(f"dataset: {len(ds)} coco128-seg images, imgsz {args.imgsz}, task segment, cache=False; "
           f"bank: {bank.name} ({', '.join(sorted(variants['paste'].class_map))}, 7 instances); k={args.n}; "
