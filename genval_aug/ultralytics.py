@@ -179,12 +179,20 @@ def build_class_map(
 def _polygons_to_segments(polygons: list[np.ndarray], boxes: np.ndarray, n_points: int) -> np.ndarray:
     """Stack polygons into Ultralytics' (N, n_points, 2) float32 layout (resampled like its own labels)."""
     out = np.empty((len(polygons), n_points, 2), dtype=np.float32)
+    todo: list[np.ndarray] = []
+    where: list[int] = []
     for i, p in enumerate(polygons):
         p = np.asarray(p, dtype=np.float32).reshape(-1, 2)
         if len(p) < 3:  # degenerate outline: fall back to the box outline, keeps len(segments) == len(boxes)
             x1, y1, x2, y2 = boxes[i]
             p = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float32)
-        out[i] = p if len(p) == n_points else resample_segments([p], n_points)[0]
+        if len(p) == n_points:  # kept originals: already resampled by Ultralytics
+            out[i] = p
+        else:
+            todo.append(p)
+            where.append(i)
+    if todo:  # one call for the pasted and the re-extracted (cut) outlines
+        out[where] = np.stack(resample_segments(todo, n_points))
     return out
 
 
@@ -271,7 +279,9 @@ class YoloPaste:
         segs = inst.segments
         n_points = segs.shape[1] if segs.ndim == 3 and segs.shape[1] > 0 else DEFAULT_POINTS
         use_polygons = len(segs) > 0 or (len(boxes) == 0 and self.polygons)
-        polygons = [s.astype(np.float32) for s in segs] if use_polygons else None
+        # views, not copies: the engine never modifies its input and copies what it returns
+        polygons = (list(segs) if segs.dtype == np.float32 else [s.astype(np.float32) for s in segs]) \
+            if use_polygons else None
         try:
             res = self._engine(img, Targets(boxes=boxes, classes=cls, polygons=polygons), self._rng,
                                channel_order="bgr")
