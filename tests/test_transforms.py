@@ -255,6 +255,19 @@ def test_class_map_from_names(bank_path, names):
         class_map_from_names(names, ["car", "tiger"], strict=True)
     with pytest.raises(ConfigError, match="no bank category"):
         class_map_from_names(["dog"], ["car"])
+    # the same matcher as the Ultralytics adapter: LVIS synonyms, explicit overrides, a classes= subset
+    lvis = {"person": ["girl", "boy"]}
+    assert class_map_from_names(names, ["girl", "car", "tiger"], synonyms=lvis) == {"girl": 0, "car": 2}
+    assert class_map_from_names(names, ["tiger", "car"], class_map={"tiger": 21, "car": None}) == {"tiger": 21}
+    assert class_map_from_names(names, bank_path, classes=["car", 0]) == {"person": 0, "car": 2}
+    with pytest.raises(ConfigError, match="appears twice"):
+        class_map_from_names(["car", "Car"], ["car"])
+    with pytest.raises(ConfigError, match="automobile"):  # an override must name a dataset class
+        class_map_from_names(names, ["car"], aliases={"car": "automobile"})
+    from genval_aug.class_map import build_class_map  # the core; YOLO's duplicate names keep the first id
+
+    assert build_class_map(["car", "girl", "tiger"], names, synonyms=lvis) == ({"car": 2, "girl": 0}, ["tiger"])
+    assert build_class_map(["car"], ["x", "car", "Car"]) == ({"car": 1}, [])
 
 
 def test_deterministic_and_picklable(bank_path, samples):
