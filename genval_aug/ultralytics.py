@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ from ultralytics.utils.instance import Instances
 from ultralytics.utils.ops import resample_segments
 
 from genval_aug.bank import InstanceBank
+from genval_aug.bank.cache import DEFAULT_CACHE_MB, CachedInstanceBank, with_cache
 from genval_aug.class_map import build_class_map, format_unmapped, load_synonyms, normalize_name
 from genval_aug.errors import ConfigError
 
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 DEFAULT_POINTS = 1000  # Ultralytics resamples every polygon label to 1000 points (100 for OBB)
-DEFAULT_CACHE_MB = 256.0  # per-process LRU of decoded instances (PNG/WebP decode dominates the paste cost)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ class YoloPaste:
         info = torch.utils.data.get_worker_info()
         base = int(info.seed) if info is not None else int(torch.initial_seed())
         self._rng = np.random.default_rng([base & (2**63 - 1), self.seed or 0])
-        self._engine = PasteEngine(_as_source(self.bank, self.cache_mb),
+        self._engine = PasteEngine(with_cache(self.bank, self.cache_mb),
                                    config=_engine_config(self.options, self.class_map),
                                    class_map=_ClassLookup(self.class_map))
         self._pid = os.getpid()
@@ -191,53 +190,6 @@ def _engine_config(options: Mapping[str, Any], class_map: Mapping[str, int]):
     if cfg.sampler_classes is not None:
         allowed = [c for c in allowed if c in set(cfg.sampler_classes)]
     return replace(cfg, sampler_classes=allowed)
-
-
-class CachedInstanceBank(InstanceBank):
-    """``InstanceBank`` keeping decoded instances in a per-process LRU of ``cache_mb`` megabytes.
-
-    Record ids are content hashes, so a cached instance never goes stale. Cached arrays are read-only.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, cache_mb: float = DEFAULT_CACHE_MB, **kw: Any) -> None:
-        super().__init__(path, **kw)
-        self.cache_bytes = int(cache_mb * (1 << 20))
-        self._lru: OrderedDict[str, Any] = OrderedDict()
-        self._lru_bytes = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "cache_bytes": self.cache_bytes}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.cache_bytes = state["cache_bytes"]
-        self._lru, self._lru_bytes = OrderedDict(), 0
-
-    def get(self, record_id: str) -> Any:
-        inst = self._lru.get(record_id)
-        if inst is not None:
-            self._lru.move_to_end(record_id)
-            return inst
-        inst = super().get(record_id)
-        size = inst.rgba.nbytes
-        if size <= self.cache_bytes:
-            inst.rgba.setflags(write=False)
-            self._lru[record_id] = inst
-            self._lru_bytes += size
-            while self._lru_bytes > self.cache_bytes:
-                _, old = self._lru.popitem(last=False)
-                self._lru_bytes -= old.rgba.nbytes
-        return inst
-
-
-def _as_source(bank: Any, cache_mb: float = 0) -> Any:
-    """A bank reader for the engine: paths open an (optionally caching) ``InstanceBank``."""
-    path = bank if isinstance(bank, (str, os.PathLike)) else bank.path if type(bank) is InstanceBank else None
-    if path is None:
-        return bank  # a sampler or a custom bank: used as given
-    if cache_mb and cache_mb > 0:
-        return CachedInstanceBank(path, cache_mb=cache_mb)
-    return InstanceBank(path)
 
 
 def _instance_bank(source: Any) -> Any:

@@ -190,6 +190,7 @@ def test_p_seed_and_serialization(bank_path, samples, names):
     assert np.array_equal(o1["image"], o2["image"]) and np.array_equal(o1["class_labels"], o2["class_labels"])
     t = d["transform"]["transforms"][0]
     assert t["__class_fullname__"] == "genval_aug.albumentations.GenValPaste" and t["class_map"] == cm
+    assert t["cache_mb"] == 256.0 and type(restored.transforms[0].paster.source).__name__ == "CachedInstanceBank"
 
 
 def test_bad_input_is_a_clear_error(bank_path, samples, names):
