@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 
+import adapter_helpers
 import numpy as np
 import pytest
 import torch
-from adapter_helpers import AlbuSampleDataset, Recorder, build_rgba_bank, check_output_objects, coco_names
+from adapter_helpers import AlbuSampleDataset, Recorder, check_output_objects
 from label_checks import check_paste_result, coco128_samples
 
 A = pytest.importorskip("albumentations")
@@ -14,17 +15,9 @@ A = pytest.importorskip("albumentations")
 from genval_aug.albumentations import GenValPaste, class_map_from_names  # noqa: E402
 from genval_aug.errors import ConfigError, TargetsError  # noqa: E402
 
+bank_path, names = adapter_helpers.bank_path, adapter_helpers.names  # the shared module-scoped fixtures
+
 FORMATS = ("pascal_voc", "coco", "yolo", "albumentations")
-
-
-@pytest.fixture(scope="module")
-def bank_path(tmp_path_factory, shared_data):
-    return build_rgba_bank(tmp_path_factory.mktemp("bank") / "rgba.lmdb", shared_data)
-
-
-@pytest.fixture(scope="module")
-def names(shared_data):
-    return coco_names(shared_data)
 
 
 @pytest.fixture(scope="module")

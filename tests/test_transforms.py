@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import pickle
 
+import adapter_helpers
 import numpy as np
 import pytest
 import torch
 from adapter_helpers import (
     Recorder,
     TVSampleDataset,
-    build_rgba_bank,
     check_output_objects,
-    coco_names,
     collate_list,
 )
 from label_checks import check_paste_result, coco128_samples
@@ -24,17 +23,9 @@ from genval_aug.bank import InstanceBank
 from genval_aug.errors import BankError, ConfigError, TargetsError
 from genval_aug.transforms import GenValPaste, class_map_from_names
 
+bank_path, names = adapter_helpers.bank_path, adapter_helpers.names  # the shared module-scoped fixtures
+
 FORMATS = ("XYXY", "XYWH", "CXCYWH")
-
-
-@pytest.fixture(scope="module")
-def bank_path(tmp_path_factory, shared_data):
-    return build_rgba_bank(tmp_path_factory.mktemp("bank") / "rgba.lmdb", shared_data)
-
-
-@pytest.fixture(scope="module")
-def names(shared_data):
-    return coco_names(shared_data)
 
 
 @pytest.fixture(scope="module")
