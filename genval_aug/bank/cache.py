@@ -1,4 +1,4 @@
-"""A per-process LRU of decoded instances in front of an ``InstanceBank`` (PNG/WebP decode dominates a paste).
+"""A per-process LRU of decoded instances in front of an ``InstanceBank`` (repeated draws skip the decode).
 
 Record ids are content hashes and records are never rewritten, so a cached instance never goes stale;
 everything else (counts, the category index, new instances from a top-up worker after :meth:`refresh`)
