@@ -52,6 +52,8 @@ def bank_units(path) -> dict[str, list[int]]:
 
 def test_config_errors_name_the_field(tmp_path):
     base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "dict.json").write_text('{"categories": {"name": "x"}}')
     cases = [
         ({"classes": {"names": ["a"], "target": "many"}}, "classes.target"),
         ({"classes": {"names": ["a"], "target": 3, "targets": {"b": 1}}}, "classes.targets.b"),
@@ -65,6 +67,8 @@ def test_config_errors_name_the_field(tmp_path):
         ({"worker": {"draws_dir": "$GENVAL_UNSET_VAR_X/d"}}, "worker.draws_dir"),
         ({"prompts": {"templates": ["a {nme}"]}}, "prompts.templates[0]"),
         ({"classes": {"table": "missing.json", "groups": {"r": 1}}}, "classes.table"),
+        ({"classes": {"table": "broken.json"}}, "classes.table"),
+        ({"classes": {"table": "dict.json"}}, "classes.table"),
     ]
     for over, fld in cases:
         with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ":"):

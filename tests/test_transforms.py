@@ -234,7 +234,7 @@ def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path, caplog):
     assert out_img is img and out is target and "is empty" in caplog.text
 
 
-def test_class_map_from_names(bank_path, names):
+def test_class_map_from_names(bank_path, names, tmp_path):
     cm = class_map_from_names(names, bank_path)
     assert cm == {"person": 0, "car": 2, "elephant": 20, "potted plant": 58}
     tv_names = ["__background__", *names]  # torchvision's 91-style lists put background at 0
@@ -255,6 +255,9 @@ def test_class_map_from_names(bank_path, names):
         class_map_from_names(["car", "Car"], ["car"])
     with pytest.raises(ConfigError, match="automobile"):  # an override must name a dataset class
         class_map_from_names(names, ["car"], aliases={"car": "automobile"})
+    (tmp_path / "syn.json").write_text('[{"synonyms": ["girl"]}]')
+    with pytest.raises(ConfigError, match=r"syn\.json: categories\[0\] has no 'name'"):
+        class_map_from_names(names, ["girl"], synonyms=tmp_path / "syn.json")
     from genval_aug.class_map import build_class_map  # the core; YOLO's duplicate names keep the first id
 
     assert build_class_map(["car", "girl", "tiger"], names, synonyms=lvis) == ({"car": 2, "girl": 0}, ["tiger"])

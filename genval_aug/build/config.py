@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from genval_aug.class_map import load_category_table
 from genval_aug.errors import ConfigError
 
 __all__ = [
@@ -228,8 +228,9 @@ def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
                 if isinstance(r.get("synonyms"), str):
                     r["synonyms"] = [s for s in r["synonyms"].split("|") if s]
         else:
-            data = json.loads(p.read_text(encoding="utf-8"))
-            rows = data.get("categories", data) if isinstance(data, dict) else data
+            rows = load_category_table(p)
+    except ConfigError as e:
+        raise ctx.fail(fld, str(e)) from e
     except (OSError, ValueError, csv.Error) as e:
         raise ctx.fail(fld, f"cannot read category table {p}: {e}") from e
     if not isinstance(rows, list) or not rows:
