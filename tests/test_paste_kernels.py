@@ -294,3 +294,21 @@ def test_polygon_roundtrip_with_parts_and_holes():
     largest = mask_to_polygon(m.astype(bool), "largest")
     assert polygon_boxes([largest])[0].tolist() == [10, 10, 81, 91]
     assert len(mask_to_polygon(np.zeros((5, 5), bool))) == 0
+
+
+@pytest.mark.parametrize("angle", [0.0, 25.0])
+def test_no_dark_outline_from_transparent_black(angle):
+    """Bank instances have RGB zeroed under alpha == 0; resizing/rotating must not bleed it into the edge."""
+    a = np.zeros((600, 600), np.uint8)
+    cv2.circle(a, (300, 300), 250, 255, -1)
+    rgba = np.zeros((600, 600, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = a
+    rgba[a == 0, :3] = 0
+    for size in [(60, 60), (97, 97), (600, 600), (900, 900)]:
+        out = A.resize_rotate_flip(rgba, size, angle, flip=True)
+        visible = out[..., 3] > 0
+        assert out[..., :3][visible].min() >= 250, size
+        naive = A.resize_rotate_flip(rgba, size, angle, flip=True, unbleed=False)
+        if size[0] < 600:
+            assert naive[..., :3][naive[..., 3] > 0].min() < 200  # what the fix prevents

@@ -184,3 +184,17 @@ def test_random_synthetic_cases(mode):
         res = PasteEngine(src, cfg)(s.image, _targets(s, mode), np.random.default_rng(seed))
         check_paste_result(s, res, s.image.shape[:2], 80, cfg, mode)
         check_pixels(s.image, res)
+
+
+def test_bank_sampler_options_pass_through(real_bank):  # noqa: F811
+    """An InstanceBank source gets a BankSampler built from the config's sampler options."""
+    img = np.full((240, 320, 3), 128, np.uint8)
+    engine = PasteEngine(real_bank, PasteConfig(n=4, max_ioa=1.0, sampler_mode="weights",
+                                                sampler_weights={"person": 1.0, "car": 0.0}))
+    cats = {pl["category"] for i in range(5) for pl in engine(img, Targets.empty(), np.random.default_rng(i)).placements}
+    assert cats == {"person"}
+    with pytest.raises(TypeError, match="no_such_option"):
+        PasteEngine(real_bank, PasteConfig(sampler_options={"no_such_option": 1}))
+    engine = PasteEngine(real_bank, PasteConfig(n=3, max_ioa=1.0, sampler_options={"min_side": 10_000}))
+    res = engine(img, Targets.empty(), np.random.default_rng(0))
+    assert res.placements == []  # nothing in the bank is that large: a no-op, not an error

@@ -57,13 +57,20 @@ def keep_occluded(
     return shift <= rules.max_box_shift or area_after >= rules.min_remaining_area
 
 
-def rasterize_polygon(polygon: np.ndarray, H: int, W: int) -> tuple[int, int, np.ndarray]:
-    """Rasterize a (K, 2) pixel polygon into a local bool mask: (x0, y0, mask) covering its clipped extent."""
-    pts = np.round(np.asarray(polygon, np.float64)).astype(np.int32).reshape(-1, 2)
+def rasterize_polygon(
+    polygon: np.ndarray, H: int, W: int, box: np.ndarray | None = None
+) -> tuple[int, int, np.ndarray]:
+    """Rasterize a (K, 2) pixel polygon into a local bool mask: (x0, y0, mask) covering its clipped extent.
+
+    ``box``: its :func:`polygon_box` when already known (saves two reductions).
+    """
+    pts = np.rint(np.asarray(polygon, np.float32)).astype(np.int32).reshape(-1, 2)
     if len(pts) == 0:
         return 0, 0, np.zeros((0, 0), bool)
-    x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
-    x1, y1 = min(int(pts[:, 0].max()) + 1, W), min(int(pts[:, 1].max()) + 1, H)
+    if box is None:
+        box = (pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1)
+    x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x1, y1 = min(int(box[2]), W), min(int(box[3]), H)
     if x1 <= x0 or y1 <= y0:
         return 0, 0, np.zeros((0, 0), bool)
     m = np.zeros((y1 - y0, x1 - x0), np.uint8)
@@ -152,7 +159,7 @@ class _Object:
     area_before: int = 0
     box_before: np.ndarray | None = None
     touched: bool = False
-    cut: bool = False  # an original lost pixels to a paste
+    cut: bool = False  # lost pixels to a later paste
 
 
 class OcclusionTracker:
@@ -198,8 +205,7 @@ class OcclusionTracker:
             m = self.masks[i].astype(bool, copy=True)
             o.x0 = o.y0 = 0
         else:
-            o.x0, o.y0, m = rasterize_polygon(self.polygons[i], self.H, self.W)
-            m = m.copy()
+            o.x0, o.y0, m = rasterize_polygon(self.polygons[i], self.H, self.W, self._poly_boxes[i])
         o.mask = m
         o.area_before = int(np.count_nonzero(m))
         ext = mask_extent(m)
@@ -264,7 +270,7 @@ class OcclusionTracker:
         # earlier pasted objects
         for o in self.objects[self.n_original :]:
             if _intersects(o.box[None], box)[0]:
-                self._cut(o, pm, px, py)
+                o.cut |= self._cut(o, pm, px, py)
         area = int(np.count_nonzero(pm))
         self.objects.append(
             _Object(
@@ -333,7 +339,8 @@ class OcclusionTracker:
                 elif self.mode == "polygons":
                     poly = np.array(self.polygons[o.source_index], np.float32)  # a copy, never the input
             else:
-                keep, box = self._finish_exact(o)
+                # a pasted object nothing was pasted over keeps its paste-time box
+                keep, box = self._finish_exact(o) if o.cut else (True, o.box_before)
                 if keep and self.mode == "polygons":
                     local = mask_to_polygon(o.mask, self.rules.polygon_parts)
                     poly = local + np.array([o.x0, o.y0], np.float32)

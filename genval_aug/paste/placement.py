@@ -37,9 +37,7 @@ def candidate_positions(
     else:
         x_lo, x_hi, y_lo, y_hi = 0, W - w, 0, H - h
     x_hi, y_hi = max(x_hi, x_lo), max(y_hi, y_lo)
-    xs = rng.integers(x_lo, x_hi + 1, size=n)
-    ys = rng.integers(y_lo, y_hi + 1, size=n)
-    return np.stack([xs, ys], axis=1)
+    return rng.integers((x_lo, y_lo), (x_hi + 1, y_hi + 1), size=(n, 2))
 
 
 def place(
