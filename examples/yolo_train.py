@@ -15,8 +15,9 @@ The same with the command line (what ``--cli`` runs, through ``genval_aug.cli.ma
         bank=cache/coco128.lmdb epochs=30 imgsz=640 device=0 paste_n=3
 
 Ultralytics writes ``labels/*.cache`` next to the dataset's labels (it warns and goes on if that folder is
-read-only). Offline machines: the script sets YOLO_OFFLINE=1 and puts a local font where Ultralytics looks for
-Arial.ttf (see README, "Ultralytics YOLO"); name a local ``.pt`` file or a model ``.yaml`` as ``--model``.
+read-only). The script runs offline (``genval_aug.offline.use_offline_environment``: YOLO_OFFLINE=1, HF_HUB_OFFLINE=1,
+a local font where Ultralytics looks for Arial.ttf; see README, "Ultralytics YOLO"), so name a local ``.pt``
+file or a model ``.yaml`` as ``--model``, or download the weights first.
 
 ``--smoke`` copies the first 8 images of the dataset to a temporary folder, trains a randomly initialised
 model (``--model`` must then be a ``.yaml``; default ``yolo11n-seg.yaml``) for 1 epoch at imgsz 64 on the CPU
@@ -35,22 +36,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def setup_offline(workdir: Path) -> None:
-    """Ultralytics without network: no hub/update checks, config dir with a local font (it looks there for
-    Arial.ttf before trying to download it, even with plots=False)."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "0")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(workdir / "yolo-config"))
-    os.environ.setdefault("MPLCONFIGDIR", str(workdir / "mpl"))
-    import matplotlib
-
-    font_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
-    font_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        if not (font_dir / name).exists():
-            shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", font_dir / name)
 
 
 def small_copy(data: Path, dst: Path, n: int) -> Path:
@@ -113,7 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="genval-yolo-train-"))
-    setup_offline(work)
+    from genval_aug.offline import use_offline_environment
+
+    use_offline_environment(work)      # before ultralytics is imported; variables you set are kept
     data = args.data
     if not data.is_file():
         print(f"dataset yaml not found: {data} (give --data)", file=sys.stderr)

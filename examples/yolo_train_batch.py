@@ -6,7 +6,7 @@ and elephant in the batch was pasted from the bank. For training on your own dat
 Builds a bank from shared/data/rgba_objects (person, car, elephant cut-outs), copies 16 coco128-seg images that
 contain none of those classes (so every person/car/elephant in the picture was pasted), trains 2 epochs on CPU
 with ``attach(model, bank=..., n=3)`` and copies Ultralytics' own ``train_batch*.jpg`` of the run to ``--out``.
-Offline set-up as in yolo_train.py (YOLO_OFFLINE=1, a local font in YOLO_CONFIG_DIR).
+Offline: ``genval_aug.offline.use_offline_environment`` (YOLO_OFFLINE=1, a local font in YOLO_CONFIG_DIR).
 ``--smoke``: 4 images, 1 epoch, imgsz 64 (the smoke test; writes the picture to ``--out`` all the same).
 """
 from __future__ import annotations
@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from yolo_train import setup_offline  # noqa: E402
 
 TMP = Path(tempfile.mkdtemp(prefix="genval-yolo-example-"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--batch-index", type=int, default=0, help="which train_batch<i>.jpg to keep")
     args = ap.parse_args(argv)
-    setup_offline(TMP)
+    from genval_aug.offline import use_offline_environment
+
+    use_offline_environment(TMP)
 
     import torch
     from ultralytics import YOLO
