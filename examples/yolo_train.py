@@ -15,13 +15,14 @@ The same with the command line (what ``--cli`` runs, through ``genval_aug.cli.ma
         bank=cache/coco128.lmdb epochs=30 imgsz=640 device=0 paste_n=3
 
 Ultralytics writes ``labels/*.cache`` next to the dataset's labels (it warns and goes on if that folder is
-read-only). The script runs offline (``genval_aug.offline.use_offline_environment``: YOLO_OFFLINE=1, HF_HUB_OFFLINE=1,
-a local font where Ultralytics looks for Arial.ttf; see README, "Ultralytics YOLO"), so name a local ``.pt``
-file or a model ``.yaml`` as ``--model``, or download the weights first.
+read-only). The script sets up ``genval_aug.offline.use_offline_environment`` before Ultralytics is imported:
+YOLO_OFFLINE=1 (no connectivity/update checks, no analytics) and a local font where Ultralytics looks for
+Arial.ttf (see README, "Ultralytics YOLO"); variables you set yourself are kept. Ultralytics' weight downloads are
+not gated by YOLO_OFFLINE; on a machine without network name a local ``.pt`` or a ``.yaml`` as ``--model``.
 
-``--smoke`` copies the first 8 images of the dataset to a temporary folder, trains a randomly initialised
-model (``--model`` must then be a ``.yaml``; default ``yolo11n-seg.yaml``) for 1 epoch at imgsz 64 on the CPU
-without validation; a CPU-only check of the whole path in well under a minute.
+``--smoke`` copies the first 8 images of the dataset to a temporary folder (the bank, unless given, is harvested
+from those) and trains a randomly initialised ``yolo11n-seg.yaml`` (unless ``--model`` says otherwise) for 1 epoch
+at imgsz 64, batch 4, on the CPU with ``val=False``: a check of the whole path in seconds.
 
 Outputs: the bank, Ultralytics' run folder (``--project``/``--name``: weights, ``train_batch*.jpg`` pictures of
 pasted batches when ``--plots``) and, at the end, how many objects were pasted in this process.
