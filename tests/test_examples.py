@@ -134,9 +134,10 @@ def test_build_bank_gpu_refuses_when_the_chat_server_is_down(tmp_path, shared_da
 
 @pytest.mark.slow
 def test_topup_worker_fills_the_bank_beside_a_loader(tmp_path):
-    out = run_example("topup_worker.py", "--bank", tmp_path / "topup.lmdb", "--seconds", "12")
+    out = run_example("topup_worker.py", "--bank", tmp_path / "topup.lmdb", "--seconds", "4")
     final = re.search(r"final: (\{[^}]*\}) \| status: (\{.*\})", out)
     assert final, out[-2000:]
     counts, status = ast.literal_eval(final.group(1)), ast.literal_eval(final.group(2))
     assert set(counts) == {"disk", "box", "star"} and sum(counts.values()) > 15   # seeded with 5 per class
     assert status["state"] == "stopped" and status["total_added"] == sum(counts.values()) - 15
+    assert "worker: +0 added" not in out.split("final:")[0].splitlines()[-1]   # the loader saw the new ones
