@@ -1,10 +1,16 @@
 """Top a bank up in a spawned worker while a DataLoader reads it through the paste transform.
 
-Runs offline on CPU with the deterministic ``shapes`` source; swap the ``source``/``validator`` blocks
-for ``layerdiffusion`` / ``agent`` (see build_lvis_rare.yaml) to top up with generated, validated
-instances on a GPU.
+A training-style ``DataLoader(num_workers=2)`` pastes bank instances into its samples with ``GenValPaste``
+(reporting what it draws through ``TrackingSampler``) while ``start_worker`` runs the bank's only writer in a
+spawned process: it fills every class to its target and then tops up the classes drawn most. Every 20 steps
+the loop prints the bank's counts as the readers see them and the worker's status.
 
-    python examples/topup_worker.py [--bank cache/topup_demo.lmdb]
+    python examples/topup_worker.py [--bank cache/topup_demo.lmdb] [--seconds 8]
+
+Runs offline on CPU with the deterministic ``shapes`` source (the test suite's smoke test runs it as is, for
+a few seconds); swap the ``source``/``validator`` blocks for ``layerdiffusion`` / ``agent`` (see
+build_lvis_rare.yaml) to top up with generated, validated instances on a GPU, or run the worker on its own:
+``genval-aug worker --bank cache/x.lmdb --config build.yaml``.
 """
 from __future__ import annotations
 
@@ -55,24 +61,29 @@ class Images(torch.utils.data.Dataset):
         return len(self.paste(img, tgt)[1]["labels"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bank", default=CONFIG["output"]["bank"])
-    ap.add_argument("--seconds", type=float, default=8.0)
-    args = ap.parse_args()
+    ap.add_argument("--seconds", type=float, default=8.0,
+                    help="how long the loader runs beside the worker once the worker has committed its first batch")
+    args = ap.parse_args(argv)
     cfg = parse_config({**CONFIG, "output": {"bank": args.bank}})
     # seed the bank with a few instances per class (a real run would start from a harvested bank)
     seed_cfg = parse_config({**CONFIG, "output": {"bank": args.bank}, "classes": {"names": ["disk", "box", "star"], "target": 5}})
     BankBuilder(seed_cfg).run()
     loader = torch.utils.data.DataLoader(Images(args.bank), batch_size=8, num_workers=2)
-    t0 = time.monotonic()
+    t_start, t0 = time.monotonic(), None
     with start_worker(args.bank, cfg) as worker:        # spawned; holds the only writer
         for step, _ in enumerate(loader):
             if step % 20 == 0:
-                st = worker.status() or {}
+                st = worker.status()                    # None until the worker's first commit
+                if st is not None and t0 is None:
+                    t0 = time.monotonic()               # --seconds counts from there (spawning takes a while)
+                st = st or {}
                 print(f"step {step:4d}  bank {InstanceBank(args.bank, refresh_interval=None).categories()}  "
                       f"worker: +{st.get('total_added', st.get('added', 0))} added, missing {st.get('missing')}")
-            if time.monotonic() - t0 > args.seconds:
+            now = time.monotonic()
+            if (t0 is not None and now - t0 > args.seconds) or now - t_start > args.seconds + 120:
                 break
     print("final:", InstanceBank(args.bank, refresh_interval=None).categories(), "| status:",
           {k: (worker.status() or {}).get(k) for k in ("state", "total_added", "extra")})

@@ -1,46 +1,31 @@
-"""A real YOLO11n-seg training run with bank instances pasted in; keeps its train_batch picture.
+"""Makes the README's picture docs/images/yolo_train_batch.jpg: a real YOLO11n-seg run where every person, car
+and elephant in the batch was pasted from the bank. For training on your own data, start from yolo_train.py.
 
     python examples/yolo_train_batch.py [--data ../shared/data] [--out docs/images/yolo_train_batch.jpg]
 
 Builds a bank from shared/data/rgba_objects (person, car, elephant cut-outs), copies 16 coco128-seg images that
 contain none of those classes (so every person/car/elephant in the picture was pasted), trains 2 epochs on CPU
 with ``attach(model, bank=..., n=3)`` and copies Ultralytics' own ``train_batch*.jpg`` of the run to ``--out``.
-Offline: YOLO_OFFLINE=1 and a local font in YOLO_CONFIG_DIR (see README, "Ultralytics YOLO").
+Offline: ``genval_aug.offline.use_offline_environment`` (YOLO_OFFLINE=1, a local font in YOLO_CONFIG_DIR).
+``--smoke``: 4 images, 1 epoch, imgsz 64 (the smoke test; writes the picture to ``--out`` all the same).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import cv2
+import numpy as np
+import yaml
+
 TMP = Path(tempfile.mkdtemp(prefix="genval-yolo-example-"))
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_AUTOINSTALL", "0")
-os.environ.setdefault("YOLO_CONFIG_DIR", str(TMP / "yolo"))
-os.environ.setdefault("MPLCONFIGDIR", str(TMP / "mpl"))
-
-import argparse  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 BANK = {"rembg_girl-1.png": "person", "rembg_girl-2.png": "person", "rembg_girl-3.png": "person",
         "rembg_car-1.png": "car", "rembg_car-2.png": "car", "rembg_animal-2.png": "elephant"}
 BANK_IDS = {0, 2, 20}  # their COCO ids
-
-
-def local_font() -> None:
-    """Ultralytics looks for Arial.ttf in YOLO_CONFIG_DIR before downloading it: give it matplotlib's DejaVuSans."""
-    import matplotlib
-
-    d = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
-    d.mkdir(parents=True, exist_ok=True)
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        if not (d / name).exists():
-            shutil.copy(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf", d / name)
 
 
 def build_bank(rgba_dir: Path, path: Path) -> Path:
@@ -74,26 +59,30 @@ def copy_images(coco: Path, dst: Path, n: int) -> Path:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path,
                     default=Path(os.environ.get("GENVAL_AUG_SHARED_DATA", ROOT.parent / "shared" / "data")))
+    ap.add_argument("--smoke", action="store_true", help="4 images, 1 epoch, imgsz 64")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "yolo_train_batch.jpg")
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--batch-index", type=int, default=0, help="which train_batch<i>.jpg to keep")
-    args = ap.parse_args()
-    local_font()
+    args = ap.parse_args(argv)
+    from genval_aug.offline import use_offline_environment
+
+    use_offline_environment(TMP)
 
     import torch
     from ultralytics import YOLO
 
     from genval_aug.ultralytics import attach
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if args.smoke else 2)
     bank = build_bank(args.data / "rgba_objects", TMP / "bank.lmdb")
-    data = copy_images(args.data / "coco128-seg", TMP / "data", 16)
+    data = copy_images(args.data / "coco128-seg", TMP / "data", 4 if args.smoke else 16)
     model = attach(YOLO("yolo11n-seg.yaml"), bank=bank, n=3)
-    model.train(data=str(data), epochs=2, close_mosaic=1, imgsz=args.imgsz, batch=4, device="cpu", workers=0,
+    epochs, imgsz = (1, 64) if args.smoke else (2, args.imgsz)
+    model.train(data=str(data), epochs=epochs, close_mosaic=1, imgsz=imgsz, batch=4, device="cpu", workers=0,
                 plots=True, val=False, amp=False, project=str(TMP / "runs"), name="seg", exist_ok=True, seed=0)
     src = TMP / "runs" / "seg" / f"train_batch{args.batch_index}.jpg"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from albumentations.core.transforms_interface import DualTransform
 
+from genval_aug.bank.cache import DEFAULT_CACHE_MB
 from genval_aug.class_map import class_map_from_names
 from genval_aug.errors import ConfigError, TargetsError
 from genval_aug.lazy_engine import LazyPasteEngine, dataloader_worker_id
@@ -80,6 +81,8 @@ class GenValPaste(DualTransform):
             the bank's ``category_id``. For string label fields pasted objects get the bank category name.
         label_field: which ``bbox_params.label_fields`` entry holds the class (default: the first).
         label_defaults: values for pasted objects in the other label fields (``{"iscrowd": 0}``).
+        cache_mb: size of each process' LRU of decoded instances (``genval_aug.bank.CachedInstanceBank``);
+            0 disables it.
         p: probability of applying the transform (like every albumentations transform; the engine's own
             ``PasteConfig.p`` is left at its default).
 
@@ -100,11 +103,13 @@ class GenValPaste(DualTransform):
         label_field: str | None = None,
         label_defaults: Mapping[str, Any] | None = None,
         p: float = 0.5,
+        cache_mb: float = DEFAULT_CACHE_MB,
     ) -> None:
         super().__init__(p=p)
         if config is not None and dataclasses.is_dataclass(config):
             config = dataclasses.asdict(config)
-        self.paster = LazyPasteEngine(bank, config, class_map)
+        self.paster = LazyPasteEngine(bank, config, class_map, cache_mb=cache_mb)
+        self.cache_mb = float(cache_mb)
         self.bank = str(getattr(self.paster.source, "path", bank))
         self.config = dict(config) if config else None
         self.class_map = dict(class_map) if class_map else None
@@ -118,7 +123,7 @@ class GenValPaste(DualTransform):
         return {"image": self.apply, "masks": self.apply_to_masks, "bboxes": self.apply_to_bboxes}
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("bank", "config", "class_map", "label_field", "label_defaults")
+        return ("bank", "config", "class_map", "label_field", "label_defaults", "cache_mb")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -48,23 +48,29 @@ def make_config(config: Any = None, options: Mapping[str, Any] | None = None):
     raise ConfigError(f"config must be a PasteConfig, a mapping or None, got {type(config).__name__}")
 
 
-def open_source(bank: Any):
-    """An ``InstanceBank`` for a path; a bank or sampler object is returned as is."""
-    if isinstance(bank, (str, os.PathLike)):
-        from genval_aug.bank import InstanceBank
+def open_source(bank: Any, cache_mb: float = 0):
+    """The engine's reader: a path opens an ``InstanceBank`` (a ``CachedInstanceBank`` when ``cache_mb`` > 0,
+    which also wraps a plain ``InstanceBank``); a sampler or custom bank object is returned as is."""
+    from genval_aug.bank.cache import with_cache
 
-        return InstanceBank(Path(bank))
-    if hasattr(bank, "random_instance") or hasattr(bank, "sample"):
-        return bank
+    if isinstance(bank, (str, os.PathLike)) or hasattr(bank, "random_instance") or hasattr(bank, "sample"):
+        return with_cache(Path(bank) if isinstance(bank, (str, os.PathLike)) else bank, cache_mb)
     raise ConfigError(f"bank must be a bank path, an InstanceBank or a BankSampler, got {type(bank).__name__}")
 
 
 class LazyPasteEngine:
-    """Picklable holder of (source, config, class_map); ``.engine`` is a PasteEngine built per process."""
+    """Picklable holder of (source, config, class_map); ``.engine`` is a PasteEngine built per process.
+
+    ``cache_mb``: per-process LRU of decoded instances (``genval_aug.bank.CachedInstanceBank``) when the bank
+    is a path or a plain ``InstanceBank``; 0 turns it off. Samplers and custom banks are used as given.
+    """
 
     def __init__(self, bank: Any, config: Any = None, class_map: Mapping[str, Any] | Callable | None = None,
-                 **options: Any) -> None:
-        self.source = open_source(bank)
+                 *, cache_mb: float | None = None, **options: Any) -> None:
+        from genval_aug.bank.cache import DEFAULT_CACHE_MB
+
+        self.cache_mb = DEFAULT_CACHE_MB if cache_mb is None else float(cache_mb)
+        self.source = open_source(bank, self.cache_mb)
         self.config = make_config(config, options)
         if class_map is not None and not callable(class_map):
             if not isinstance(class_map, Mapping) or not class_map:

@@ -32,6 +32,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from genval_aug.bank.cache import DEFAULT_CACHE_MB
 from genval_aug.class_map import class_map_from_names
 from genval_aug.errors import TargetsError
 from genval_aug.lazy_engine import LazyPasteEngine, dataloader_worker_id
@@ -159,6 +160,8 @@ class GenValPaste(v2.Transform):
             whatever torch does; call :meth:`set_epoch` each epoch (non-persistent workers restart the stream).
         extra_fields: fill values for pasted objects of other per-object target fields
             (``{"scores": 1.0}``); kept objects keep their rows. Unknown per-object fields raise ``TargetsError``.
+        cache_mb: size of each process' LRU of decoded instances (``genval_aug.bank.CachedInstanceBank``, used
+            when ``bank`` is a path or an ``InstanceBank``); 0 disables it.
 
     Input: ``(image, target)`` like the torchvision detection references, or a dict holding the image and the
     targets; ``target`` holds ``boxes`` (``BoundingBoxes``), ``labels`` (key found like
@@ -182,10 +185,11 @@ class GenValPaste(v2.Transform):
         class_map: Mapping[str, int] | Callable[[str], int | None] | None = None,
         seed: int | None = None,
         extra_fields: Mapping[str, float | int | bool] | None = None,
+        cache_mb: float = DEFAULT_CACHE_MB,
         **options: Any,
     ) -> None:
         super().__init__()
-        self.paster = LazyPasteEngine(bank, config, class_map, **options)
+        self.paster = LazyPasteEngine(bank, config, class_map, cache_mb=cache_mb, **options)
         self.seed = None if seed is None else int(seed)
         self.extra_fields = dict(extra_fields or {})
         self.epoch = 0

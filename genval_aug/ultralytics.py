@@ -21,10 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +31,8 @@ from ultralytics.utils.instance import Instances
 from ultralytics.utils.ops import resample_segments
 
 from genval_aug.bank import InstanceBank
+from genval_aug.bank.cache import DEFAULT_CACHE_MB, CachedInstanceBank, with_cache
+from genval_aug.class_map import build_class_map, format_unmapped, load_synonyms, normalize_name
 from genval_aug.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,123 +53,6 @@ __all__ = [
 ]
 
 DEFAULT_POINTS = 1000  # Ultralytics resamples every polygon label to 1000 points (100 for OBB)
-DEFAULT_CACHE_MB = 256.0  # per-process LRU of decoded instances (PNG/WebP decode dominates the paste cost)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# class mapping
-# --------------------------------------------------------------------------------------------------------------
-def normalize_name(name: str) -> str:
-    """Lower-case, ``_``/``-`` to spaces, single spaces: ``"Cell_Phone"`` -> ``"cell phone"``."""
-    return re.sub(r"\s+", " ", re.sub(r"[_\-]+", " ", str(name))).strip().lower()
-
-
-def load_synonyms(source: str | os.PathLike | Mapping[str, Iterable[str]]) -> list[set[str]]:
-    """Synonym groups (normalized names) from an LVIS categories JSON or a ``{name: [synonyms]}`` mapping.
-
-    The JSON may be the LVIS ``categories`` list itself or a dict with a ``categories`` key; each entry needs
-    ``name`` and optionally ``synonyms``.
-    """
-    if isinstance(source, Mapping):
-        items = [(k, v) for k, v in source.items()]
-    else:
-        path = Path(source)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"synonyms file {path}: cannot read JSON ({e})") from e
-        cats = data.get("categories", data) if isinstance(data, dict) else data
-        if not isinstance(cats, list):
-            raise ConfigError(f"synonyms file {path}: expected a list of categories or a 'categories' key")
-        items = []
-        for i, c in enumerate(cats):
-            if not isinstance(c, dict) or "name" not in c:
-                raise ConfigError(f"synonyms file {path}: categories[{i}] has no 'name'")
-            items.append((c["name"], c.get("synonyms") or []))
-    groups = []
-    for name, syns in items:
-        g = {normalize_name(name), *(normalize_name(s) for s in syns)}
-        groups.append(g)
-    return groups
-
-
-def _dataset_names(names: Mapping[int, str] | Iterable[str]) -> dict[int, str]:
-    if isinstance(names, Mapping):
-        return {int(k): str(v) for k, v in names.items()}
-    return dict(enumerate(str(n) for n in names))
-
-
-def build_class_map(
-    bank_categories: Iterable[str],
-    dataset_names: Mapping[int, str] | Iterable[str],
-    *,
-    synonyms: str | os.PathLike | Mapping[str, Iterable[str]] | list[set[str]] | None = None,
-    class_map: Mapping[str, str | int | None] | None = None,
-    classes: Iterable[str | int] | None = None,
-) -> tuple[dict[str, int], list[str]]:
-    """Map bank category names to dataset class ids by name.
-
-    Order of resolution per bank category: explicit ``class_map`` entry (a dataset name or id; ``None``
-    excludes the category), equal normalized names, then a shared synonym group (e.g. LVIS: bank ``"girl"``
-    -> dataset ``"person"``). ``classes`` restricts the result to these dataset class names/ids or bank
-    category names. Returns ``(mapping, unmapped)``.
-    """
-    names = _dataset_names(dataset_names)
-    by_norm: dict[str, int] = {}
-    for i, n in sorted(names.items()):
-        by_norm.setdefault(normalize_name(n), i)
-    groups = None
-    if synonyms is not None:
-        groups = synonyms if isinstance(synonyms, list) else load_synonyms(synonyms)
-    explicit = {normalize_name(k): v for k, v in (class_map or {}).items()}
-
-    def resolve_target(cat: str, target: str | int) -> int:
-        if isinstance(target, (int, np.integer)) and int(target) in names:
-            return int(target)
-        if isinstance(target, str) and normalize_name(target) in by_norm:
-            return by_norm[normalize_name(target)]
-        raise ConfigError(f"class_map[{cat!r}] = {target!r} is not a dataset class (names: {sorted(names.values())})")
-
-    mapping: dict[str, int] = {}
-    unmapped: list[str] = []
-    for cat in bank_categories:
-        key = normalize_name(cat)
-        if key in explicit:
-            if explicit[key] is not None:
-                mapping[cat] = resolve_target(cat, explicit[key])
-            continue
-        if key in by_norm:
-            mapping[cat] = by_norm[key]
-            continue
-        hit = None
-        for g in groups or ():
-            if key in g:
-                ids = sorted({by_norm[s] for s in g if s in by_norm})
-                if ids:
-                    hit = ids[0]
-                    break
-        if hit is None:
-            unmapped.append(cat)
-        else:
-            mapping[cat] = hit
-
-    if classes is not None:
-        keep_ids: set[int] = set()
-        keep_cats: set[str] = set()
-        bank_norm = {normalize_name(c) for c in mapping} | {normalize_name(c) for c in unmapped}
-        for c in classes:
-            if isinstance(c, (int, np.integer)) and not isinstance(c, bool):
-                if int(c) not in names:
-                    raise ConfigError(f"classes: {c} is not a dataset class id (0..{max(names, default=-1)})")
-                keep_ids.add(int(c))
-            elif normalize_name(c) in by_norm:
-                keep_ids.add(by_norm[normalize_name(c)])
-            elif normalize_name(c) in bank_norm:
-                keep_cats.add(normalize_name(c))
-            else:
-                raise ConfigError(f"classes: {c!r} is neither a dataset class nor a bank category")
-        mapping = {k: v for k, v in mapping.items() if v in keep_ids or normalize_name(k) in keep_cats}
-    return mapping, unmapped
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,7 +131,7 @@ class YoloPaste:
         info = torch.utils.data.get_worker_info()
         base = int(info.seed) if info is not None else int(torch.initial_seed())
         self._rng = np.random.default_rng([base & (2**63 - 1), self.seed or 0])
-        self._engine = PasteEngine(_as_source(self.bank, self.cache_mb),
+        self._engine = PasteEngine(with_cache(self.bank, self.cache_mb),
                                    config=_engine_config(self.options, self.class_map),
                                    class_map=_ClassLookup(self.class_map))
         self._pid = os.getpid()
@@ -318,53 +200,6 @@ def _engine_config(options: Mapping[str, Any], class_map: Mapping[str, int]):
     if cfg.sampler_classes is not None:
         allowed = [c for c in allowed if c in set(cfg.sampler_classes)]
     return replace(cfg, sampler_classes=allowed)
-
-
-class CachedInstanceBank(InstanceBank):
-    """``InstanceBank`` keeping decoded instances in a per-process LRU of ``cache_mb`` megabytes.
-
-    Record ids are content hashes, so a cached instance never goes stale. Cached arrays are read-only.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, cache_mb: float = DEFAULT_CACHE_MB, **kw: Any) -> None:
-        super().__init__(path, **kw)
-        self.cache_bytes = int(cache_mb * (1 << 20))
-        self._lru: OrderedDict[str, Any] = OrderedDict()
-        self._lru_bytes = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "cache_bytes": self.cache_bytes}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.cache_bytes = state["cache_bytes"]
-        self._lru, self._lru_bytes = OrderedDict(), 0
-
-    def get(self, record_id: str) -> Any:
-        inst = self._lru.get(record_id)
-        if inst is not None:
-            self._lru.move_to_end(record_id)
-            return inst
-        inst = super().get(record_id)
-        size = inst.rgba.nbytes
-        if size <= self.cache_bytes:
-            inst.rgba.setflags(write=False)
-            self._lru[record_id] = inst
-            self._lru_bytes += size
-            while self._lru_bytes > self.cache_bytes:
-                _, old = self._lru.popitem(last=False)
-                self._lru_bytes -= old.rgba.nbytes
-        return inst
-
-
-def _as_source(bank: Any, cache_mb: float = 0) -> Any:
-    """A bank reader for the engine: paths open an (optionally caching) ``InstanceBank``."""
-    path = bank if isinstance(bank, (str, os.PathLike)) else bank.path if type(bank) is InstanceBank else None
-    if path is None:
-        return bank  # a sampler or a custom bank: used as given
-    if cache_mb and cache_mb > 0:
-        return CachedInstanceBank(path, cache_mb=cache_mb)
-    return InstanceBank(path)
 
 
 def _instance_bank(source: Any) -> Any:
@@ -521,8 +356,7 @@ class PasteSpec:
             if unsupported:
                 logger.warning("genval_aug: pose and OBB datasets are not supported; training runs without pasting")
             elif unmapped:
-                logger.warning("genval_aug: %d bank categories match no dataset class and are skipped: %s",
-                               len(unmapped), ", ".join(sorted(unmapped)))
+                logger.warning("genval_aug: %s", format_unmapped(unmapped))
             if not mapping and not unsupported:
                 logger.warning("genval_aug: no bank category maps to a dataset class; nothing will be pasted")
             elif mapping:

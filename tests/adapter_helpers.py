@@ -1,10 +1,14 @@
 """Helpers shared by the adapter tests (torchvision, albumentations): a real bank of real cut-outs, a recorder
-around the core, output checks that only look at what the adapter returned, and a picklable Dataset."""
+around the core, output checks that only look at what the adapter returned, and a picklable Dataset.
+
+Test modules bind the fixtures below to their own names: ``bank_path, names = adapter_helpers.bank_path, ...``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from label_checks import extent_box, load_rgba_objects
 
 from genval_aug.bank import BankWriter
@@ -25,6 +29,18 @@ def build_rgba_bank(path: Path, shared_data: Path) -> Path:
             w.add(inst.rgba, category=inst.category, category_id=inst.category_id,
                   source={"kind": "test", "file": inst.id})
     return path
+
+
+@pytest.fixture(scope="module")
+def bank_path(tmp_path_factory, shared_data):
+    """The adapter tests' bank (see :func:`build_rgba_bank`), built once per test module."""
+    return build_rgba_bank(tmp_path_factory.mktemp("bank") / "rgba.lmdb", shared_data)
+
+
+@pytest.fixture(scope="module")
+def names(shared_data):
+    """COCO's 80 class names in YOLO order."""
+    return coco_names(shared_data)
 
 
 class Recorder:

@@ -134,6 +134,16 @@ def test_lvis_definitions_are_used(shared_data, clip_tok):
         backend.calls[0][0][1]["content"]
 
 
+def test_unreadable_lvis_table_is_a_dataset_error_naming_the_file(tmp_path):
+    from genval_aug.errors import DatasetError
+
+    (tmp_path / "cats.json").write_text("{broken")
+    (tmp_path / "dict.json").write_text('{"categories": {"name": "x"}}')
+    for name in ("cats.json", "dict.json", "absent.json"):
+        with pytest.raises(DatasetError, match=name):
+            CategoryDefinitions.from_lvis(tmp_path / name)
+
+
 def test_missing_tokenizer_is_a_clear_error():
     agent = PromptAgent(ScriptedBackend(lambda m, p: _reply(["a dog"])), tokenizer="/nonexistent/tokenizer")
     with pytest.raises(ConfigError, match="pass tokenizer=pipe.tokenizer"):

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 
+import adapter_helpers
 import numpy as np
 import pytest
 import torch
-from adapter_helpers import AlbuSampleDataset, Recorder, build_rgba_bank, check_output_objects, coco_names
+from adapter_helpers import AlbuSampleDataset, Recorder, check_output_objects
 from label_checks import check_paste_result, coco128_samples
 
 A = pytest.importorskip("albumentations")
@@ -14,17 +15,9 @@ A = pytest.importorskip("albumentations")
 from genval_aug.albumentations import GenValPaste, class_map_from_names  # noqa: E402
 from genval_aug.errors import ConfigError, TargetsError  # noqa: E402
 
+bank_path, names = adapter_helpers.bank_path, adapter_helpers.names  # the shared module-scoped fixtures
+
 FORMATS = ("pascal_voc", "coco", "yolo", "albumentations")
-
-
-@pytest.fixture(scope="module")
-def bank_path(tmp_path_factory, shared_data):
-    return build_rgba_bank(tmp_path_factory.mktemp("bank") / "rgba.lmdb", shared_data)
-
-
-@pytest.fixture(scope="module")
-def names(shared_data):
-    return coco_names(shared_data)
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +183,7 @@ def test_p_seed_and_serialization(bank_path, samples, names):
     assert np.array_equal(o1["image"], o2["image"]) and np.array_equal(o1["class_labels"], o2["class_labels"])
     t = d["transform"]["transforms"][0]
     assert t["__class_fullname__"] == "genval_aug.albumentations.GenValPaste" and t["class_map"] == cm
+    assert t["cache_mb"] == 256.0 and type(restored.transforms[0].paster.source).__name__ == "CachedInstanceBank"
 
 
 def test_bad_input_is_a_clear_error(bank_path, samples, names):

@@ -395,3 +395,25 @@ def test_export_import_round_trip(tmp_path, rgba_objects):
         assert a.get_meta(rid)["source"] == b.get_meta(rid)["source"]
     with pytest.raises(BankError, match="no manifest.json"):
         import_folder(str(tmp_path / "x.lmdb"), tmp_path / "per_class" / "car")
+
+
+def test_pool_priors_is_exact_and_takes_contributions_back_out():
+    from genval_aug.bank.priors import pool_priors
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.05, 0.5, 30)
+
+    def summary(v):
+        return {"n": len(v), "rel_sqrt_area_mean": float(v.mean()), "rel_sqrt_area_std": float(v.std())}
+
+    a, b, c = summary(x[:10]), summary(x[10:25]), summary(x[25:])
+    pooled = pool_priors([a, b, c])
+    assert pooled["n"] == 30
+    assert pooled["rel_sqrt_area_mean"] == pytest.approx(x.mean()) and pooled["rel_sqrt_area_std"] == pytest.approx(x.std())
+    back = pool_priors([pooled], remove=[c])
+    for k, v in summary(x[:25]).items():
+        assert back[k] == pytest.approx(v)
+    # a statistic only some sources have is pooled over those sources only
+    mixed = pool_priors([{**a, "aspect_mean": 2.0, "aspect_std": 0.0}, b])
+    assert mixed["aspect_mean"] == 2.0 and mixed["n"] == 25
+    assert pool_priors([a], remove=[a]) is None

@@ -52,20 +52,36 @@ def bank_units(path) -> dict[str, list[int]]:
 
 def test_config_errors_name_the_field(tmp_path):
     base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "dict.json").write_text('{"categories": {"name": "x"}}')
     cases = [
         ({"classes": {"names": ["a"], "target": "many"}}, "classes.target"),
         ({"classes": {"names": ["a"], "target": 3, "targets": {"b": 1}}}, "classes.targets.b"),
         ({"source": {"kind": "shapes", "batch_size": 0}}, "source.batch_size"),
         ({"pipeline": {"overgenerate": 0.5}}, "pipeline.overgenerate"),
         ({"pipeline": {"queue_sise": 2}}, "pipeline.queue_sise"),
+        ({"pipeline": {"queue_size": 0}}, "pipeline.queue_size"),
+        ({"pipeline": {"max_units_per_round": 2.5}}, "pipeline.max_units_per_round"),
+        ({"worker": {"poll_interval": -1}}, "worker.poll_interval"),
+        ({"worker": {"topup_step": True}}, "worker.topup_step"),
+        ({"worker": {"draws_dir": "$GENVAL_UNSET_VAR_X/d"}}, "worker.draws_dir"),
         ({"prompts": {"templates": ["a {nme}"]}}, "prompts.templates[0]"),
         ({"classes": {"table": "missing.json", "groups": {"r": 1}}}, "classes.table"),
+        ({"classes": {"table": "broken.json"}}, "classes.table"),
+        ({"classes": {"table": "dict.json"}}, "classes.table"),
     ]
     for over, fld in cases:
         with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ":"):
             parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
     with pytest.raises(ConfigError, match="output"):
         parse_config({k: v for k, v in base.items() if k != "output"}, where="b.yaml")
+    # flat sections: given fields checked and converted, the rest keep the dataclass defaults
+    cfg = parse_config({**base, "pipeline": {"queue_size": 3, "overgenerate": 2, "progress": 0},
+                        "worker": {"draws_dir": "draws", "poll_interval": 1}}, where="b.yaml", base_dir=tmp_path)
+    assert (cfg.pipeline.queue_size, cfg.pipeline.overgenerate, cfg.pipeline.progress) == (3, 2.0, False)
+    assert isinstance(cfg.pipeline.overgenerate, float) and cfg.pipeline.max_units_per_round == 4096
+    assert cfg.worker.draws_dir == str(tmp_path / "draws") and cfg.worker.poll_interval == 1.0
+    assert cfg.worker.topup_step == 8 and parse_config(base, where="b.yaml", base_dir=tmp_path).worker.draws_dir is None
     # unknown plug-in kinds are reported with the registered names
     cfg = parse_config({**base, "source": {"kind": "nope"}}, where="b.yaml", base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"source\.kind: unknown kind 'nope' \(registered: .*layerdiffusion"):

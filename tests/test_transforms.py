@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import pickle
 
+import adapter_helpers
 import numpy as np
 import pytest
 import torch
 from adapter_helpers import (
     Recorder,
     TVSampleDataset,
-    build_rgba_bank,
     check_output_objects,
-    coco_names,
     collate_list,
 )
 from label_checks import check_paste_result, coco128_samples
@@ -24,17 +23,9 @@ from genval_aug.bank import InstanceBank
 from genval_aug.errors import BankError, ConfigError, TargetsError
 from genval_aug.transforms import GenValPaste, class_map_from_names
 
+bank_path, names = adapter_helpers.bank_path, adapter_helpers.names  # the shared module-scoped fixtures
+
 FORMATS = ("XYXY", "XYWH", "CXCYWH")
-
-
-@pytest.fixture(scope="module")
-def bank_path(tmp_path_factory, shared_data):
-    return build_rgba_bank(tmp_path_factory.mktemp("bank") / "rgba.lmdb", shared_data)
-
-
-@pytest.fixture(scope="module")
-def names(shared_data):
-    return coco_names(shared_data)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +234,7 @@ def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path, caplog):
     assert out_img is img and out is target and "is empty" in caplog.text
 
 
-def test_class_map_from_names(bank_path, names):
+def test_class_map_from_names(bank_path, names, tmp_path):
     cm = class_map_from_names(names, bank_path)
     assert cm == {"person": 0, "car": 2, "elephant": 20, "potted plant": 58}
     tv_names = ["__background__", *names]  # torchvision's 91-style lists put background at 0
@@ -255,6 +246,22 @@ def test_class_map_from_names(bank_path, names):
         class_map_from_names(names, ["car", "tiger"], strict=True)
     with pytest.raises(ConfigError, match="no bank category"):
         class_map_from_names(["dog"], ["car"])
+    # the same matcher as the Ultralytics adapter: LVIS synonyms, explicit overrides, a classes= subset
+    lvis = {"person": ["girl", "boy"]}
+    assert class_map_from_names(names, ["girl", "car", "tiger"], synonyms=lvis) == {"girl": 0, "car": 2}
+    assert class_map_from_names(names, ["tiger", "car"], class_map={"tiger": 21, "car": None}) == {"tiger": 21}
+    assert class_map_from_names(names, bank_path, classes=["car", 0]) == {"person": 0, "car": 2}
+    with pytest.raises(ConfigError, match="appears twice"):
+        class_map_from_names(["car", "Car"], ["car"])
+    with pytest.raises(ConfigError, match="automobile"):  # an override must name a dataset class
+        class_map_from_names(names, ["car"], aliases={"car": "automobile"})
+    (tmp_path / "syn.json").write_text('[{"synonyms": ["girl"]}]')
+    with pytest.raises(ConfigError, match=r"syn\.json: categories\[0\] has no 'name'"):
+        class_map_from_names(names, ["girl"], synonyms=tmp_path / "syn.json")
+    from genval_aug.class_map import build_class_map  # the core; YOLO's duplicate names keep the first id
+
+    assert build_class_map(["car", "girl", "tiger"], names, synonyms=lvis) == ({"car": 2, "girl": 0}, ["tiger"])
+    assert build_class_map(["car"], ["x", "car", "Car"]) == ({"car": 1}, [])
 
 
 def test_deterministic_and_picklable(bank_path, samples):

@@ -184,21 +184,6 @@ def test_trainer_spec_reaches_ddp_workers(seg_yaml, bank, tmp_path, monkeypatch)
         GenValSegmentationTrainer(overrides=args)
 
 
-def test_decoded_instance_cache_is_bounded_and_read_only(bank):
-    from genval_aug.ultralytics import _as_source
-
-    src = _as_source(str(bank), cache_mb=1)
-    ids = list(src.ids())
-    sizes = {i: src.get(i).rgba.nbytes for i in ids}
-    assert src._lru_bytes <= (1 << 20) and len(src._lru) < len(ids)  # 7 cut-outs of ~200 KB: evicted
-    last = ids[-1]
-    a, b = src.get(last), src.get(last)
-    assert a is b and not a.rgba.flags.writeable and sizes[last] == a.rgba.nbytes
-    c = pickle.loads(pickle.dumps(src))
-    assert c.cache_bytes == src.cache_bytes and not c._lru
-    assert type(_as_source(str(bank), cache_mb=0)).__name__ == "InstanceBank"
-
-
 def check_formatted_sample(s: dict, use_masks: bool) -> int:
     """Consistency of one Format output; returns the number of pasted (bank-class) objects."""
     n = len(s["cls"])

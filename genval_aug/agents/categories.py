@@ -1,19 +1,22 @@
 """Category names and definitions (LVIS / COCO tables) for the agents' requests."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from pathlib import Path
 
+from genval_aug.class_map import load_category_table
 from genval_aug.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
 
 def normalize_name(name: str) -> str:
-    """``"Orange_(fruit)"`` -> ``"orange (fruit)"``; lower case, single spaces."""
+    """``"Orange_(fruit)"`` -> ``"orange (fruit)"``; lower case, single spaces.
+
+    A display form for prompts, so unlike ``genval_aug.class_map.normalize_name`` (a matching key) it keeps
+    hyphens (``"t-shirt"``) and spaces parenthesised qualifiers.
+    """
     s = str(name).replace("_", " ").strip().lower()
     s = re.sub(r"\s*\(\s*", " (", s)
     s = re.sub(r"\s*\)", ")", s)
@@ -43,14 +46,7 @@ class CategoryDefinitions:
     @classmethod
     def from_lvis(cls, path: str | os.PathLike) -> CategoryDefinitions:
         """Read an LVIS v1 category table (JSON list or ``{"categories": [...]}`` with name/synonyms/def)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DatasetError(f"{path}: cannot read LVIS categories: {e}") from e
-        cats = data.get("categories", data) if isinstance(data, dict) else data
-        if not isinstance(cats, list):
-            raise DatasetError(f"{path}: expected a list of categories")
+        cats = load_category_table(path, error=DatasetError)
         defs: dict[str, str] = {}
         syns: dict[str, list[str]] = {}
         bad = 0

@@ -218,6 +218,36 @@ def _tgd_step(tg, optimizer, param, losses) -> str | None:
     return None
 
 
+def _guarded_step(tg, optimizer, system, losses, evaluate: Callable[[str], tuple[float, Any]], best: float,
+                  what: str = "") -> tuple[bool, float | None, Any, str]:
+    """One TGD step kept only if the validation score does not drop; reverted otherwise.
+
+    ``evaluate(prompt) -> (score, details)``. Returns ``(accepted, score, details, note)``; ``score`` is None
+    when the step itself failed (note says why).
+    """
+    previous = system.value
+    note = _tgd_step(tg, optimizer, system, losses) or ""
+    score = details = None
+    if not note:
+        score, details = evaluate(system.value)
+        if score < best:
+            note = f"val {what}{score:.3f} < {best:.3f}"
+    if note:
+        system.set_value(previous)
+    return not note, score, details, note
+
+
+def _end_step(result: OptimizationResult, rec: StepRecord, best: float, bar, on_step, label: str, refused: str) -> None:
+    """Record a step, log it, report it to ``on_step`` and the progress bar."""
+    result.history.append(rec)
+    logger.info("%s step %d: %s", label, rec.step, "accepted" if rec.accepted else f"{refused} ({rec.note})")
+    if on_step:
+        on_step(rec)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(best=f"{best:.3f}")
+
+
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return contextlib.nullcontext(None)
@@ -381,27 +411,13 @@ def optimize_prompt_agent(task_backend: ChatBackend, optimizer_backend: ChatBack
                     "duplicates, object named.")
                 losses.append(critique(output))
                 losses.append(check_fn(inputs={"prompts": output}))
-            previous = system.value
-            note = _tgd_step(tg, optimizer, system, losses) or ""
-            score = None
-            if not note:
-                score = objective.score(system.value, val)
-                if score < best:
-                    note = f"val {score:.3f} < {best:.3f}"
-            accepted = not note
+            accepted, score, _, note = _guarded_step(
+                tg, optimizer, system, losses, lambda prompt: (objective.score(prompt, val), None), best)
             if accepted:
-                best = score if score is not None else best
+                best = score
                 result.system = system.value
-            else:
-                system.set_value(previous)
             rec = StepRecord(step, list(batch), score, accepted, note)
-            result.history.append(rec)
-            logger.info("prompt agent step %d: %s", step, "accepted" if accepted else f"reverted ({note})")
-            if on_step:
-                on_step(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(best=f"{best:.3f}")
+            _end_step(result, rec, best, bar, on_step, "prompt agent", "reverted")
     result.val_after = best
     if save:
         _save(result, out_dir, optimizer_backend.model, task_backend.model, {"val_categories": len(val)},
@@ -527,30 +543,18 @@ def optimize_validation_agent(task_backend: ChatBackend, optimizer_backend: Chat
             if not losses:
                 rec = StepRecord(step, names, None, False, "no misjudged example in the batch; no step")
             else:
-                previous = system.value
-                note = _tgd_step(tg, optimizer, system, losses) or ""
-                score = None
-                metrics = None
-                if not note:
-                    metrics = objective.metrics(system.value, val)
-                    score = objective.value(metrics)
-                    if score < best:
-                        note = f"val {metric} {score:.3f} < {best:.3f}"
-                accepted = not note
-                if accepted and metrics is not None:
-                    best = score if score is not None else best
+                def evaluate(prompt: str) -> tuple[float, dict[str, Any]]:
+                    m = objective.metrics(prompt, val)
+                    return objective.value(m), m
+
+                accepted, score, metrics, note = _guarded_step(tg, optimizer, system, losses, evaluate, best,
+                                                               f"{metric} ")
+                if accepted:
+                    best = score
                     result.system = system.value
                     result.metrics_after = metrics
-                else:
-                    system.set_value(previous)
                 rec = StepRecord(step, names, score, accepted, note or f"{len(losses)} misjudged")
-            result.history.append(rec)
-            logger.info("validator step %d: %s", step, "accepted" if rec.accepted else f"not taken ({rec.note})")
-            if on_step:
-                on_step(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(best=f"{best:.3f}")
+            _end_step(result, rec, best, bar, on_step, "validator", "not taken")
     result.val_after = best
     if save:
         mb, ma = result.metrics_before, result.metrics_after

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from genval_aug.bank.priors import pool_priors
 from genval_aug.bank.record import loads
 from genval_aug.bank.store import BankWriter, InstanceBank
 from genval_aug.errors import BadInstanceError, BadRecordError, BankError
@@ -94,19 +94,6 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
     return report
 
 
-def _merge_priors(priors: list[dict[str, float]]) -> dict[str, float]:
-    """Pool per-source size statistics (n-weighted means, pooled variances)."""
-    n = sum(p.get("n", 1) for p in priors)
-    out: dict[str, float] = {"n": n}
-    for key in {k[: -len("_mean")] for p in priors for k in p if k.endswith("_mean")}:
-        ms = [(p.get("n", 1), p[f"{key}_mean"], p.get(f"{key}_std", 0.0)) for p in priors if f"{key}_mean" in p]
-        tot = sum(w for w, _, _ in ms)
-        mean = sum(w * m for w, m, _ in ms) / tot
-        var = sum(w * (s * s + (m - mean) ** 2) for w, m, s in ms) / tot
-        out[f"{key}_mean"], out[f"{key}_std"] = mean, math.sqrt(var)
-    return out
-
-
 def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_size: int = 256) -> dict[str, int]:
     """Combine shard banks into ``out`` (created if missing), deduplicating by record id.
 
@@ -134,7 +121,7 @@ def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_
         w.flush()
         added, dup = w.added, w.duplicates
         for name, ps in priors.items():
-            w.set_size_prior(name, _merge_priors(ps) if len(ps) > 1 else ps[0])
+            w.set_size_prior(name, pool_priors(ps) if len(ps) > 1 else ps[0])
         if reasons:
             w.record_rejections(dict(reasons))
     return {"added": added, "duplicates": dup}

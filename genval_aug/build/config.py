@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from genval_aug.class_map import load_category_table
 from genval_aug.errors import ConfigError
 
 __all__ = [
@@ -165,6 +165,29 @@ class _Ctx:
             raise self.fail(fld, f"expected a number >= {lo}, got {value}")
         return float(value)
 
+    def section(self, raw: Any, fld: str, spec: type, *, lo: dict[str, float] | None = None,
+                paths: tuple[str, ...] = ()) -> Any:
+        """A flat dataclass section: unknown keys rejected, each given field checked by the type of its default
+        (``lo``: lower bounds, ints default to >= 0; ``paths``: optional paths), the rest keeps the defaults."""
+        d = self.mapping(raw, fld)
+        fields = {f.name: f for f in dataclasses.fields(spec)}
+        self.check_keys(d, fld, set(fields))
+        lo = lo or {}
+        kw: dict[str, Any] = {}
+        for name, value in d.items():
+            where, default = f"{fld}.{name}", fields[name].default
+            if name in paths:
+                kw[name] = self.path(value, where) if value else None
+            elif isinstance(default, bool):
+                kw[name] = bool(value)
+            elif isinstance(default, int):
+                kw[name] = self.int_(value, where, lo=int(lo.get(name, 0)))
+            elif isinstance(default, float):
+                kw[name] = self.float_(value, where, lo=lo.get(name))
+            else:
+                kw[name] = value
+        return spec(**kw)
+
     def str_(self, value: Any, fld: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(fld, f"expected a non-empty string, got {value!r}")
@@ -205,8 +228,9 @@ def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
                 if isinstance(r.get("synonyms"), str):
                     r["synonyms"] = [s for s in r["synonyms"].split("|") if s]
         else:
-            data = json.loads(p.read_text(encoding="utf-8"))
-            rows = data.get("categories", data) if isinstance(data, dict) else data
+            rows = load_category_table(p)
+    except ConfigError as e:
+        raise ctx.fail(fld, str(e)) from e
     except (OSError, ValueError, csv.Error) as e:
         raise ctx.fail(fld, f"cannot read category table {p}: {e}") from e
     if not isinstance(rows, list) or not rows:
@@ -339,24 +363,10 @@ def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".
     else:
         pf = None
 
-    pl = ctx.mapping(d.get("pipeline"), "pipeline")
-    ctx.check_keys(pl, "pipeline", {f.name for f in dataclasses.fields(PipelineSpec)})
-    pipeline = PipelineSpec(
-        queue_size=ctx.int_(pl.get("queue_size", 2), "pipeline.queue_size", lo=1),
-        overgenerate=ctx.float_(pl.get("overgenerate", 1.0), "pipeline.overgenerate", lo=1.0),
-        max_units_per_round=ctx.int_(pl.get("max_units_per_round", 4096), "pipeline.max_units_per_round", lo=1),
-        max_attempts_factor=ctx.float_(pl.get("max_attempts_factor", 20.0), "pipeline.max_attempts_factor", lo=1.0),
-        progress=bool(pl.get("progress", True)),
-    )
-    wk = ctx.mapping(d.get("worker"), "worker")
-    ctx.check_keys(wk, "worker", {f.name for f in dataclasses.fields(WorkerSpec)})
-    worker = WorkerSpec(
-        poll_interval=ctx.float_(wk.get("poll_interval", 5.0), "worker.poll_interval", lo=0.0),
-        topup_step=ctx.int_(wk.get("topup_step", 8), "worker.topup_step", lo=0),
-        most_drawn_top_k=ctx.int_(wk.get("most_drawn_top_k", 0), "worker.most_drawn_top_k", lo=0),
-        max_extra_per_class=ctx.int_(wk.get("max_extra_per_class", 256), "worker.max_extra_per_class", lo=0),
-        draws_dir=ctx.path(wk["draws_dir"], "worker.draws_dir") if wk.get("draws_dir") else None,
-    )
+    pipeline = ctx.section(d.get("pipeline"), "pipeline", PipelineSpec,
+                           lo={"queue_size": 1, "overgenerate": 1.0, "max_units_per_round": 1,
+                               "max_attempts_factor": 1.0})
+    worker = ctx.section(d.get("worker"), "worker", WorkerSpec, lo={"poll_interval": 0.0}, paths=("draws_dir",))
     return BuildConfig(
         name=ctx.str_(d.get("name", "default"), "name"),
         seed=ctx.int_(d.get("seed", 0), "seed"),

@@ -17,19 +17,25 @@ from genval_aug.errors import GenValAugError
 COMMAND_MODULES = ["bank", "preview", "yolo", "agents", "worker"]
 
 
+def import_command_module(name: str):
+    """``genval_aug.cli.<name>``, or None when that module is absent (a command group not installed yet)."""
+    try:
+        return importlib.import_module(f"genval_aug.cli.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"genval_aug.cli.{name}":
+            return None
+        raise
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genval-aug", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"genval-aug {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"genval_aug.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"genval_aug.cli.{name}":
-                continue
-            raise
-        mod.register(sub)
+        mod = import_command_module(name)
+        if mod is not None:
+            mod.register(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from genval_aug.cli import import_command_module
 from genval_aug.errors import BankError, ConfigError
 
 #: extra modules (``genval_aug.cli.<name>``) that add ``bank`` subcommands; ``bank_*`` modules are found too
@@ -38,13 +39,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     bank.set_defaults(func=lambda args: (bank.print_help(), 1)[1])
     add_bank_commands(sub)
     for name in _extension_modules():
-        try:
-            mod = importlib.import_module(f"genval_aug.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"genval_aug.cli.{name}":
-                continue
-            raise
-        hook = getattr(mod, "add_bank_commands", None)
+        hook = getattr(import_command_module(name), "add_bank_commands", None)
         if hook is not None:
             hook(sub)
     return bank

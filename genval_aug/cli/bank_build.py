@@ -9,14 +9,20 @@ import json
 import sys
 
 
+def add_config_arguments(p: argparse.ArgumentParser, *, device_default: str) -> None:
+    """``--config`` / ``--bank`` / ``--device``: what every command driven by a build YAML takes."""
+    p.add_argument("--config", required=True, help="build YAML: classes and targets, source, validator "
+                   "(see examples/build_lvis_rare.yaml)")
+    p.add_argument("--bank", default=None, help="bank to fill (default: output.bank of the config)")
+    p.add_argument("--device", default=None, help=f"device for the models (default: {device_default})")
+
+
 def add_bank_commands(bank_sub: argparse._SubParsersAction) -> None:
     p = bank_sub.add_parser(
         "build", help="build a bank from a YAML config (resumable; a finished config does nothing)",
         description="Prompt agent -> generator -> pre-filters -> validator -> bank, stages overlapped. "
                     "Under torchrun/accelerate each rank builds its share into a shard bank.")
-    p.add_argument("--config", required=True, help="build YAML (see examples/build_lvis_rare.yaml)")
-    p.add_argument("--bank", default=None, help="output bank (default: output.bank of the config)")
-    p.add_argument("--device", default=None, help="device for the models (default: cuda:LOCAL_RANK if available, else cpu)")
+    add_config_arguments(p, device_default="cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--dry-run", action="store_true", help="print the per-class deficits and exit")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

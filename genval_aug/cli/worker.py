@@ -5,15 +5,15 @@ import argparse
 import json
 import signal
 
+from genval_aug.cli.bank_build import add_config_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worker", help="background top-up worker: fill classes below target while training reads the bank",
         description="Runs until SIGTERM/SIGINT (clean stop after the current batch). Status goes to the bank "
                     "(`genval-aug bank stats`). From Python use genval_aug.build.start_worker (spawned process).")
-    p.add_argument("--bank", default=None, help="bank to top up (default: output.bank of the config)")
-    p.add_argument("--config", required=True, help="build YAML (targets, source, validator)")
-    p.add_argument("--device", default=None, help="device for the models (e.g. cuda:1)")
+    add_config_arguments(p, device_default="the models' own; e.g. cuda:1 keeps them off the training GPU")
     p.add_argument("--draws-dir", default=None, help="where readers report draw counts (default <bank>.draws/)")
     p.add_argument("--poll", type=float, default=None, help="seconds between checks when all targets are met")
     p.add_argument("--once", action="store_true", help="exit when every target is met instead of waiting")

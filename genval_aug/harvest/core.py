@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from genval_aug.bank.priors import pool_priors
 from genval_aug.bank.record import build_meta, content_id, encode_rgba
 from genval_aug.datasets import ImageError, LabelIssue, read_rgb
 from genval_aug.errors import ConfigError
@@ -237,41 +238,13 @@ class _SizeStats:
         return out
 
 
-_PRIOR_KEYS = ("rel_sqrt_area", "aspect")
-
-
-def _prior_sums(p: dict[str, float]) -> np.ndarray:
-    """(n, sum, sum of squares) per key: the additive form of an n-weighted pooled prior."""
-    n = float(p.get("n", 1))
-    out = [n]
-    for k in _PRIOR_KEYS:
-        m, sd = float(p.get(f"{k}_mean", 0.0)), float(p.get(f"{k}_std", 0.0))
-        out += [n * m, n * (sd * sd + m * m)]
-    return np.array(out)
-
-
-def _prior_from_sums(v: np.ndarray) -> dict[str, float] | None:
-    n = v[0]
-    if n < 0.5:
-        return None
-    out: dict[str, float] = {"n": int(round(n))}
-    for i, k in enumerate(_PRIOR_KEYS):
-        m = v[1 + 2 * i] / n
-        out[f"{k}_mean"] = float(m)
-        out[f"{k}_std"] = float(math.sqrt(max(v[2 + 2 * i] / n - m * m, 0.0)))
-    return out
-
-
 def update_prior(current: dict[str, float] | None, new: dict[str, float],
                  replaced: dict[str, float] | None = None) -> dict[str, float]:
     """Pool ``new`` into the bank's ``current`` prior (n-weighted), after taking out ``replaced`` (this
     dataset's contribution from an earlier harvest), so re-harvesting a dataset does not count it twice."""
-    v = _prior_sums(new)
-    if current:
-        v = v + _prior_sums(current)
-        if replaced:
-            v = v - _prior_sums(replaced)
-    return _prior_from_sums(v) or new
+    if not current:
+        return pool_priors([new]) or new
+    return pool_priors([current, new], remove=[replaced] if replaced else []) or new
 
 
 # ------------------------------------------------------------------------------------------ driver

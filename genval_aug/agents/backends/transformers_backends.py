@@ -39,10 +39,45 @@ def _resolve_device(device: str | None) -> str:
 
 
 class _GenerateMixin:
+    """What both backends share: construction from a model object or the Hub, batching, generation options."""
+
+    backend: str  # the "backend" entry of cache_identity()
     model: str
     max_new_tokens: int
     batch_size: int
     device: str
+
+    def _init_model(self, model_obj, name: str | None, device: str | None, max_new_tokens: int,
+                    batch_size: int) -> None:
+        self.model_obj = model_obj
+        self.model = name or getattr(model_obj, "name_or_path", "") or type(model_obj).__name__
+        self.device = _resolve_device(device or str(getattr(model_obj, "device", "cpu")))
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = max(1, int(batch_size))
+
+    @staticmethod
+    def _pad_left(tokenizer) -> None:
+        """Batched generation needs left padding and a pad token (the EOS token when the model has none)."""
+        if getattr(tokenizer, "pad_token", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    @classmethod
+    def _from_hub(cls, model_id_or_path: str, auto_model: str, auto_processor: str, *, device: str | None,
+                  dtype: Any, local_files_only: bool | None, trust_remote_code: bool, **kwargs: Any):
+        """``cls(model, processor)`` loaded with ``transformers.<auto_model>`` / ``<auto_processor>``."""
+        import transformers
+
+        hub = {"trust_remote_code": trust_remote_code}
+        if local_files_only is not None:
+            hub["local_files_only"] = local_files_only
+        proc = getattr(transformers, auto_processor).from_pretrained(model_id_or_path, **hub)
+        model = getattr(transformers, auto_model).from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype), **hub)
+        return cls(model, proc, name=str(model_id_or_path), device=device, **kwargs)
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"backend": self.backend, "model": self.model, "max_new_tokens": self.max_new_tokens,
+                "dtype": str(getattr(self.model_obj, "dtype", ""))}
 
     def _generation_kwargs(self, params: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
         import torch
@@ -84,17 +119,13 @@ class _GenerateMixin:
 class TransformersChatBackend(_GenerateMixin):
     """A causal LM (``AutoModelForCausalLM``) driven through its tokenizer's chat template."""
 
+    backend = "transformers-chat"
+
     def __init__(self, model_obj, tokenizer, *, name: str | None = None, device: str | None = None,
                  max_new_tokens: int = 512, batch_size: int = 8):
-        self.model_obj = model_obj
         self.tokenizer = tokenizer
-        self.model = name or getattr(model_obj, "name_or_path", "") or type(model_obj).__name__
-        self.device = _resolve_device(device or str(getattr(model_obj, "device", "cpu")))
-        self.max_new_tokens = int(max_new_tokens)
-        self.batch_size = max(1, int(batch_size))
-        if getattr(tokenizer, "pad_token", None) is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
+        self._init_model(model_obj, name, device, max_new_tokens, batch_size)
+        self._pad_left(tokenizer)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"tokenizer of {self.model!r} has no chat_template; set tokenizer.chat_template")
         self.model_obj.to(self.device).eval()
@@ -102,18 +133,8 @@ class TransformersChatBackend(_GenerateMixin):
     @classmethod
     def from_pretrained(cls, model_id_or_path: str, *, device: str | None = None, dtype: Any = "auto",
                         local_files_only: bool | None = None, trust_remote_code: bool = False, **kwargs: Any):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        hub = {"trust_remote_code": trust_remote_code}
-        if local_files_only is not None:
-            hub["local_files_only"] = local_files_only
-        tok = AutoTokenizer.from_pretrained(model_id_or_path, **hub)
-        model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype), **hub)
-        return cls(model, tok, name=str(model_id_or_path), device=device, **kwargs)
-
-    def cache_identity(self) -> dict[str, Any]:
-        return {"backend": "transformers-chat", "model": self.model, "max_new_tokens": self.max_new_tokens,
-                "dtype": str(getattr(self.model_obj, "dtype", ""))}
+        return cls._from_hub(model_id_or_path, "AutoModelForCausalLM", "AutoTokenizer", device=device, dtype=dtype,
+                             local_files_only=local_files_only, trust_remote_code=trust_remote_code, **kwargs)
 
     def _generate(self, batch: list[list[Message]], params: dict[str, Any]) -> list[str]:
         import torch
@@ -135,36 +156,23 @@ class TransformersVisionBackend(_GenerateMixin):
     """A vision-language model (``AutoModelForImageTextToText`` + ``AutoProcessor``: Qwen2.5-VL, SmolVLM,
     LLaVA, ...). Images arrive as base64 data-URL parts and are decoded locally."""
 
+    backend = "transformers-vision"
+
     def __init__(self, model_obj, processor, *, name: str | None = None, device: str | None = None,
                  max_new_tokens: int = 512, batch_size: int = 4):
-        self.model_obj = model_obj
         self.processor = processor
-        self.model = name or getattr(model_obj, "name_or_path", "") or type(model_obj).__name__
-        self.device = _resolve_device(device or str(getattr(model_obj, "device", "cpu")))
-        self.max_new_tokens = int(max_new_tokens)
-        self.batch_size = max(1, int(batch_size))
+        self._init_model(model_obj, name, device, max_new_tokens, batch_size)
         tok = getattr(processor, "tokenizer", None)
         if tok is not None:
-            tok.padding_side = "left"
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
+            self._pad_left(tok)
         self.model_obj.to(self.device).eval()
 
     @classmethod
     def from_pretrained(cls, model_id_or_path: str, *, device: str | None = None, dtype: Any = "auto",
                         local_files_only: bool | None = None, trust_remote_code: bool = False, **kwargs: Any):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        hub = {"trust_remote_code": trust_remote_code}
-        if local_files_only is not None:
-            hub["local_files_only"] = local_files_only
-        proc = AutoProcessor.from_pretrained(model_id_or_path, **hub)
-        model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype), **hub)
-        return cls(model, proc, name=str(model_id_or_path), device=device, **kwargs)
-
-    def cache_identity(self) -> dict[str, Any]:
-        return {"backend": "transformers-vision", "model": self.model, "max_new_tokens": self.max_new_tokens,
-                "dtype": str(getattr(self.model_obj, "dtype", ""))}
+        return cls._from_hub(model_id_or_path, "AutoModelForImageTextToText", "AutoProcessor", device=device,
+                             dtype=dtype, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
+                             **kwargs)
 
     @staticmethod
     def _convert(messages: list[Message]):
