@@ -7,6 +7,9 @@ about the grey axis compose into a single matrix), which also performs the RGB -
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,16 +212,19 @@ class SourceCache:
     Memoizes the work :func:`resize_rotate_flip` does at the instance's own resolution, so drawing the same
     instance again costs only the output-sized steps; results are identical with and without it. Keys must
     identify content (bank record ids are content hashes). ``max_bytes`` bounds the memory; 0 disables.
-    Pickles empty (DataLoader workers start with their own).
+    Thread-safe; pickles empty, and a forked child starts empty (DataLoader workers hold their own).
     """
 
     def __init__(self, max_bytes: int) -> None:
-        from collections import OrderedDict
-
         self.max_bytes = int(max_bytes)
+        self._reset()
+
+    def _reset(self) -> None:
         self._lru: OrderedDict[Any, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.nbytes = 0
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"max_bytes": self.max_bytes}
@@ -231,24 +237,29 @@ class SourceCache:
 
     def levels(self, key: Any, rgba: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(``area_level`` of the unbleed colour, of its support) at factor ``k`` for source ``rgba``."""
+        if self._pid != os.getpid():  # forked: this process keeps its own (and a lock nobody holds)
+            self._reset()
         full_key = (key, rgba.shape, k)
-        hit = self._lru.get(full_key)
-        if hit is not None:
-            self._lru.move_to_end(full_key)
-            self.hits += 1
-            return hit
-        self.misses += 1
+        with self._lock:
+            hit = self._lru.get(full_key)
+            if hit is not None:
+                self._lru.move_to_end(full_key)
+                self.hits += 1
+                return hit
+            self.misses += 1
         colour, support = unbleed_source(rgba)
         pair = (area_level(colour, k), area_level(support, k))
         size = pair[0].nbytes + pair[1].nbytes
         if 0 < size <= self.max_bytes:
             for a in pair:
                 a.setflags(write=False)
-            self._lru[full_key] = pair
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, (a, b) = self._lru.popitem(last=False)
-                self.nbytes -= a.nbytes + b.nbytes
+            with self._lock:
+                if full_key not in self._lru:
+                    self._lru[full_key] = pair
+                    self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    _, (a, b) = self._lru.popitem(last=False)
+                    self.nbytes -= a.nbytes + b.nbytes
         return pair
 
 
