@@ -28,7 +28,9 @@ def import_command_module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genval-aug", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="genval-aug",
+        description="Gen-n-Val instance banks and copy-paste augmentation for YOLO, torchvision and albumentations.")
     parser.add_argument("--version", action="version", version=f"genval-aug {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
