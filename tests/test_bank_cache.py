@@ -36,7 +36,7 @@ def test_cache_is_bounded_read_only_and_pickles_empty(tmp_path):
     assert isinstance(src, CachedInstanceBank)
     ids = list(src.ids())
     sizes = {i: src.get(i).rgba.nbytes for i in ids}
-    assert src._lru_bytes <= (1 << 20) and 0 < len(src._lru) < len(ids)  # evicted, never over budget
+    assert src.cache_info()["bytes"] <= (1 << 20) and 0 < src.cache_info()["entries"] < len(ids)  # evicted, never over budget
     last = ids[-1]
     a, b = src.get(last), src.get(last)
     assert a is b and not a.rgba.flags.writeable and sizes[last] == a.rgba.nbytes

@@ -338,6 +338,6 @@ def test_source_cache_gives_identical_patches_and_stays_bounded():
         assert small.nbytes <= small.max_bytes
     clone = pickle.loads(pickle.dumps(cache))  # DataLoader workers start empty
     assert len(clone) == 0 and clone.max_bytes == cache.max_bytes
-    cache._pid = -1  # as seen from a forked child: starts empty, then caches its own
+    cache._lru._pid = -1  # as seen from a forked child: starts empty, then caches its own
     A.resize_rotate_flip(rgba, (40, 30), 0.0, False, cache=cache, key="inst-1")
     assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)

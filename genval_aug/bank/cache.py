@@ -8,16 +8,23 @@ with an empty one (and a fresh lock), and pickling carries only the configuratio
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from typing import Any
 
 from genval_aug.bank.record import Instance
 from genval_aug.bank.store import InstanceBank
+from genval_aug.lru import ProcessLRU
 
 __all__ = ["CachedInstanceBank", "DEFAULT_CACHE_MB", "with_cache"]
 
 DEFAULT_CACHE_MB = 256.0  # per-process budget of the adapters' decoded-instance cache
+
+
+def _instance_bytes(inst: Instance) -> int:
+    return inst.rgba.nbytes
+
+
+def _freeze(inst: Instance) -> None:
+    inst.rgba.setflags(write=False)
 
 
 class CachedInstanceBank(InstanceBank):
@@ -30,14 +37,7 @@ class CachedInstanceBank(InstanceBank):
     def __init__(self, path: str | os.PathLike, *, cache_mb: float = DEFAULT_CACHE_MB, **kw: Any) -> None:
         super().__init__(path, **kw)
         self.cache_bytes = int(cache_mb * (1 << 20))
-        self._reset_cache()
-
-    def _reset_cache(self) -> None:
-        self._lru: OrderedDict[str, Instance] = OrderedDict()
-        self._lru_bytes = 0
-        self._hits = self._misses = 0
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._lru: ProcessLRU[Instance] = ProcessLRU(self.cache_bytes, _instance_bytes)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "cache_bytes": self.cache_bytes}
@@ -45,48 +45,21 @@ class CachedInstanceBank(InstanceBank):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.cache_bytes = state["cache_bytes"]
-        self._reset_cache()
+        self._lru = ProcessLRU(self.cache_bytes, _instance_bytes)
 
     def __repr__(self) -> str:
         return f"CachedInstanceBank({self.path!r}, cache_mb={self.cache_bytes / (1 << 20):g})"
 
-    def _cache(self) -> OrderedDict[str, Instance]:
-        if self._pid != os.getpid():  # forked: this process keeps its own cache (and a lock nobody holds)
-            self._reset_cache()
-        return self._lru
-
     def get(self, record_id: str) -> Instance:
-        lru = self._cache()
-        with self._lock:
-            inst = lru.get(record_id)
-            if inst is not None:
-                lru.move_to_end(record_id)
-                self._hits += 1
-                return inst
-        inst = super().get(record_id)  # decode outside the lock
-        size = inst.rgba.nbytes
-        with self._lock:
-            self._misses += 1
-            if size <= self.cache_bytes and record_id not in lru:
-                inst.rgba.setflags(write=False)
-                lru[record_id] = inst
-                self._lru_bytes += size
-                while self._lru_bytes > self.cache_bytes:
-                    _, old = lru.popitem(last=False)
-                    self._lru_bytes -= old.rgba.nbytes
-        return inst
+        return self._lru.get_or_create(record_id, lambda: InstanceBank.get(self, record_id), _freeze)
 
     def cache_info(self) -> dict[str, int]:
         """This process's counters: ``hits``, ``misses``, ``entries``, ``bytes`` and the ``max_bytes`` budget."""
-        self._cache()
-        return {"hits": self._hits, "misses": self._misses, "entries": len(self._lru), "bytes": self._lru_bytes,
-                "max_bytes": self.cache_bytes}
+        return self._lru.info()
 
     def clear_cache(self) -> None:
         """Drop every cached instance of this process."""
-        with self._lock:
-            self._lru.clear()
-            self._lru_bytes = 0
+        self._lru.clear()
 
 
 def with_cache(bank: Any, cache_mb: float = DEFAULT_CACHE_MB) -> Any:

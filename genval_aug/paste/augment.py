@@ -7,14 +7,13 @@ about the grey axis compose into a single matrix), which also performs the RGB -
 from __future__ import annotations
 
 import math
-import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+
+from genval_aug.lru import ProcessLRU
 
 _LUMA_RGB = np.array([0.299, 0.587, 0.114], np.float64)
 _EYE3 = np.eye(3)
@@ -206,6 +205,15 @@ def unbleed_source(rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cv2.bitwise_and(rgba, rgba, mask=support), support
 
 
+def _pair_bytes(pair: tuple[np.ndarray, np.ndarray]) -> int:
+    return pair[0].nbytes + pair[1].nbytes
+
+
+def _freeze_pair(pair: tuple[np.ndarray, np.ndarray]) -> None:
+    for a in pair:
+        a.setflags(write=False)
+
+
 class SourceCache:
     """Per-process LRU of prepared sources (:func:`unbleed_source` box-filtered by each factor k) by key.
 
@@ -217,50 +225,31 @@ class SourceCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
-        self._reset()
+        self._lru: ProcessLRU[tuple[np.ndarray, np.ndarray]] = ProcessLRU(self.max_bytes, _pair_bytes)
 
-    def _reset(self) -> None:
-        self._lru: OrderedDict[Any, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self.nbytes = 0
-        self.hits = self.misses = 0
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
+    @property
+    def hits(self) -> int:
+        return self._lru.hits
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"max_bytes": self.max_bytes}
+    @property
+    def misses(self) -> int:
+        return self._lru.misses
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["max_bytes"])
+    @property
+    def nbytes(self) -> int:
+        return self._lru.bytes
 
     def __len__(self) -> int:
         return len(self._lru)
 
     def levels(self, key: Any, rgba: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(``area_level`` of the unbleed colour, of its support) at factor ``k`` for source ``rgba``."""
-        if self._pid != os.getpid():  # forked: this process keeps its own (and a lock nobody holds)
-            self._reset()
-        full_key = (key, rgba.shape, k)
-        with self._lock:
-            hit = self._lru.get(full_key)
-            if hit is not None:
-                self._lru.move_to_end(full_key)
-                self.hits += 1
-                return hit
-            self.misses += 1
-        colour, support = unbleed_source(rgba)
-        pair = (area_level(colour, k), area_level(support, k))
-        size = pair[0].nbytes + pair[1].nbytes
-        if 0 < size <= self.max_bytes:
-            for a in pair:
-                a.setflags(write=False)
-            with self._lock:
-                if full_key not in self._lru:
-                    self._lru[full_key] = pair
-                    self.nbytes += size
-                while self.nbytes > self.max_bytes:
-                    _, (a, b) = self._lru.popitem(last=False)
-                    self.nbytes -= a.nbytes + b.nbytes
-        return pair
+
+        def make() -> tuple[np.ndarray, np.ndarray]:
+            colour, support = unbleed_source(rgba)
+            return area_level(colour, k), area_level(support, k)
+
+        return self._lru.get_or_create((key, rgba.shape, k), make, _freeze_pair)
 
 
 def resize_rotate_flip(
