@@ -197,7 +197,7 @@ def parse_yolo_labels(
         except ValueError:
             bad(n, "bad_class", f"class {tokens[0]!r} is not a number")
             continue
-        if c != int(c):
+        if not np.isfinite(c) or c != int(c):
             bad(n, "bad_class", f"class {tokens[0]!r} is not an integer")
             continue
         cls = int(c)

@@ -91,3 +91,12 @@ def test_read_rgb(coco128_seg, tmp_path):
     with pytest.raises(ImageError) as e:
         read_rgb(tmp_path / "none.jpg")
     assert e.value.reason == "missing_image"
+
+
+def test_parse_non_finite_class_is_an_issue_not_a_crash(tmp_path):
+    # int(float("nan")) raises ValueError and int(float("inf")) OverflowError: one bad line must not kill the reader
+    p = tmp_path / "x.txt"
+    p.write_text("nan 0.5 0.5 0.2 0.2\ninf 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2 0.2\n")
+    objs, issues = parse_yolo_labels(p)
+    assert [o.line for o in objs] == [3]
+    assert [(i.line, i.reason) for i in issues] == [(1, "bad_class"), (2, "bad_class")]
