@@ -397,7 +397,7 @@ def _pack_masks(masks: tv_tensors.Mask, out: np.ndarray) -> tv_tensors.Mask:
     if masks.dtype not in (torch.bool, torch.uint8):
         t = t.to(masks.dtype)
     if masks.dtype != torch.bool and len(masks) and not masks.dtype.is_floating_point:
-        scale = int(masks[0].max())  # one mask tells the convention
+        scale = int(masks.amax())  # every mask: the first may be empty (e.g. emptied by an earlier crop)
         if scale > 1:
             t = t * scale  # a new tensor: never scale the core's bool array in place
     return tv_tensors.Mask(t.to(masks.device))

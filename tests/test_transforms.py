@@ -351,3 +351,16 @@ def test_maskrcnn_training_step_on_pasted_batch(bank_path, coco128_seg, names):
     grads = [p.grad for p in model.roi_heads.mask_predictor.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     opt.step()
+
+
+def test_mask_value_convention_read_from_all_masks(bank_path, samples, names):
+    """Masks stored as 0/255 keep that convention for pasted objects even when the first mask is empty."""
+    cm = class_map_from_names(names, bank_path)
+    paste = GenValPaste(bank_path, class_map=cm, seed=3, n=2)
+    img, target = to_tv(samples[0])
+    m = target["masks"].as_subclass(torch.Tensor).clone() * 255
+    m[0] = 0  # e.g. an object a previous crop emptied
+    target["masks"] = tv_tensors.Mask(m)
+    _, out = paste(img, target)
+    assert set(torch.unique(out["masks"]).tolist()) <= {0, 255}
+    assert int(out["masks"][-1].max()) == 255
