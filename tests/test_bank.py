@@ -417,3 +417,21 @@ def test_pool_priors_is_exact_and_takes_contributions_back_out():
     mixed = pool_priors([{**a, "aspect_mean": 2.0, "aspect_std": 0.0}, b])
     assert mixed["aspect_mean"] == 2.0 and mixed["n"] == 25
     assert pool_priors([a], remove=[a]) is None
+
+
+def test_category_ids_stay_unique_across_datasets(bank_path, caplog):
+    """Two datasets with different id spaces in one bank: a new category whose requested id is already held by
+    another category gets a fresh id (class_map=None pastes by bank id; a shared id would mislabel objects)."""
+    with BankWriter(bank_path, batch_size=1) as w:
+        w.add(make_rgba(0), category="person", category_id=0)  # e.g. YOLO ids
+        w.add(make_rgba(1), category="bicycle", category_id=1)
+        w.add(make_rgba(2), category="person", category_id=1)  # COCO ids: person=1 (existing: keeps 0)
+    with BankWriter(bank_path) as w:  # same commit: both new categories ask for 7
+        w.add(make_rgba(3), category="car", category_id=7)
+        w.add(make_rgba(4), category="bus", category_id=7)
+    ids = InstanceBank(bank_path).category_ids()
+    assert ids["person"] == 0 and ids["bicycle"] == 1 and ids["car"] == 7
+    assert len(set(ids.values())) == len(ids)
+    assert InstanceBank(bank_path).random_instance("bus", np.random.default_rng(0)).category_id == ids["bus"]
+    assert "already used by" in caplog.text
+    assert verify(bank_path).ok

@@ -405,7 +405,11 @@ class BankWriter:
     # -- adding ----------------------------------------------------------------------------
     def add(self, rgba: np.ndarray, *, category: str, category_id: int | None = None,
             source: dict[str, Any] | None = None, verdict: dict[str, Any] | None = None) -> str:
-        """Queue one RGBA instance (HxWx4 uint8, RGB order). Returns its content id."""
+        """Queue one RGBA instance (HxWx4 uint8, RGB order). Returns its content id.
+
+        ``category_id`` names a new category's id when that id is free; an existing category keeps its id and
+        a taken id is replaced by the next free one (logged), so every bank category has its own id.
+        """
         if not category or not isinstance(category, str):
             raise ValueError(f"category must be a non-empty string, got {category!r}")
         rgba = normalize_rgba(rgba, what=f"instance of {category!r}")
@@ -504,8 +508,12 @@ class BankWriter:
                 c = cats.get(category)
                 if c is None:
                     cid = op[3]
+                    used = {v["id"] for v in cats.values()}
+                    if cid is not None and int(cid) in used:  # another dataset's id space: never share an id
+                        log.warning("bank %s: category id %s asked for %r is already used by another category; "
+                                    "giving it %d", self.path, cid, category, max(used) + 1)
+                        cid = None
                     if cid is None:
-                        used = {v["id"] for v in cats.values()}
                         cid = max(used, default=-1) + 1
                     c = cats[category] = {"id": int(cid), "count": 0, "sources": {}}
                 if kind == "add":
