@@ -108,7 +108,7 @@ def _image_to_array(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
         if not (np.isfinite([lo, hi]).all() and lo >= -1e-3 and hi <= 1 + 1e-3):
             raise TargetsError(f"image: float images must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}] "
                                "(put GenValPaste before v2.Normalize)")
-        chw = t.numpy()  # per-plane cv2 rounding + saturation is ~4x faster than numpy/torch here
+        chw = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16; per-plane cv2 rounding + saturation is ~4x faster than numpy/torch here
         hwc = cv2.merge([cv2.convertScaleAbs(np.ascontiguousarray(plane), alpha=255.0) for plane in chw])
         hwc = hwc.reshape(t.shape[1], t.shape[2], t.shape[0])
         info["float"] = t

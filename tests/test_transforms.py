@@ -364,3 +364,12 @@ def test_mask_value_convention_read_from_all_masks(bank_path, samples, names):
     _, out = paste(img, target)
     assert set(torch.unique(out["masks"]).tolist()) <= {0, 255}
     assert int(out["masks"][-1].max()) == 255
+
+
+def test_bfloat16_image(bank_path, samples, names):
+    """Every float dtype in [0, 1] works, bfloat16 included (numpy has no bfloat16)."""
+    paste = GenValPaste(bank_path, class_map=class_map_from_names(names, bank_path), seed=3, n=2)
+    img, target = to_tv(samples[0], kind="float")
+    out_img, out = paste(tv_tensors.Image(img.to(torch.bfloat16)), target)
+    assert out_img.dtype == torch.bfloat16 and out_img.shape == img.shape
+    assert len(out["labels"]) > 0 and 0 <= float(out_img.min()) and float(out_img.max()) <= 1
