@@ -438,3 +438,12 @@ def test_detect_training_on_box_data_with_the_cli(box_yaml, bank, tmp_path, monk
     assert rec["workers"] == 2  # batches came from forked workers that opened the bank themselves
     check_run(rec, use_masks=False, tmp_path=tmp_path)
     assert (tmp_path / "det" / "weights" / "last.pt").is_file()
+
+
+def test_cli_single_class_id():
+    """``paste_classes=0`` is one class id, as Ultralytics' own ``classes=0``; not an int to iterate."""
+    from genval_aug.cli.yolo import parse_overrides
+
+    _, spec = parse_overrides(["model=m.yaml", "bank=x", "paste_classes=0"])
+    assert spec["classes"] == [0]
+    assert PasteSpec.from_dict(spec).classes == [0]

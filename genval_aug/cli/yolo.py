@@ -59,6 +59,8 @@ def parse_overrides(extra: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             name = key[len("paste_"):]
             if name == "classes" and isinstance(parsed, str):
                 parsed = [c.strip() for c in parsed.split(",") if c.strip()]
+            elif name == "classes" and isinstance(parsed, int):  # one class id, like Ultralytics' classes=0
+                parsed = [parsed]
             elif name == "synonyms" or name in str_fields:
                 parsed = value
             spec[name] = parsed
