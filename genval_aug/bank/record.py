@@ -40,10 +40,12 @@ class Instance:
 
     @property
     def alpha(self) -> np.ndarray:
+        """The (soft) alpha channel, HxW uint8."""
         return self.rgba[..., 3]
 
     @property
     def mask(self) -> np.ndarray:
+        """The label mask, ``alpha >= ALPHA_THRESHOLD`` (HxW bool)."""
         return self.rgba[..., 3] >= ALPHA_THRESHOLD
 
     @property
@@ -165,10 +167,12 @@ def build_meta(
 
 
 def dumps(obj: Any) -> bytes:
+    """Compact, key-sorted JSON bytes (numpy scalars and arrays become plain JSON)."""
     return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=_json_default).encode("utf-8")
 
 
 def loads(data: bytes, *, what: str = "record") -> Any:
+    """Parse stored JSON; ``BadRecordError`` naming ``what`` when it is not valid JSON."""
     try:
         return json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as e:

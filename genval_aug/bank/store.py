@@ -212,9 +212,11 @@ class InstanceBank:
         return {k: v["count"] for k, v in self.stats()["categories"].items() if v["count"] > 0}
 
     def category_ids(self) -> dict[str, int]:
+        """Category name -> bank category id (unique per category)."""
         return {k: v["id"] for k, v in self.stats()["categories"].items()}
 
     def count(self, category: str | None = None) -> int:
+        """Instances of ``category`` (all instances when None), from the cached stats."""
         if category is None:
             return int(self.stats()["total"])
         c = self.stats()["categories"].get(category)
@@ -224,14 +226,17 @@ class InstanceBank:
         return self.count()
 
     def schema_version(self) -> int:
+        """The bank's schema version (0 when the schema record is missing)."""
         raw = self._read(lambda txn, dbs: txn.get(b"schema", db=dbs["meta"]))
         return int(loads(raw)["version"]) if raw else 0
 
     def size_prior(self, category: str) -> dict[str, float] | None:
+        """Size statistics of ``category`` for paste-time scales, or None."""
         raw = self._read(lambda txn, dbs: txn.get(b"prior/" + category.encode(), db=dbs["meta"]))
         return loads(raw) if raw else None
 
     def get_status(self, name: str) -> dict[str, Any] | None:
+        """The JSON status stored by ``BankWriter.set_status(name, ...)``, or None."""
         raw = self._read(lambda txn, dbs: txn.get(b"status/" + name.encode(), db=dbs["meta"]))
         return loads(raw) if raw else None
 
@@ -268,6 +273,7 @@ class InstanceBank:
         return self._read(fn)
 
     def get_meta(self, record_id: str) -> dict[str, Any]:
+        """Metadata of one record without decoding its image; ``KeyError`` if absent."""
         raw = self._read(lambda txn, dbs: txn.get(record_id.encode(), db=dbs["records"]))
         if raw is None:
             raise KeyError(f"no record {record_id!r} in {self.path}")
@@ -312,10 +318,12 @@ class InstanceBank:
         return Instance(record_id, category, category_id, decode_rgba(img, record_id=record_id), meta)
 
     def id_at(self, category: str, seq: int) -> str | None:
+        """Id of the ``seq``-th instance of ``category`` (insertion order), or None."""
         raw = self._read(lambda txn, dbs: txn.get(_index_key(category, seq), db=dbs["index"]))
         return raw.decode() if raw is not None else None
 
     def random_id(self, category: str, rng: np.random.Generator) -> str:
+        """Id of a uniformly drawn instance of ``category``; ``KeyError`` when it has none."""
         n = self.count(category)
         if n == 0:
             raise KeyError(f"bank {self.path} has no instances of category {category!r}")
@@ -343,6 +351,7 @@ class InstanceBank:
         yield from self._read(fn)
 
     def iter_meta(self, category: str | None = None) -> Iterator[dict[str, Any]]:
+        """Metadata of every record (of ``category``), one read per record."""
         for rid in self.ids(category):
             yield self.get_meta(rid)
 
