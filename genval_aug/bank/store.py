@@ -368,7 +368,7 @@ class InstanceBank:
 
 
 def _empty_stats() -> dict[str, Any]:
-    return {"total": 0, "categories": {}, "sources": {}, "rejected": 0, "rejections": {}, "next_category_id": 0}
+    return {"total": 0, "categories": {}, "sources": {}, "rejected": 0, "rejections": {}}
 
 
 class BankWriter:

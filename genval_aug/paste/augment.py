@@ -38,14 +38,6 @@ class ObjectPatch:
         return self.alpha.shape[:2]
 
 
-def alpha_extent(alpha: np.ndarray, threshold: int = 1) -> tuple[int, int, int, int]:
-    """(x, y, w, h) of the pixels with alpha >= threshold; (0, 0, 0, 0) when there are none."""
-    if threshold <= 1:
-        return cv2.boundingRect(alpha)
-    _, m = cv2.threshold(alpha, threshold - 1, 255, cv2.THRESH_BINARY)
-    return cv2.boundingRect(m)
-
-
 def crop_to_alpha(rgba: np.ndarray, label_threshold: int = 128) -> tuple[np.ndarray, int]:
     """Crop an RGBA instance to its visible extent; returns (crop, label area = #pixels alpha >= threshold)."""
     if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8:
