@@ -435,3 +435,26 @@ def test_category_ids_stay_unique_across_datasets(bank_path, caplog):
     assert InstanceBank(bank_path).random_instance("bus", np.random.default_rng(0)).category_id == ids["bus"]
     assert "already used by" in caplog.text
     assert verify(bank_path).ok
+
+
+def test_filtered_sampler_rescans_only_changed_categories(bank_path):
+    """The periodic stats re-read (refresh_interval) must not rebuild every filtered id list: that is a full
+    metadata scan per worker every interval. Only categories whose count changed are rescanned."""
+    with BankWriter(bank_path) as w:
+        for i in range(6):
+            w.add(make_rgba(i), category="a" if i < 3 else "b", verdict={"keep": True, "score": 0.9})
+    bank = InstanceBank(bank_path, refresh_interval=0)  # every access re-reads the stats
+    scanned: list[str] = []
+    orig = bank.iter_meta
+    bank.iter_meta = lambda category=None: (scanned.append(category), orig(category))[1]
+    s = BankSampler(bank, min_score=0.5)
+    rng = np.random.default_rng(0)
+    assert len(s.sample(rng, 20)) == 20
+    assert sorted(scanned) == ["a", "b"]
+    scanned.clear()
+    s.sample(rng, 20)
+    assert scanned == []  # nothing changed: no rescan
+    with BankWriter(bank_path) as w:
+        w.add(make_rgba(50), category="b", verdict={"keep": True, "score": 0.9})
+    got = {i.id for i in s.sample(rng, 200)}
+    assert scanned == ["b"] and len(got) == 7  # the new instance is drawn, only b was rescanned

@@ -75,8 +75,8 @@ class BankSampler:
 
     Without filters a draw is O(1) (a direct index lookup). Filters (``min_score``, ``sources``,
     ``min_side``, ``predicate``) build a per-category list of eligible ids the first time a category
-    is drawn in a process, rebuilt after :meth:`refresh`. Corrupt records are skipped, counted
-    (``self.skipped``) and logged once.
+    is drawn in a process, rebuilt after :meth:`refresh` (and when its count changes in re-read stats).
+    Corrupt records are skipped, counted (``self.skipped``) and logged once.
     """
 
     def __init__(
@@ -108,6 +108,7 @@ class BankSampler:
         self._probs: tuple[list[str], np.ndarray] | None = None
         self._eligible: dict[str, list[str]] = {}
         self._stats_seen: Any = None
+        self._counts_seen: dict[str, int] = {}
         category_weights({"_": 1}, mode if mode not in ("rare_boost", "weights") else "balanced")  # validate mode
 
     @property
@@ -116,7 +117,7 @@ class BankSampler:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_probs"], state["_eligible"], state["_stats_seen"] = None, {}, None
+        state["_probs"], state["_eligible"], state["_stats_seen"], state["_counts_seen"] = None, {}, None, {}
         return state
 
     def refresh(self) -> None:
@@ -152,9 +153,12 @@ class BankSampler:
     def _category_table(self) -> tuple[list[str], np.ndarray]:
         stats = self.bank.stats()
         if self._probs is None or stats is not self._stats_seen:
-            if stats is not self._stats_seen and self._stats_seen is not None:
-                self._eligible.clear()
             counts = self.bank.categories()
+            if self._stats_seen is not None:
+                # re-read stats: records are append-only, so only a category whose count changed is rescanned
+                for k in [k for k in self._eligible if counts.get(k, 0) != self._counts_seen.get(k, 0)]:
+                    del self._eligible[k]
+            self._counts_seen = counts
             if self.classes is not None:
                 counts = {k: v for k, v in counts.items() if k in set(self.classes)}
             if self.filtered:
