@@ -62,3 +62,21 @@ def test_draw_labels_marks_pasted_objects():
     assert not np.array_equal(out2, img)
     grid = make_grid([out, out2, img], cols=2, tile_size=100, captions=["a", "b", "c"])
     assert grid.shape == (2 * (100 + 18 + 4) + 4, 2 * (100 + 4) + 4, 3)
+
+
+def test_preview_with_bank_categories_the_dataset_lacks(harvested_bank, coco128_seg, tmp_path, capsys):
+    """A bank category without a dataset class (here 'tiger') is never drawn, as in the training adapters;
+    it made the preview fail with 'class_map has no entry for bank category'."""
+    from genval_aug.bank import BankWriter, InstanceBank
+
+    src = InstanceBank(harvested_bank)
+    bank = tmp_path / "mixed.lmdb"
+    with BankWriter(bank) as w:
+        for i, rid in enumerate(list(src.ids("person"))[:6]):
+            w.add(src.get(rid).rgba, category="tiger" if i % 2 else "person")
+    out = tmp_path / "grid.png"
+    rc = main(["preview", "--data", str(coco128_seg / "coco128-seg.yaml"), "--bank", str(bank),
+               "--out", str(out), "--n", "4", "--seed", "0", "--tile", "128", "--paste-n", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert out.is_file()

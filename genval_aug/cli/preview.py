@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         names.update({v: k for k, v in bank.category_ids().items() if v not in names})
     options = {k: v for k, v in (("n", args.paste_n), ("blend", args.blend), ("harmonize", args.harmonize))
                if v is not None}
+    if class_map is not None:  # bank categories without a dataset class are never drawn (as in the adapters)
+        options["sampler_classes"] = sorted(class_map)
     engine = PasteEngine(bank, config=make_config(None, options), class_map=class_map)
 
     rng = np.random.default_rng(args.seed)
