@@ -92,12 +92,20 @@ def _is_id(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy integers included
 
 
+#: names that hold a label id's place without being a class (torchvision's COCO list: ``__background__``, ``N/A``)
+_PLACEHOLDERS = frozenset({"__background__", "n/a", ""})
+
+
 def _index_names(dataset_names: Sequence[str] | Mapping[int, str], on_duplicate: str) -> tuple[dict[int, str], dict[str, int]]:
-    """``({id: name}, {normalized name: id})``; a name twice keeps the lowest id or raises (``on_duplicate``)."""
+    """``({id: name}, {normalized name: id})``; a name twice keeps the lowest id or raises (``on_duplicate``).
+
+    Placeholders (``__background__``, ``N/A``, empty) keep their id in ``names`` but are never matched."""
     items = dataset_names.items() if isinstance(dataset_names, Mapping) else enumerate(dataset_names)
     names = {int(k): str(v) for k, v in items}
     by_norm: dict[str, int] = {}
     for i, n in sorted(names.items()):
+        if n.strip().lower() in _PLACEHOLDERS:
+            continue
         key = normalize_name(n)
         if key in by_norm and on_duplicate == "error":
             raise ConfigError(f"dataset class name {n!r} appears twice (ids {by_norm[key]} and {i})")

@@ -447,3 +447,20 @@ def test_cli_single_class_id():
     _, spec = parse_overrides(["model=m.yaml", "bank=x", "paste_classes=0"])
     assert spec["classes"] == [0]
     assert PasteSpec.from_dict(spec).classes == [0]
+
+
+def test_class_map_from_torchvision_coco_list():
+    """torchvision's COCO category list (``weights.meta["categories"]``: ``__background__`` at 0 and ten ``N/A``
+    placeholders) works as is: placeholders are not class names, so they are neither duplicates nor matches."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    from genval_aug.class_map import class_map_from_names
+
+    cats = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    assert cats[0] == "__background__" and cats.count("N/A") > 1
+    assert class_map_from_names(cats, ["person", "dog", "traffic_light"]) == {"person": 1, "dog": 18,
+                                                                              "traffic_light": 10}
+    with pytest.raises(ConfigError, match="no bank category matches"):
+        class_map_from_names(cats, ["N/A", "background"])
+    with pytest.raises(ConfigError, match="appears twice"):
+        class_map_from_names(["cat", "dog", "Cat"], ["cat"])  # real duplicates still raise
