@@ -373,3 +373,24 @@ def test_bfloat16_image(bank_path, samples, names):
     out_img, out = paste(tv_tensors.Image(img.to(torch.bfloat16)), target)
     assert out_img.dtype == torch.bfloat16 and out_img.shape == img.shape
     assert len(out["labels"]) > 0 and 0 <= float(out_img.min()) and float(out_img.max()) <= 1
+
+
+def test_degenerate_boxes_left_by_a_crop_pass_through(bank_path, samples, names):
+    """torchvision's crops clamp a box that falls outside the crop to a zero-area box on the edge; GenValPaste
+    placed after such a crop (before SanitizeBoundingBoxes) must keep it as is, not raise and kill the loader."""
+    paste = GenValPaste(bank_path, class_map=class_map_from_names(names, bank_path), seed=3, n=2)
+    img, target = to_tv(samples[0], extra=False)
+    H, W = img.shape[-2:]
+    crop_h, crop_w = H // 2, W // 2
+    c_img = F.crop(img, 0, 0, crop_h, crop_w)
+    boxes = torch.cat([target["boxes"].as_subclass(torch.Tensor),
+                       torch.tensor([[W - 20.0, H - 20.0, W - 2.0, H - 2.0]])])  # outside the crop
+    c_boxes = F.crop(tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)), 0, 0, crop_h, crop_w)
+    last = c_boxes[-1].as_subclass(torch.Tensor)
+    assert last[0] == last[2] and last[1] == last[3]  # clamped to a point on the crop's corner
+    labels = torch.cat([target["labels"], torch.tensor([1])])
+    _, out = paste(c_img, {"boxes": c_boxes, "labels": labels})
+    kept = out["boxes"].as_subclass(torch.Tensor)
+    assert any(torch.equal(b, last) for b in kept)  # returned unchanged
+    _, clean = v2.SanitizeBoundingBoxes()(c_img, out)
+    assert not any(torch.equal(b, last) for b in clean["boxes"].as_subclass(torch.Tensor))

@@ -172,8 +172,8 @@ class Targets:
     def validated(self, image_hw: tuple[int, int]) -> Targets:
         """Checked, normalized copy of the arrays' dtypes/shapes (raises :class:`TargetsError`).
 
-        Boxes partly outside the image are clipped to it; boxes that are non-finite, inverted or entirely
-        outside it are errors.
+        Boxes partly outside the image are clipped to it; boxes that are non-finite, inverted or (with a
+        positive area) entirely outside it are errors. Zero-area boxes are clipped and carried through.
         """
         H, W = image_hw
         boxes = np.asarray(self.boxes, np.float32)
@@ -196,7 +196,10 @@ class Targets:
         if inverted.any():
             bad = int(np.flatnonzero(inverted)[0])
             raise TargetsError(f"Targets.boxes[{bad}] is not xyxy (x2 < x1 or y2 < y1): {boxes[bad].tolist()}")
-        outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= W) | (boxes[:, 1] >= H)
+        # zero-area boxes (what torchvision's crops leave of an object outside the crop, clamped onto the edge)
+        # are carried through unchanged; only a box with an area that lies wholly outside is an error
+        area = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        outside = area & ((boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= W) | (boxes[:, 1] >= H))
         if outside.any():
             bad = int(np.flatnonzero(outside)[0])
             raise TargetsError(f"Targets.boxes[{bad}] = {boxes[bad].tolist()} lies outside the {W}x{H} image")
