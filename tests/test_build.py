@@ -295,3 +295,23 @@ def test_prompt_failure_gives_one_class_up_not_the_build(tmp_path):
     assert plug.CountingPrompts.calls == 1                       # one batched call for all three classes
     assert r.added == {"mug": 3, "shoe": 3} and r.gave_up == ["kite"] and r.rejected["prompt_error"] == 1
     assert InstanceBank(tmp_path / "p.lmdb").get_status("prompts:t:kite") is None
+
+
+def test_class_rows_from_csv_and_names_are_coerced_or_named_in_errors(tmp_path):
+    """CSV cells are strings: a `target`/`id` column must work; a bad id or synonyms value is a ConfigError."""
+    base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    (tmp_path / "t.csv").write_text("name,id,target,synonyms\ndog,1,5,hound|pup\ncat,,3,\n")
+    cfg = parse_config({**base, "classes": {"table": "t.csv"}}, where="b.yaml", base_dir=tmp_path)
+    by = {c.name: c for c in cfg.classes}
+    assert (by["dog"].target, by["dog"].category_id, by["dog"].synonyms) == (5, 1, ("hound", "pup"))
+    assert (by["cat"].target, by["cat"].category_id, by["cat"].synonyms) == (3, None, ())
+    (tmp_path / "bad.csv").write_text("name,id,target\ndog,1,lots\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: classes\.table\.dog\.target: "):
+        parse_config({**base, "classes": {"table": "bad.csv"}}, where="b.yaml", base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"b\.yaml: classes\.names\.dog\.id: .*'abc'"):
+        parse_config({**base, "classes": {"names": [{"name": "dog", "id": "abc"}], "target": 2}},
+                     where="b.yaml", base_dir=tmp_path)
+    # a single synonym given as a string is one synonym, not its characters
+    cfg = parse_config({**base, "classes": {"names": [{"name": "dog", "synonyms": "hound"}], "target": 2}},
+                       where="b.yaml", base_dir=tmp_path)
+    assert cfg.classes[0].synonyms == ("hound",)

@@ -241,6 +241,13 @@ def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _int_cell(value: Any) -> Any:
+    """A CSV cell such as ``"12"`` as an int; anything else unchanged (checked by ``_Ctx.int_``)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return value
+
+
 def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
     if isinstance(raw, list):
         raw = {"names": raw}
@@ -282,6 +289,7 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
 
     out: list[ClassSpec] = []
     seen: set[str] = set()
+    src = "names" if "names" in d else "table"
     for r in rows:
         name = str(r["name"])
         if name in seen:
@@ -290,8 +298,8 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
         group = r.get("frequency", r.get("group"))
         if name in overrides:
             target = overrides[name]
-        elif "target" in r:
-            target = ctx.int_(r["target"], f"classes.names.{name}.target")
+        elif r.get("target") not in (None, ""):
+            target = ctx.int_(_int_cell(r["target"]), f"classes.{src}.{name}.target")
         elif group is not None and str(group) in groups:
             target = groups[str(group)]
         elif default_target is not None:
@@ -300,13 +308,22 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
             target = 0          # group not listed: nothing to build for it
         else:
             raise ctx.fail("classes.target", f"no target for class {name!r} (set `target`, `groups` or `targets`)")
-        cid = r.get("category_id", r.get("id"))
+        id_key = "category_id" if "category_id" in r else "id"
+        cid = r.get(id_key)
+        if cid is not None and str(cid).strip() != "":
+            cid = ctx.int_(_int_cell(cid), f"classes.{src}.{name}.{id_key}", lo=None)
+        else:
+            cid = None
+        syn = r.get("synonyms") or ()
+        syn = (syn,) if isinstance(syn, str) else syn
+        if not isinstance(syn, (list, tuple)) or not all(isinstance(x, str) for x in syn):
+            raise ctx.fail(f"classes.{src}.{name}.synonyms", f"expected a list of strings, got {syn!r}")
         out.append(ClassSpec(
             name=name,
             target=target,
-            category_id=int(cid) if cid is not None and str(cid).strip() != "" else None,
+            category_id=cid,
             definition=r.get("def") or r.get("definition"),
-            synonyms=tuple(r.get("synonyms") or ()),
+            synonyms=tuple(syn),
             group=str(group) if group is not None else None,
         ))
     unknown = sorted(set(overrides) - seen)
