@@ -315,3 +315,13 @@ def test_class_rows_from_csv_and_names_are_coerced_or_named_in_errors(tmp_path):
     cfg = parse_config({**base, "classes": {"names": [{"name": "dog", "synonyms": "hound"}], "target": 2}},
                        where="b.yaml", base_dir=tmp_path)
     assert cfg.classes[0].synonyms == ("hound",)
+
+
+def test_config_refuses_fields_the_build_does_not_use(tmp_path):
+    """`output.commit_every` (the build commits once per batch) and `prompts.cache` (prompts are cached in the
+    bank) used to be accepted and silently ignored; a field that does nothing must not look configurable."""
+    base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    for over, fld in [({"output": {"bank": "b.lmdb", "commit_every": 8}}, "output.commit_every"),
+                      ({"prompts": {"cache": "prompts.json"}}, "prompts.cache")]:
+        with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ": unknown field"):
+            parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)

@@ -73,13 +73,11 @@ class PromptSpec:
     n: int = 8                          # prompts per class; unit i uses prompt i % n
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     params: dict[str, Any] = field(default_factory=dict)   # e.g. backend spec, prompt_version
-    cache: str | None = None            # JSON file of prompts per class (default: <bank>.prompts.json)
 
 
 @dataclass
 class OutputSpec:
     bank: str
-    commit_every: int = 32
 
 
 @dataclass
@@ -346,16 +344,15 @@ def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".
         raise ctx.fail("output", "missing (need `output: {bank: path}`)")
     out_raw = d["output"] if not isinstance(d["output"], str) else {"bank": d["output"]}
     o = ctx.mapping(out_raw, "output")
-    ctx.check_keys(o, "output", {"bank", "commit_every"})
+    ctx.check_keys(o, "output", {"bank"})
     if "bank" not in o:
         raise ctx.fail("output.bank", "missing")
-    output = OutputSpec(bank=ctx.path(o["bank"], "output.bank"),
-                        commit_every=ctx.int_(o.get("commit_every", 32), "output.commit_every", lo=1))
+    output = OutputSpec(bank=ctx.path(o["bank"], "output.bank"))
     if "source" not in d:
         raise ctx.fail("source", "missing (e.g. `source: {kind: layerdiffusion, params: {...}}`)")
 
     p = ctx.mapping(d.get("prompts"), "prompts")
-    ctx.check_keys(p, "prompts", {"kind", "n", "templates", "params", "cache"})
+    ctx.check_keys(p, "prompts", {"kind", "n", "templates", "params"})
     templates = p.get("templates", list(DEFAULT_TEMPLATES))
     if isinstance(templates, str):
         templates = [templates]
@@ -371,7 +368,6 @@ def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".
         n=ctx.int_(p.get("n", 8), "prompts.n", lo=1),
         templates=tuple(templates),
         params=dict(ctx.mapping(p.get("params"), "prompts.params")),
-        cache=ctx.path(p["cache"], "prompts.cache") if p.get("cache") else None,
     )
 
     pf = d.get("prefilter", {})
