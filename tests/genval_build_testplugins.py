@@ -127,3 +127,15 @@ class PickyPrompts(CountingPrompts):
 
 def make_picky_prompts(spec, config, device=None):  # noqa: ARG001
     return PickyPrompts()
+
+
+def make_slow_loading_source(spec, config, device=None):  # noqa: ARG001
+    """A source whose 'model load' takes ``load_s`` seconds (an SDXL load); touches ``marker`` when it starts."""
+    import time
+    from pathlib import Path
+
+    from genval_aug.build.sources import ShapesSource
+
+    Path(spec.params["marker"]).touch()
+    time.sleep(float(spec.params.get("load_s", 120)))
+    return ShapesSource(size=48)

@@ -297,3 +297,28 @@ def test_worker_stops_when_its_parent_dies(tmp_path):
     wait_for(lambda: _gone(pid), 30, "orphaned worker to exit")
     assert InstanceBank(tmp_path / "bank.lmdb").get_status("worker")["state"] == "stopped"
     assert verify(tmp_path / "bank.lmdb").ok
+
+
+def test_worker_cli_second_signal_interrupts_a_long_model_load(tmp_path):
+    """The first Ctrl-C asks for a clean stop, which only takes effect once the models are loaded; a second
+    one must interrupt at once (it used to be swallowed, leaving `kill -9` as the only way out)."""
+    marker = tmp_path / "loading"
+    cfg = write_cfg(tmp_path, target=5, source={"kind": f"{PLUG}:make_slow_loading_source",
+                                                 "params": {"marker": str(marker), "load_s": 120}})
+    p = subprocess.Popen([sys.executable, "-m", "genval_aug.cli", "worker", "--config", str(cfg)],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                          str(Path(__file__).parent)])})
+    try:
+        wait_for(marker.exists, 60, "the source to start loading")
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert p.poll() is None                       # first signal: clean stop requested, still loading
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted" in err

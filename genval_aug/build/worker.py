@@ -47,6 +47,15 @@ class _Stop:
     def set(self) -> None:
         self._flag = True
 
+    def handle_signal(self, signum, frame) -> None:  # noqa: ARG002
+        """SIGTERM/SIGINT handler: the first asks for a clean stop after the current commit (which waits
+        for a model load or a prompt round to finish); a second one interrupts at once (LMDB commits are
+        atomic, so the bank stays consistent)."""
+        if self._flag:
+            raise KeyboardInterrupt(f"signal {signum} received twice")
+        log.warning("top-up worker: signal %d, stopping after the current batch (again to interrupt now)", signum)
+        self._flag = True
+
     def is_set(self) -> bool:
         if self._flag:
             return True
@@ -161,12 +170,8 @@ def _child_main(config: BuildConfig, bank: str, event: Any, parent_pid: int, kwa
                 log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(levelname)s genval-aug-worker[%(process)d] %(name)s: %(message)s")
     stop = _Stop(event, parent_pid)
-
-    def on_signal(signum, frame):  # noqa: ARG001 - just a flag: the current batch finishes its commit
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, stop.handle_signal)
+    signal.signal(signal.SIGINT, stop.handle_signal)
     threads = kwargs.pop("num_threads", None)
     if threads:
         import sys
