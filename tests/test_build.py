@@ -325,3 +325,21 @@ def test_config_refuses_fields_the_build_does_not_use(tmp_path):
                       ({"prompts": {"cache": "prompts.json"}}, "prompts.cache")]:
         with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ": unknown field"):
             parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
+
+
+def test_dead_prompt_server_is_not_retried_class_by_class(tmp_path):
+    """When the batched prompt call fails because the server is down (BackendError, after the backend's own
+    bounded retries), asking again once per class only multiplies the wait (1,203 LVIS classes x retries):
+    the build stops with the error instead of 'giving every class up'."""
+    import genval_build_testplugins as plug
+
+    from genval_aug.errors import BackendError
+
+    cfg = load_config(write_cfg(
+        tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4, "params": {"size": 48}},
+        prompts={"kind": f"{PLUG}:make_dead_server_prompts", "n": 2}, validator="none",
+        classes={"names": ["mug", "kite", "shoe"], "target": 3}))
+    plug.DeadServerPrompts.calls = 0
+    with pytest.raises(BackendError, match="failed after 5 attempts"):
+        BankBuilder(cfg, bank=tmp_path / "p.lmdb").run()
+    assert plug.DeadServerPrompts.calls == 1

@@ -322,3 +322,16 @@ def test_worker_cli_second_signal_interrupts_a_long_model_load(tmp_path):
             p.communicate()
     assert p.returncode == 130, err[-2000:]
     assert "interrupted" in err
+
+
+def test_worker_outlives_a_dead_prompt_server(tmp_path):
+    """A prompt server that is down stops a `bank build`, but the long-running worker logs it and tries
+    again after its poll interval (bounded here by max_cycles) instead of dying."""
+    import genval_build_testplugins as plug
+
+    cfg = write_cfg(tmp_path, target=3, source={"kind": f"{PLUG}:make_tiny_generator", "params": {"size": 48}},
+                    prompts={"kind": f"{PLUG}:make_dead_server_prompts", "n": 2})
+    plug.DeadServerPrompts.calls = 0
+    status = run_worker(cfg, max_cycles=2, poll_interval=0.01)
+    assert plug.DeadServerPrompts.calls == 2 and status["cycles"] == 2
+    assert status["state"] == "finished" and "failed after 5 attempts" in status["last_error"]

@@ -34,7 +34,7 @@ import numpy as np
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, ClassSpec
 from genval_aug.build.registry import Candidate, WorkUnit, build_component
-from genval_aug.errors import BadInstanceError, ConfigError
+from genval_aug.errors import BackendError, BadInstanceError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,8 @@ class BankBuilder:
                     chunk = missing[k:k + 64]
                     try:
                         made.update(maker.prompts_many(chunk, pc.n))
-                    except ConfigError:     # the maker is misconfigured (e.g. no tokenizer): every class would fail
-                        raise
+                    except (ConfigError, BackendError):  # misconfigured maker or server down (after the
+                        raise                               # backend's retries): every class would fail too
                     except Exception as e:  # a broken chunk: fall back to one class at a time
                         log.warning("prompt maker %s failed on %d classes (%s); retrying one by one",
                                     pc.kind, len(chunk), e)
@@ -277,7 +277,7 @@ class BankBuilder:
                     continue
                 try:
                     made[spec.name] = list(maker.prompts(spec, pc.n))
-                except ConfigError:
+                except (ConfigError, BackendError):
                     raise
                 except Exception as e:
                     log.warning("prompt maker %s produced no prompt for %r: %s", pc.kind, spec.name, e)

@@ -27,7 +27,7 @@ from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, load_config
 from genval_aug.build.draws import default_draws_dir, read_draws
 from genval_aug.build.pipeline import BankBuilder
-from genval_aug.errors import BankError
+from genval_aug.errors import BackendError, BankError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
             return {"worker_state": state, "started": started, "extra": dict(extra), "cycles": totals["cycles"],
                     "total_added": totals["added"] + (report.total_added if report is not None else 0),
                     "total_rejected": totals["rejected"] + (report.rejected_units if report is not None else 0),
-                    "total_reasons": dict(reasons), "draws_dir": str(draws_dir)}
+                    "total_reasons": dict(reasons), "draws_dir": str(draws_dir),
+                    "last_error": totals.get("last_error")}
         return make
 
     builder = BankBuilder(cfg, bank=bank_path, device=device, status_name=STATUS_NAME, progress=False)
@@ -112,8 +113,21 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
     try:
         while not stop.is_set():
             targets = {c.name: c.target + extra.get(c.name, 0) for c in cfg.classes}
-            report = builder.run(targets, stop=stop, extra_status=extra_status("filling"))
+            try:
+                report = builder.run(targets, stop=stop, extra_status=extra_status("filling"))
+            except BackendError as e:   # a chat server is down (after the backend's retries): try again later
+                if exit_when_done:
+                    raise
+                totals["cycles"] += 1
+                totals["last_error"] = str(e)
+                log.warning("top-up worker: %s; trying again in %.0f s", e, poll)
+                if max_cycles is not None and totals["cycles"] >= max_cycles:
+                    break
+                final = _write_status(bank_path, {**builder.status, **extra_status("waiting")()})
+                stop.wait(poll)
+                continue
             totals["cycles"] += 1
+            totals["last_error"] = None
             totals["added"] += report.total_added
             totals["units"] += report.units
             totals["rejected"] += report.rejected_units
