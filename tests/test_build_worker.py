@@ -335,3 +335,28 @@ def test_worker_outlives_a_dead_prompt_server(tmp_path):
     status = run_worker(cfg, max_cycles=2, poll_interval=0.01)
     assert plug.DeadServerPrompts.calls == 2 and status["cycles"] == 2
     assert status["state"] == "finished" and "failed after 5 attempts" in status["last_error"]
+
+
+def test_second_builder_on_the_same_bank_is_refused_while_a_worker_runs(tmp_path):
+    """Two builders on one bank schedule the same units; with a generator whose pixels depend on its batch
+    mates (Layer Diffusion) the ids differ and the unit is banked twice. A worker holds the bank's build lock
+    for its lifetime; a second builder fails at once naming the holder; a dead holder's lock is free."""
+    from genval_aug.errors import BankError
+
+    marker = tmp_path / "loading"
+    cfg = write_cfg(tmp_path, target=5, source={"kind": f"{PLUG}:make_slow_loading_source",
+                                                 "params": {"marker": str(marker), "load_s": 120}})
+    p = subprocess.Popen([sys.executable, "-m", "genval_aug.cli", "worker", "--config", str(cfg)],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                          str(Path(__file__).parent)])})
+    try:
+        wait_for(marker.exists, 60, "the worker to start loading")
+        fast = load_config(write_cfg(tmp_path, target=5, name="fast.yaml"))
+        with pytest.raises(BankError, match=rf"being built by pid {p.pid}"):
+            BankBuilder(fast).run()
+    finally:
+        p.kill()
+        p.communicate()
+    r = BankBuilder(fast).run()                      # SIGKILLed holder: the lock went with it
+    assert r.total_added == 15

@@ -33,6 +33,7 @@ import numpy as np
 
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, ClassSpec
+from genval_aug.build.lock import build_lock
 from genval_aug.build.registry import Candidate, WorkUnit, build_component
 from genval_aug.errors import BackendError, BadInstanceError, ConfigError
 
@@ -364,7 +365,11 @@ class BankBuilder:
             report.wall_s = time.monotonic() - t_start
             log.info("build %s: every class is at target; nothing to do", cfg.name)
             return report
+        with build_lock(self.bank_path):    # a second builder on this bank would build the same units
+            return self._run(targets, stop, extra_status, report, t_start)
 
+    def _run(self, targets, stop, extra_status, report: BuildReport, t_start: float) -> BuildReport:
+        cfg = self.config
         source = self._component("source")         # models load before the bank is opened for writing
         validator = self._component("validator")
         writer = BankWriter(self.bank_path, batch_size=1 << 30)   # we commit explicitly, per batch

@@ -26,6 +26,7 @@ from typing import Any
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, load_config
 from genval_aug.build.draws import default_draws_dir, read_draws
+from genval_aug.build.lock import build_lock
 from genval_aug.build.pipeline import BankBuilder
 from genval_aug.errors import BackendError, BankError
 
@@ -107,6 +108,8 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
                     "last_error": totals.get("last_error")}
         return make
 
+    lock = build_lock(bank_path)      # held for the worker's lifetime: no other builder between cycles
+    lock.__enter__()
     builder = BankBuilder(cfg, bank=bank_path, device=device, status_name=STATUS_NAME, progress=False)
     classes = [c.name for c in cfg.classes]
     final: dict[str, Any] = {}
@@ -161,8 +164,11 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
     finally:
         builder.close()
         state = "stopped" if stop.is_set() else "finished"
-        final = _write_status(bank_path, {**(builder.status or {}), **extra_status(state)(),
-                                          "state": state, "pid": os.getpid()})
+        try:
+            final = _write_status(bank_path, {**(builder.status or {}), **extra_status(state)(),
+                                              "state": state, "pid": os.getpid()})
+        finally:
+            lock.__exit__(None, None, None)
     return final
 
 
