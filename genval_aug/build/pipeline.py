@@ -5,9 +5,9 @@ one and the calling thread writes verdicts to the bank; stages are joined by bou
 
 Work is cut into deterministic **units** ``(category, index)``: unit ``i`` uses prompt ``i % n`` and
 seed ``hash(config.seed, category, i)``. Each unit's outcome is stored with the record (``source.build``
-and ``source.unit``; rejected instances go to the bank's audit table), committed in the same LMDB
-transaction as a status update, so a killed build restarts where it stopped and a finished one does
-nothing. Targets are minimum counts per category, measured on what the bank holds.
+and ``source.unit``; rejected instances go to the bank's audit table), one LMDB transaction per batch,
+so a killed build restarts where it stopped and a finished one does nothing. Units with no storable
+outcome (source/validator errors, empty alpha) are not settled and are tried again by a later run. Targets are minimum counts per category, measured on what the bank holds.
 
 Scheduling never overshoots (with ``pipeline.overgenerate: 1``): for a category with deficit ``d``
 and no units in flight, the next ``d`` untried indices are scheduled. The kept instances are then
