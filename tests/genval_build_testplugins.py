@@ -127,3 +127,37 @@ class PickyPrompts(CountingPrompts):
 
 def make_picky_prompts(spec, config, device=None):  # noqa: ARG001
     return PickyPrompts()
+
+
+def make_slow_loading_source(spec, config, device=None):  # noqa: ARG001
+    """A source whose 'model load' takes ``load_s`` seconds (an SDXL load); touches ``marker`` when it starts."""
+    import time
+    from pathlib import Path
+
+    from genval_aug.build.sources import ShapesSource
+
+    Path(spec.params["marker"]).touch()
+    time.sleep(float(spec.params.get("load_s", 120)))
+    return ShapesSource(size=48)
+
+
+class DeadServerPrompts:
+    """Prompt maker whose LLM server is down: every call fails after the backend's own retries."""
+
+    calls = 0
+
+    def _fail(self):
+        from genval_aug.errors import BackendError
+
+        DeadServerPrompts.calls += 1
+        raise BackendError("POST http://127.0.0.1:9/v1/chat/completions (model 'llm') failed after 5 attempts")
+
+    def prompts_many(self, classes, n):  # noqa: ARG002
+        self._fail()
+
+    def prompts(self, cls, n):  # noqa: ARG002
+        self._fail()
+
+
+def make_dead_server_prompts(spec, config, device=None):  # noqa: ARG001
+    return DeadServerPrompts()

@@ -239,3 +239,22 @@ def test_dtype_is_validated():
 
     with pytest.raises(ConfigError, match="dtype"):
         _torch_dtype("int3")
+
+
+def test_transformers_backend_refuses_pickle_checkpoints(tmp_path, torch_one_thread):
+    """A model folder holding only ``pytorch_model.bin`` (a pickle) is refused with an error naming the folder;
+    transformers would otherwise fall back to unpickling it."""
+    import torch
+    from agents_support import tiny_llama
+
+    from genval_aug.agents.backends import TransformersChatBackend
+
+    model, tok = tiny_llama()
+    d = tmp_path / "llm-bin"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    for f in d.glob("*.safetensors*"):
+        f.unlink()
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"llm-bin.*safetensors"):
+        TransformersChatBackend.from_pretrained(str(d), device="cpu", dtype="float32", local_files_only=True)

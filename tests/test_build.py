@@ -295,3 +295,51 @@ def test_prompt_failure_gives_one_class_up_not_the_build(tmp_path):
     assert plug.CountingPrompts.calls == 1                       # one batched call for all three classes
     assert r.added == {"mug": 3, "shoe": 3} and r.gave_up == ["kite"] and r.rejected["prompt_error"] == 1
     assert InstanceBank(tmp_path / "p.lmdb").get_status("prompts:t:kite") is None
+
+
+def test_class_rows_from_csv_and_names_are_coerced_or_named_in_errors(tmp_path):
+    """CSV cells are strings: a `target`/`id` column must work; a bad id or synonyms value is a ConfigError."""
+    base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    (tmp_path / "t.csv").write_text("name,id,target,synonyms\ndog,1,5,hound|pup\ncat,,3,\n")
+    cfg = parse_config({**base, "classes": {"table": "t.csv"}}, where="b.yaml", base_dir=tmp_path)
+    by = {c.name: c for c in cfg.classes}
+    assert (by["dog"].target, by["dog"].category_id, by["dog"].synonyms) == (5, 1, ("hound", "pup"))
+    assert (by["cat"].target, by["cat"].category_id, by["cat"].synonyms) == (3, None, ())
+    (tmp_path / "bad.csv").write_text("name,id,target\ndog,1,lots\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: classes\.table\.dog\.target: "):
+        parse_config({**base, "classes": {"table": "bad.csv"}}, where="b.yaml", base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"b\.yaml: classes\.names\.dog\.id: .*'abc'"):
+        parse_config({**base, "classes": {"names": [{"name": "dog", "id": "abc"}], "target": 2}},
+                     where="b.yaml", base_dir=tmp_path)
+    # a single synonym given as a string is one synonym, not its characters
+    cfg = parse_config({**base, "classes": {"names": [{"name": "dog", "synonyms": "hound"}], "target": 2}},
+                       where="b.yaml", base_dir=tmp_path)
+    assert cfg.classes[0].synonyms == ("hound",)
+
+
+def test_config_refuses_fields_the_build_does_not_use(tmp_path):
+    """`output.commit_every` (the build commits once per batch) and `prompts.cache` (prompts are cached in the
+    bank) used to be accepted and silently ignored; a field that does nothing must not look configurable."""
+    base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    for over, fld in [({"output": {"bank": "b.lmdb", "commit_every": 8}}, "output.commit_every"),
+                      ({"prompts": {"cache": "prompts.json"}}, "prompts.cache")]:
+        with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ": unknown field"):
+            parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
+
+
+def test_dead_prompt_server_is_not_retried_class_by_class(tmp_path):
+    """When the batched prompt call fails because the server is down (BackendError, after the backend's own
+    bounded retries), asking again once per class only multiplies the wait (1,203 LVIS classes x retries):
+    the build stops with the error instead of 'giving every class up'."""
+    import genval_build_testplugins as plug
+
+    from genval_aug.errors import BackendError
+
+    cfg = load_config(write_cfg(
+        tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "batch_size": 4, "params": {"size": 48}},
+        prompts={"kind": f"{PLUG}:make_dead_server_prompts", "n": 2}, validator="none",
+        classes={"names": ["mug", "kite", "shoe"], "target": 3}))
+    plug.DeadServerPrompts.calls = 0
+    with pytest.raises(BackendError, match="failed after 5 attempts"):
+        BankBuilder(cfg, bank=tmp_path / "p.lmdb").run()
+    assert plug.DeadServerPrompts.calls == 1

@@ -16,6 +16,7 @@ from agents_support import ChatServer, tiny_clip_tokenizer, verdict_json  # noqa
 
 from genval_aug.bank import InstanceBank, verify  # noqa: E402
 from genval_aug.build import BankBuilder, load_config  # noqa: E402
+from genval_aug.errors import ConfigError  # noqa: E402
 
 ADJ = ["red", "wooden", "small", "shiny", "striped", "old"]
 
@@ -90,3 +91,22 @@ def _write(tmp_path, source):
     p.write_text(yaml.safe_dump({"output": {"bank": "b.lmdb"}, "source": source,
                                  "classes": {"names": ["mug"], "target": 1}}))
     return p
+
+
+def test_prompt_agent_config_error_stops_the_build_instead_of_giving_every_class_up(tmp_path):
+    """A missing CLIP tokenizer is a configuration error of the whole build, not a per-class prompt failure:
+    it used to be logged once per class and end in a 'successful' build where every class gave up."""
+    with ChatServer([chat]) as srv:
+        backend = {"kind": "openai", "base_url": srv.base_url, "api_key_env": None, "cache": False, "model": "llm"}
+        cfg = {
+            "name": "ld", "output": {"bank": "bank.lmdb"},
+            "classes": {"names": ["mug", "kite"], "target": 2},
+            "prompts": {"kind": "agent", "n": 2,
+                        "params": {"backend": backend, "tokenizer": str(tmp_path / "no-such-tokenizer")}},
+            "source": {"kind": "genval_build_testplugins:make_tiny_generator", "params": {"size": 48}},
+            "validator": "none", "pipeline": {"progress": False},
+        }
+        (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ConfigError, match="no-such-tokenizer"):
+            BankBuilder(load_config(tmp_path / "b.yaml")).run()
+    assert not (tmp_path / "bank.lmdb" / "data.mdb").exists() or not InstanceBank(tmp_path / "bank.lmdb").categories()

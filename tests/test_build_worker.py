@@ -297,3 +297,66 @@ def test_worker_stops_when_its_parent_dies(tmp_path):
     wait_for(lambda: _gone(pid), 30, "orphaned worker to exit")
     assert InstanceBank(tmp_path / "bank.lmdb").get_status("worker")["state"] == "stopped"
     assert verify(tmp_path / "bank.lmdb").ok
+
+
+def test_worker_cli_second_signal_interrupts_a_long_model_load(tmp_path):
+    """The first Ctrl-C asks for a clean stop, which only takes effect once the models are loaded; a second
+    one must interrupt at once (it used to be swallowed, leaving `kill -9` as the only way out)."""
+    marker = tmp_path / "loading"
+    cfg = write_cfg(tmp_path, target=5, source={"kind": f"{PLUG}:make_slow_loading_source",
+                                                 "params": {"marker": str(marker), "load_s": 120}})
+    p = subprocess.Popen([sys.executable, "-m", "genval_aug.cli", "worker", "--config", str(cfg)],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                          str(Path(__file__).parent)])})
+    try:
+        wait_for(marker.exists, 60, "the source to start loading")
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert p.poll() is None                       # first signal: clean stop requested, still loading
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+
+
+def test_worker_outlives_a_dead_prompt_server(tmp_path):
+    """A prompt server that is down stops a `bank build`, but the long-running worker logs it and tries
+    again after its poll interval (bounded here by max_cycles) instead of dying."""
+    import genval_build_testplugins as plug
+
+    cfg = write_cfg(tmp_path, target=3, source={"kind": f"{PLUG}:make_tiny_generator", "params": {"size": 48}},
+                    prompts={"kind": f"{PLUG}:make_dead_server_prompts", "n": 2})
+    plug.DeadServerPrompts.calls = 0
+    status = run_worker(cfg, max_cycles=2, poll_interval=0.01)
+    assert plug.DeadServerPrompts.calls == 2 and status["cycles"] == 2
+    assert status["state"] == "finished" and "failed after 5 attempts" in status["last_error"]
+
+
+def test_second_builder_on_the_same_bank_is_refused_while_a_worker_runs(tmp_path):
+    """Two builders on one bank schedule the same units; with a generator whose pixels depend on its batch
+    mates (Layer Diffusion) the ids differ and the unit is banked twice. A worker holds the bank's build lock
+    for its lifetime; a second builder fails at once naming the holder; a dead holder's lock is free."""
+    from genval_aug.errors import BankError
+
+    marker = tmp_path / "loading"
+    cfg = write_cfg(tmp_path, target=5, source={"kind": f"{PLUG}:make_slow_loading_source",
+                                                 "params": {"marker": str(marker), "load_s": 120}})
+    p = subprocess.Popen([sys.executable, "-m", "genval_aug.cli", "worker", "--config", str(cfg)],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                                          str(Path(__file__).parent)])})
+    try:
+        wait_for(marker.exists, 60, "the worker to start loading")
+        fast = load_config(write_cfg(tmp_path, target=5, name="fast.yaml"))
+        with pytest.raises(BankError, match=rf"being built by pid {p.pid}"):
+            BankBuilder(fast).run()
+    finally:
+        p.kill()
+        p.communicate()
+    r = BankBuilder(fast).run()                      # SIGKILLed holder: the lock went with it
+    assert r.total_added == 15

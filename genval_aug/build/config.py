@@ -73,13 +73,11 @@ class PromptSpec:
     n: int = 8                          # prompts per class; unit i uses prompt i % n
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     params: dict[str, Any] = field(default_factory=dict)   # e.g. backend spec, prompt_version
-    cache: str | None = None            # JSON file of prompts per class (default: <bank>.prompts.json)
 
 
 @dataclass
 class OutputSpec:
     bank: str
-    commit_every: int = 32
 
 
 @dataclass
@@ -241,6 +239,13 @@ def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _int_cell(value: Any) -> Any:
+    """A CSV cell such as ``"12"`` as an int; anything else unchanged (checked by ``_Ctx.int_``)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return value
+
+
 def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
     if isinstance(raw, list):
         raw = {"names": raw}
@@ -282,6 +287,7 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
 
     out: list[ClassSpec] = []
     seen: set[str] = set()
+    src = "names" if "names" in d else "table"
     for r in rows:
         name = str(r["name"])
         if name in seen:
@@ -290,8 +296,8 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
         group = r.get("frequency", r.get("group"))
         if name in overrides:
             target = overrides[name]
-        elif "target" in r:
-            target = ctx.int_(r["target"], f"classes.names.{name}.target")
+        elif r.get("target") not in (None, ""):
+            target = ctx.int_(_int_cell(r["target"]), f"classes.{src}.{name}.target")
         elif group is not None and str(group) in groups:
             target = groups[str(group)]
         elif default_target is not None:
@@ -300,13 +306,22 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
             target = 0          # group not listed: nothing to build for it
         else:
             raise ctx.fail("classes.target", f"no target for class {name!r} (set `target`, `groups` or `targets`)")
-        cid = r.get("category_id", r.get("id"))
+        id_key = "category_id" if "category_id" in r else "id"
+        cid = r.get(id_key)
+        if cid is not None and str(cid).strip() != "":
+            cid = ctx.int_(_int_cell(cid), f"classes.{src}.{name}.{id_key}", lo=None)
+        else:
+            cid = None
+        syn = r.get("synonyms") or ()
+        syn = (syn,) if isinstance(syn, str) else syn
+        if not isinstance(syn, (list, tuple)) or not all(isinstance(x, str) for x in syn):
+            raise ctx.fail(f"classes.{src}.{name}.synonyms", f"expected a list of strings, got {syn!r}")
         out.append(ClassSpec(
             name=name,
             target=target,
-            category_id=int(cid) if cid is not None and str(cid).strip() != "" else None,
+            category_id=cid,
             definition=r.get("def") or r.get("definition"),
-            synonyms=tuple(r.get("synonyms") or ()),
+            synonyms=tuple(syn),
             group=str(group) if group is not None else None,
         ))
     unknown = sorted(set(overrides) - seen)
@@ -329,16 +344,15 @@ def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".
         raise ctx.fail("output", "missing (need `output: {bank: path}`)")
     out_raw = d["output"] if not isinstance(d["output"], str) else {"bank": d["output"]}
     o = ctx.mapping(out_raw, "output")
-    ctx.check_keys(o, "output", {"bank", "commit_every"})
+    ctx.check_keys(o, "output", {"bank"})
     if "bank" not in o:
         raise ctx.fail("output.bank", "missing")
-    output = OutputSpec(bank=ctx.path(o["bank"], "output.bank"),
-                        commit_every=ctx.int_(o.get("commit_every", 32), "output.commit_every", lo=1))
+    output = OutputSpec(bank=ctx.path(o["bank"], "output.bank"))
     if "source" not in d:
         raise ctx.fail("source", "missing (e.g. `source: {kind: layerdiffusion, params: {...}}`)")
 
     p = ctx.mapping(d.get("prompts"), "prompts")
-    ctx.check_keys(p, "prompts", {"kind", "n", "templates", "params", "cache"})
+    ctx.check_keys(p, "prompts", {"kind", "n", "templates", "params"})
     templates = p.get("templates", list(DEFAULT_TEMPLATES))
     if isinstance(templates, str):
         templates = [templates]
@@ -354,7 +368,6 @@ def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".
         n=ctx.int_(p.get("n", 8), "prompts.n", lo=1),
         templates=tuple(templates),
         params=dict(ctx.mapping(p.get("params"), "prompts.params")),
-        cache=ctx.path(p["cache"], "prompts.cache") if p.get("cache") else None,
     )
 
     pf = d.get("prefilter", {})

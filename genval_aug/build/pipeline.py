@@ -5,9 +5,9 @@ one and the calling thread writes verdicts to the bank; stages are joined by bou
 
 Work is cut into deterministic **units** ``(category, index)``: unit ``i`` uses prompt ``i % n`` and
 seed ``hash(config.seed, category, i)``. Each unit's outcome is stored with the record (``source.build``
-and ``source.unit``; rejected instances go to the bank's audit table), committed in the same LMDB
-transaction as a status update, so a killed build restarts where it stopped and a finished one does
-nothing. Targets are minimum counts per category, measured on what the bank holds.
+and ``source.unit``; rejected instances go to the bank's audit table), one LMDB transaction per batch,
+so a killed build restarts where it stopped and a finished one does nothing. Units with no storable
+outcome (source/validator errors, empty alpha) are not settled and are tried again by a later run. Targets are minimum counts per category, measured on what the bank holds.
 
 Scheduling never overshoots (with ``pipeline.overgenerate: 1``): for a category with deficit ``d``
 and no units in flight, the next ``d`` untried indices are scheduled. The kept instances are then
@@ -33,8 +33,9 @@ import numpy as np
 
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, ClassSpec
+from genval_aug.build.lock import build_lock
 from genval_aug.build.registry import Candidate, WorkUnit, build_component
-from genval_aug.errors import BadInstanceError
+from genval_aug.errors import BackendError, BadInstanceError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,6 @@ class BankBuilder:
             try:
                 self._rules = QualityRules(**self.config.prefilter)
             except TypeError as e:
-                from genval_aug.errors import ConfigError
-
                 raise ConfigError(f"{self.config.path or '<config>'}: prefilter: {e}") from e
         return self._rules
 
@@ -269,6 +268,8 @@ class BankBuilder:
                     chunk = missing[k:k + 64]
                     try:
                         made.update(maker.prompts_many(chunk, pc.n))
+                    except (ConfigError, BackendError):  # misconfigured maker or server down (after the
+                        raise                               # backend's retries): every class would fail too
                     except Exception as e:  # a broken chunk: fall back to one class at a time
                         log.warning("prompt maker %s failed on %d classes (%s); retrying one by one",
                                     pc.kind, len(chunk), e)
@@ -277,6 +278,8 @@ class BankBuilder:
                     continue
                 try:
                     made[spec.name] = list(maker.prompts(spec, pc.n))
+                except (ConfigError, BackendError):
+                    raise
                 except Exception as e:
                     log.warning("prompt maker %s produced no prompt for %r: %s", pc.kind, spec.name, e)
             for spec in missing:
@@ -362,7 +365,11 @@ class BankBuilder:
             report.wall_s = time.monotonic() - t_start
             log.info("build %s: every class is at target; nothing to do", cfg.name)
             return report
+        with build_lock(self.bank_path):    # a second builder on this bank would build the same units
+            return self._run(targets, stop, extra_status, report, t_start)
 
+    def _run(self, targets, stop, extra_status, report: BuildReport, t_start: float) -> BuildReport:
+        cfg = self.config
         source = self._component("source")         # models load before the bank is opened for writing
         validator = self._component("validator")
         writer = BankWriter(self.bank_path, batch_size=1 << 30)   # we commit explicitly, per batch

@@ -26,8 +26,9 @@ from typing import Any
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, load_config
 from genval_aug.build.draws import default_draws_dir, read_draws
+from genval_aug.build.lock import build_lock
 from genval_aug.build.pipeline import BankBuilder
-from genval_aug.errors import BankError
+from genval_aug.errors import BackendError, BankError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ class _Stop:
         self._parent = parent_pid
 
     def set(self) -> None:
+        self._flag = True
+
+    def handle_signal(self, signum, frame) -> None:  # noqa: ARG002
+        """SIGTERM/SIGINT handler: the first asks for a clean stop after the current commit (which waits
+        for a model load or a prompt round to finish); a second one interrupts at once (LMDB commits are
+        atomic, so the bank stays consistent)."""
+        if self._flag:
+            raise KeyboardInterrupt(f"signal {signum} received twice")
+        log.warning("top-up worker: signal %d, stopping after the current batch (again to interrupt now)", signum)
         self._flag = True
 
     def is_set(self) -> bool:
@@ -94,17 +104,33 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
             return {"worker_state": state, "started": started, "extra": dict(extra), "cycles": totals["cycles"],
                     "total_added": totals["added"] + (report.total_added if report is not None else 0),
                     "total_rejected": totals["rejected"] + (report.rejected_units if report is not None else 0),
-                    "total_reasons": dict(reasons), "draws_dir": str(draws_dir)}
+                    "total_reasons": dict(reasons), "draws_dir": str(draws_dir),
+                    "last_error": totals.get("last_error")}
         return make
 
+    lock = build_lock(bank_path)      # held for the worker's lifetime: no other builder between cycles
+    lock.__enter__()
     builder = BankBuilder(cfg, bank=bank_path, device=device, status_name=STATUS_NAME, progress=False)
     classes = [c.name for c in cfg.classes]
     final: dict[str, Any] = {}
     try:
         while not stop.is_set():
             targets = {c.name: c.target + extra.get(c.name, 0) for c in cfg.classes}
-            report = builder.run(targets, stop=stop, extra_status=extra_status("filling"))
+            try:
+                report = builder.run(targets, stop=stop, extra_status=extra_status("filling"))
+            except BackendError as e:   # a chat server is down (after the backend's retries): try again later
+                if exit_when_done:
+                    raise
+                totals["cycles"] += 1
+                totals["last_error"] = str(e)
+                log.warning("top-up worker: %s; trying again in %.0f s", e, poll)
+                if max_cycles is not None and totals["cycles"] >= max_cycles:
+                    break
+                final = _write_status(bank_path, {**builder.status, **extra_status("waiting")()})
+                stop.wait(poll)
+                continue
             totals["cycles"] += 1
+            totals["last_error"] = None
             totals["added"] += report.total_added
             totals["units"] += report.units
             totals["rejected"] += report.rejected_units
@@ -138,8 +164,11 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
     finally:
         builder.close()
         state = "stopped" if stop.is_set() else "finished"
-        final = _write_status(bank_path, {**(builder.status or {}), **extra_status(state)(),
-                                          "state": state, "pid": os.getpid()})
+        try:
+            final = _write_status(bank_path, {**(builder.status or {}), **extra_status(state)(),
+                                              "state": state, "pid": os.getpid()})
+        finally:
+            lock.__exit__(None, None, None)
     return final
 
 
@@ -161,12 +190,8 @@ def _child_main(config: BuildConfig, bank: str, event: Any, parent_pid: int, kwa
                 log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(levelname)s genval-aug-worker[%(process)d] %(name)s: %(message)s")
     stop = _Stop(event, parent_pid)
-
-    def on_signal(signum, frame):  # noqa: ARG001 - just a flag: the current batch finishes its commit
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, stop.handle_signal)
+    signal.signal(signal.SIGINT, stop.handle_signal)
     threads = kwargs.pop("num_threads", None)
     if threads:
         import sys

@@ -72,7 +72,12 @@ class _GenerateMixin:
         if local_files_only is not None:
             hub["local_files_only"] = local_files_only
         proc = getattr(transformers, auto_processor).from_pretrained(model_id_or_path, **hub)
-        model = getattr(transformers, auto_model).from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype), **hub)
+        try:  # safetensors only: without this transformers falls back to unpickling pytorch_model.bin
+            model = getattr(transformers, auto_model).from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype),
+                                                                      use_safetensors=True, **hub)
+        except OSError as e:
+            raise ConfigError(f"{model_id_or_path}: cannot load {auto_model} weights (only .safetensors files are "
+                              f"accepted, no pickle formats): {e}") from e
         return cls(model, proc, name=str(model_id_or_path), device=device, **kwargs)
 
     def cache_identity(self) -> dict[str, Any]:
