@@ -83,10 +83,11 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
     for key, rid in index:
         if rid not in records:
             report.errors.append(f"index {key!r} points to missing record {rid}")
+    per_index = Counter(k[:-5].decode("utf-8", "replace") for k, _ in index)  # key = name \0 seq(4 bytes)
     for name, c in stats["categories"].items():
         if c["count"] != per_cat.get(name, 0):
             report.errors.append(f"category {name!r}: stats count {c['count']} != {per_cat.get(name, 0)} records")
-        n_index = sum(1 for k, _ in index if k.startswith(name.encode() + b"\x00"))
+        n_index = per_index.get(name, 0)
         if n_index != c["count"]:
             report.errors.append(f"category {name!r}: {n_index} index entries, stats count {c['count']}")
     if stats["total"] != len(records):
