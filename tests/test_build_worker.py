@@ -299,9 +299,8 @@ def test_worker_stops_when_its_parent_dies(tmp_path):
     assert verify(tmp_path / "bank.lmdb").ok
 
 
-def test_worker_cli_second_signal_interrupts_a_long_model_load(tmp_path):
-    """The first Ctrl-C asks for a clean stop, which only takes effect once the models are loaded; a second
-    one must interrupt at once (it used to be swallowed, leaving `kill -9` as the only way out)."""
+def start_slow_loading_worker_cli(tmp_path) -> tuple[subprocess.Popen, Path]:
+    """`genval-aug worker` on a source whose model load takes 120 s; the marker file appears when it starts."""
     marker = tmp_path / "loading"
     cfg = write_cfg(tmp_path, target=5, source={"kind": f"{PLUG}:make_slow_loading_source",
                                                  "params": {"marker": str(marker), "load_s": 120}})
@@ -309,6 +308,13 @@ def test_worker_cli_second_signal_interrupts_a_long_model_load(tmp_path):
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                                           str(Path(__file__).parent)])})
+    return p, marker
+
+
+def test_worker_cli_second_signal_interrupts_a_long_model_load(tmp_path):
+    """The first Ctrl-C asks for a clean stop, which only takes effect once the models are loaded; a second
+    one must interrupt at once (it used to be swallowed, leaving `kill -9` as the only way out)."""
+    p, marker = start_slow_loading_worker_cli(tmp_path)
     try:
         wait_for(marker.exists, 60, "the source to start loading")
         p.send_signal(signal.SIGINT)
@@ -343,13 +349,7 @@ def test_second_builder_on_the_same_bank_is_refused_while_a_worker_runs(tmp_path
     for its lifetime; a second builder fails at once naming the holder; a dead holder's lock is free."""
     from genval_aug.errors import BankError
 
-    marker = tmp_path / "loading"
-    cfg = write_cfg(tmp_path, target=5, source={"kind": f"{PLUG}:make_slow_loading_source",
-                                                 "params": {"marker": str(marker), "load_s": 120}})
-    p = subprocess.Popen([sys.executable, "-m", "genval_aug.cli", "worker", "--config", str(cfg)],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                                          str(Path(__file__).parent)])})
+    p, marker = start_slow_loading_worker_cli(tmp_path)
     try:
         wait_for(marker.exists, 60, "the worker to start loading")
         fast = load_config(write_cfg(tmp_path, target=5, name="fast.yaml"))
