@@ -5,6 +5,7 @@ import base64
 import time
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from agents_support import ChatServer, completion_body
@@ -130,6 +131,40 @@ def test_openai_url_without_key_is_config_error(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         OpenAICompatibleBackend("gpt-4o")
+
+
+def test_openai_key_goes_only_to_openai_unless_named(monkeypatch):
+    """The default sends $OPENAI_API_KEY only to api.openai.com: a local server named in a YAML gets no key."""
+    import argparse
+
+    from genval_aug.cli.agents import add_backend_args, backend_from_args
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-user-key")
+    monkeypatch.setenv("LOCAL_TEST_KEY", "local-key")
+    with ChatServer([("ok", "x")]) as srv:
+        OpenAICompatibleBackend("m", srv.base_url).chat(USER)
+        load_backend("openai", "m", base_url=srv.base_url, cache=False).chat(USER)
+        ap = argparse.ArgumentParser()
+        add_backend_args(ap)
+        ap.add_argument("--cache", default=None)
+        ap.add_argument("--no-cache", action="store_true")
+        backend_from_args(ap.parse_args(["--model", "m", "--base-url", srv.base_url, "--no-cache"])).chat(USER)
+        backend_from_args(ap.parse_args(["--model", "m", "--base-url", srv.base_url, "--no-cache",
+                                         "--api-key-env", "NONE"])).chat(USER)
+        OpenAICompatibleBackend("m", srv.base_url, api_key_env="OPENAI_API_KEY").chat(USER)   # named: sent
+        OpenAICompatibleBackend("m", srv.base_url, api_key_env="LOCAL_TEST_KEY").chat(USER)
+    auth = [{k.lower(): v for k, v in h.items()}.get("authorization") for h in srv.headers]
+    assert auth == [None, None, None, None, "Bearer sk-openai-user-key", "Bearer local-key"]
+
+    seen = []
+
+    def handler(request):
+        seen.append((request.url.host, request.headers.get("authorization")))
+        return httpx.Response(200, json=completion_body("ok"))
+
+    b = OpenAICompatibleBackend("gpt-4o", "https://api.openai.com/v1", transport=httpx.MockTransport(handler))
+    assert b.chat(USER) == "ok"
+    assert seen == [("api.openai.com", "Bearer sk-openai-user-key")]
 
 
 def test_cache_hits_skip_the_server_and_store_no_secret(tmp_path, monkeypatch):

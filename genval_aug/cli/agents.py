@@ -17,8 +17,10 @@ def add_backend_args(p: argparse.ArgumentParser, prefix: str = "", default_kind:
     p.add_argument(f"{d}model", required=not prefix, default=None,
                    help=f"{what}: model name (server) or hub id / local path (transformers)")
     p.add_argument(f"{d}base-url", default=None, help="server URL incl. /v1 (default $OPENAI_BASE_URL or OpenAI)")
-    p.add_argument(f"{d}api-key-env", default="OPENAI_API_KEY",
-                   help="NAME of the environment variable holding the API key (the key is never stored)")
+    p.add_argument(f"{d}api-key-env", default="auto",
+                   help="NAME of the environment variable holding the API key (the key is never stored); "
+                        "auto (default): $OPENAI_API_KEY for api.openai.com only, no key for other servers; "
+                        "NONE: no key")
     p.add_argument(f"{d}device", default=None, help="transformers: cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument(f"{d}dtype", default="auto", help="transformers: auto, float32, float16, bfloat16")
     p.add_argument(f"{d}concurrency", type=int, default=4, help="openai: parallel requests")

@@ -30,12 +30,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_backend(kind: str, model: str, *, base_url: str | None = None, api_key_env: str | None = "OPENAI_API_KEY",
+def load_backend(kind: str, model: str, *, base_url: str | None = None, api_key_env: str | None = "auto",
                  device: str | None = None, dtype: str = "auto", cache: bool | str = True,
                  **kwargs: Any) -> ChatBackend:
     """Build a backend by kind: ``openai`` (any OpenAI-compatible server), ``transformers`` (text LLM)
     or ``transformers-vision`` (VLLM). ``cache``: True = default response cache, a path = that cache,
-    False = no cache."""
+    False = no cache. ``api_key_env="auto"`` sends ``$OPENAI_API_KEY`` to api.openai.com only; name a
+    variable to send a key to another server."""
     if kind == "openai":
         backend: Any = OpenAICompatibleBackend(model, base_url, api_key_env=api_key_env, **kwargs)
     elif kind == "transformers":

@@ -11,6 +11,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -20,6 +21,20 @@ from genval_aug.errors import BackendError, ConfigError
 logger = logging.getLogger(__name__)
 
 OPENAI_URL = "https://api.openai.com/v1"
+OPENAI_HOST = "api.openai.com"
+AUTO_KEY = "auto"              # api_key_env default: $OPENAI_API_KEY for api.openai.com only
+NO_KEY = ("", "NONE", "none")  # api_key_env values that send no key (like None)
+
+
+def resolve_api_key_env(api_key_env: str | None, base_url: str) -> str | None:
+    """Name of the variable whose key is sent to ``base_url``: ``"auto"`` means ``OPENAI_API_KEY`` when the
+    host is api.openai.com and no key for any other host (a local vLLM/Ollama server never sees the user's
+    OpenAI key unless it is named); ``None``, ``""`` or ``"NONE"`` mean no key; any other name is used as is."""
+    if api_key_env is None or api_key_env in NO_KEY:
+        return None
+    if api_key_env == AUTO_KEY:
+        return "OPENAI_API_KEY" if (urlsplit(base_url).hostname or "").lower() == OPENAI_HOST else None
+    return api_key_env
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
@@ -30,8 +45,9 @@ class OpenAICompatibleBackend:
     Args:
         model: model name sent in each request.
         base_url: server root including ``/v1``; default ``$OPENAI_BASE_URL`` or OpenAI's.
-        api_key_env: name of the environment variable holding the key (``None``: send no key).
-            Required for api.openai.com; optional for local servers.
+        api_key_env: name of the environment variable holding the key. ``"auto"`` (default):
+            ``OPENAI_API_KEY`` if the host is api.openai.com, else no key; ``None`` or ``"NONE"``: no key.
+            A key is required for api.openai.com; optional for local servers.
         timeout: seconds per request (connect, read, write).
         max_retries: retries after the first attempt for retryable failures.
         backoff: first retry delay in seconds (doubles per retry, capped by ``max_backoff``).
@@ -40,13 +56,13 @@ class OpenAICompatibleBackend:
             overridden by per-call params.
     """
 
-    def __init__(self, model: str, base_url: str | None = None, *, api_key_env: str | None = "OPENAI_API_KEY",
+    def __init__(self, model: str, base_url: str | None = None, *, api_key_env: str | None = AUTO_KEY,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
                  concurrency: int = 4, default_params: dict[str, Any] | None = None,
                  headers: dict[str, str] | None = None, transport: httpx.BaseTransport | None = None):
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
-        self.api_key_env = api_key_env
+        self.api_key_env = api_key_env = resolve_api_key_env(api_key_env, self.base_url)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
@@ -57,7 +73,7 @@ class OpenAICompatibleBackend:
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
             hdrs["Authorization"] = f"Bearer {key}"
-        elif self.base_url.startswith(OPENAI_URL):
+        elif (urlsplit(self.base_url).hostname or "").lower() == OPENAI_HOST:
             raise ConfigError(f"no API key: set the environment variable {api_key_env or 'OPENAI_API_KEY'} "
                               f"to use {self.base_url}")
         self._client = httpx.Client(base_url=self.base_url, headers=hdrs, timeout=self.timeout,
