@@ -343,3 +343,85 @@ def test_dead_prompt_server_is_not_retried_class_by_class(tmp_path):
     with pytest.raises(BackendError, match="failed after 5 attempts"):
         BankBuilder(cfg, bank=tmp_path / "p.lmdb").run()
     assert plug.DeadServerPrompts.calls == 1
+
+
+class _FlakyShapes:
+    """Shapes, except units 0 mod 4 come out with an empty alpha (the bank refuses them), units 1 mod 4
+    are source errors and units 2 mod 4 make the validator raise; every produced unit is counted."""
+
+    name = "flaky"
+    needs_prompts = False
+
+    def __init__(self):
+        self.shapes = ShapesSource(size=48)
+        self.seen: list[tuple[str, int]] = []
+
+    def capacity(self, cls):  # noqa: ARG002
+        return None
+
+    def produce(self, units):
+        from genval_aug.build.registry import Candidate
+
+        out = []
+        for u in units:
+            self.seen.append((u.category, u.index))
+            rgba = self.shapes.render(u.category, u.seed)[0].copy()
+            if u.index % 4 == 0:
+                rgba[..., 3] = 0
+            if u.index % 4 == 1:
+                out.append(Candidate(u, None, error="source_error:RuntimeError"))
+            else:
+                out.append(Candidate(u, rgba, {"kind": "flaky", "mark": int(u.index % 4 == 2)}))
+        return out
+
+
+class _RaisesOnMarked:
+    name = "raises"
+
+    def validate(self, rgbas, categories):
+        if any(int(r[0, 0, 0]) == 7 for r in rgbas):
+            raise ValueError("cannot judge this one")
+        return [{"keep": False, "criteria": {"plausible": False}} for _ in rgbas]
+
+
+def test_units_with_no_storable_output_are_settled_not_regenerated_every_poll(tmp_path):
+    cfg = load_config(write_cfg(tmp_path, prefilter=None, classes={"names": ["mug"], "target": 4},
+                                source={"kind": "shapes", "batch_size": 1},
+                                validator={"kind": "none", "batch_size": 1},
+                                pipeline={"progress": False, "max_attempts_factor": 2.0}))
+    src = _FlakyShapes()
+
+    def produce(units):                       # mark units 2 mod 4 so the validator fails on them
+        cands = _FlakyShapes.produce(src, units)
+        for c in cands:
+            if c.rgba is not None and c.source.get("mark"):
+                c.rgba[0, 0, 0] = 7
+            elif c.rgba is not None:
+                c.rgba[0, 0, 0] = 0
+        return cands
+
+    src.produce = produce
+    comps = {"source": src, "validator": _RaisesOnMarked()}
+    bank = tmp_path / "flaky.lmdb"
+    r1 = BankBuilder(cfg, bank=bank, components=comps).run()
+    assert r1.units == 8 and r1.total_added == 0 and r1.gave_up == ["mug"]
+    assert {"prefilter:empty_alpha", "source_error", "validator_error"} <= set(r1.rejected)
+    assert scan_units(InstanceBank(bank), "t") == {"mug": set(range(8))}
+    r2 = BankBuilder(cfg, bank=bank, components=comps).run()   # a worker's next poll: nothing to redo
+    assert r2.units == 0 and len(src.seen) == 8 == len(set(src.seen))
+
+
+def test_validator_server_down_stops_the_run_and_settles_nothing(tmp_path):
+    from genval_aug.errors import BackendError
+
+    class Down:
+        name = "down"
+
+        def validate(self, rgbas, categories):
+            raise BackendError("POST http://127.0.0.1:9/v1/chat/completions failed after 5 attempts")
+
+    cfg = load_config(write_cfg(tmp_path, prefilter=None, classes={"names": ["mug"], "target": 4}))
+    bank = tmp_path / "down.lmdb"
+    with pytest.raises(BackendError, match="failed after 5 attempts"):
+        BankBuilder(cfg, bank=bank, components={"validator": Down()}).run()
+    assert scan_units(InstanceBank(bank), "t") == {}            # a later run retries every unit

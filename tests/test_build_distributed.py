@@ -175,3 +175,20 @@ def test_read_only_replica_for_training_nodes(tmp_path):
     assert sorted(os.listdir(dst)) == ["data.mdb"]              # lock=False readers wrote nothing
     with pytest.raises(Exception, match="refusing to overwrite"):
         replicate_bank(tmp_path / "src.lmdb", dst)
+
+
+def test_merge_carries_units_settled_without_output(tmp_path):
+    """Units that left nothing in a shard (source/validator error, empty alpha) stay settled after the merge."""
+    from genval_aug.bank import BankWriter
+    from genval_aug.build.distributed import merge_shards
+    from genval_aug.build.pipeline import scan_units, unstored_key
+
+    cfg = load_config(write_cfg(tmp_path))
+    bank = tmp_path / "out.lmdb"
+    with BankWriter(bank) as w:      # an earlier single-process run left one unstored unit of "mug"
+        w.set_status(unstored_key("dist", "mug"), {"units": [2], "reasons": ["source_error"]})
+    for r, (cat, units) in enumerate([("mug", [0, 5]), ("kite", [1])]):
+        with BankWriter(shard_path(bank, r, 2)) as w:
+            w.set_status(unstored_key("dist", cat), {"units": units, "reasons": ["validator_error"] * len(units)})
+    merge_shards(cfg, bank, 2)
+    assert scan_units(InstanceBank(bank, refresh_interval=None), "dist") == {"mug": {0, 2, 5}, "kite": {1}}

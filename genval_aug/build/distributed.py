@@ -29,7 +29,7 @@ from typing import Any
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.bank import merge as merge_banks
 from genval_aug.build.config import BuildConfig
-from genval_aug.build.pipeline import BankBuilder, BuildReport, StageStats
+from genval_aug.build.pipeline import BankBuilder, BuildReport, StageStats, merge_unstored, unstored_key
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,21 @@ def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, wor
     if not shards:
         return {"added": 0, "duplicates": 0}
     out = merge_banks(bank, shards)
-    # the prompt caches travel too, so a later single-process run continues with the same prompts
+    # the prompt caches travel too, so a later single-process run continues with the same prompts;
+    # so do the units settled without output (union with what the output bank already lists)
     prefix = f"prompts:{config.name}:"
+    uprefix = unstored_key(config.name, "")
     cached: dict[str, Any] = {}
+    unstored: dict[str, Any] = {}
     for sh in shards:
-        cached.update(InstanceBank(sh, refresh_interval=None).statuses(prefix))
+        shard_bank = InstanceBank(sh, refresh_interval=None)
+        cached.update(shard_bank.statuses(prefix))
+        for name, value in shard_bank.statuses(uprefix).items():
+            unstored[name] = merge_unstored(unstored.get(name), value)
+    if unstored:
+        existing = InstanceBank(bank, refresh_interval=None).statuses(uprefix)
+        for name in unstored:
+            cached[name] = merge_unstored(existing.get(name), unstored[name])
     if cached:
         w = BankWriter(bank)
         try:

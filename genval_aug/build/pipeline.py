@@ -7,7 +7,11 @@ Work is cut into deterministic **units** ``(category, index)``: unit ``i`` uses 
 seed ``hash(config.seed, category, i)``. Each unit's outcome is stored with the record (``source.build``
 and ``source.unit``; rejected instances go to the bank's audit table), one LMDB transaction per batch,
 so a killed build restarts where it stopped and a finished one does nothing. Units with no storable
-outcome (source/validator errors, empty alpha) are not settled and are tried again by a later run. Targets are minimum counts per category, measured on what the bank holds.
+outcome (a source or validator error on that unit, an alpha the bank refuses) are settled too: their
+indices go to the bank status ``unstored:<build>:<category>`` (written with the batch), so a top-up worker
+does not make them again every poll. A chat server that is down (``BackendError``, after the backend's
+retries) settles nothing: it stops the run and a later run retries. Targets are minimum counts per
+category, measured on what the bank holds.
 
 Scheduling never overshoots (with ``pipeline.overgenerate: 1``): for a category with deficit ``d``
 and no units in flight, the next ``d`` untried indices are scheduled. The kept instances are then
@@ -41,6 +45,23 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BankBuilder", "BuildReport", "StageStats", "build_bank", "scan_units", "unit_seed"]
 
+UNSTORED_PREFIX = "unstored:"   # bank status "unstored:<build>:<category>" -> {"units": [...], "reasons": {...}}
+
+
+def unstored_key(build: str, category: str) -> str:
+    """Bank status name listing the settled units of ``build`` / ``category`` that left nothing in the bank."""
+    return f"{UNSTORED_PREFIX}{build}:{category}"
+
+
+def merge_unstored(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    """Union of two ``unstored:`` status values (units and reason counts per unit are kept once)."""
+    units: dict[int, str] = {}
+    for v in (a or {}), (b or {}):
+        for i, r in zip(v.get("units", []), v.get("reasons", []), strict=False):
+            units.setdefault(int(i), str(r))
+    order = sorted(units)
+    return {"units": order, "reasons": [units[i] for i in order]}
+
 
 def unit_seed(base_seed: int, category: str, index: int) -> int:
     """Deterministic 31-bit seed of a unit."""
@@ -53,10 +74,11 @@ def _spec_fingerprint(obj: Any) -> str:
 
 
 def scan_units(bank: InstanceBank, build: str) -> dict[str, set[int]]:
-    """Unit indices of ``build`` already settled in a bank (kept or rejected), per category.
+    """Unit indices of ``build`` already settled in a bank (kept, rejected or unstored), per category.
 
     One read transaction, a cursor over the records and the rejected-audit table; metadata without
-    the build tag is skipped without JSON parsing.
+    the build tag is skipped without JSON parsing. Units that left nothing storable are read from the
+    ``unstored:<build>:`` status entries.
     """
     tag = f'"build":{_json_str(build)}'.encode()
     out: dict[str, set[int]] = {}
@@ -64,6 +86,10 @@ def scan_units(bank: InstanceBank, build: str) -> dict[str, set[int]]:
         src = meta.get("source") or {}
         if src.get("build") == build and isinstance(src.get("unit"), int):
             out.setdefault(meta["category"], set()).add(src["unit"])
+    prefix = unstored_key(build, "")
+    for name, value in bank.statuses(prefix).items():
+        units = (value or {}).get("units") or []
+        out.setdefault(name[len(prefix):], set()).update(int(i) for i in units)
     return out
 
 
@@ -415,6 +441,8 @@ class BankBuilder:
                         cands = list(source.produce(units))
                         if len(cands) != len(units):
                             raise RuntimeError(f"source returned {len(cands)} candidates for {len(units)} units")
+                    except BackendError:    # a server is down: stop the run, settle nothing
+                        raise
                     except Exception as e:  # a broken batch is reported per unit, the build goes on
                         log.warning("source %s failed on a batch of %d units: %s", cfg.source.kind, len(units), e)
                         cands = [Candidate(u, None, error=f"source_error:{type(e).__name__}") for u in units]
@@ -454,6 +482,8 @@ class BankBuilder:
                                                          [cands[i].unit.category for i in idx]))
                             if len(vs) != len(idx):
                                 raise RuntimeError(f"validator returned {len(vs)} verdicts for {len(idx)} instances")
+                        except BackendError:    # the VLM server is down: stop the run, settle nothing
+                            raise
                         except Exception as e:
                             log.warning("validator failed on %d instances: %s", len(idx), e)
                             vs = [{"error": f"validator_error:{type(e).__name__}"}] * len(idx)
@@ -582,6 +612,7 @@ class BankBuilder:
         batch_reasons: Counter = Counter()
         before = writer.duplicates
         touched = set()
+        unstored: dict[str, dict[int, str]] = {}
         for c, rs, v in zip(cands, reasons, verdicts, strict=True):
             u = c.unit
             st = states[u.category]
@@ -594,27 +625,37 @@ class BankBuilder:
                 src.setdefault("prompt", u.prompt)
             if c.error is not None or rs or "error" in (v if isinstance(v, dict) else {}) or not _keep(v):
                 report.rejected_units += 1
-            if c.error is not None:       # not stored: retried by a later run
+            if c.error is not None:       # nothing to store: settled in the unstored status
                 batch_reasons[c.error.split(":")[0]] += 1
+                unstored.setdefault(u.category, {})[u.index] = c.error
                 continue
             if rs:
                 batch_reasons.update(f"prefilter:{r}" for r in rs)
-                self._reject(writer, c, src, {"keep": False, "score": 0.0, "criteria": {r: False for r in rs},
-                                              "reasons": {r: "failed pre-filter" for r in rs}, "model": "prefilter"})
+                if not self._reject(writer, c, src, {"keep": False, "score": 0.0,
+                                                     "criteria": {r: False for r in rs},
+                                                     "reasons": {r: "failed pre-filter" for r in rs},
+                                                     "model": "prefilter"}):
+                    unstored.setdefault(u.category, {})[u.index] = "prefilter:" + ",".join(rs)
                 continue
             vd = v.to_dict() if hasattr(v, "to_dict") else dict(v)
             if "error" in vd:
                 batch_reasons[vd["error"].split(":")[0]] += 1
+                unstored.setdefault(u.category, {})[u.index] = str(vd["error"])
                 continue
             if not vd.get("keep", False):
                 failed = [k for k, ok in (vd.get("criteria") or {}).items() if not ok]
                 batch_reasons.update(f"validator:{k}" for k in (failed or ["rejected"]))
-                self._reject(writer, c, src, vd)
+                if not self._reject(writer, c, src, vd):
+                    unstored.setdefault(u.category, {})[u.index] = "validator:" + ",".join(failed or ["rejected"])
                 continue
             writer.add(c.rgba, category=u.category, category_id=st.spec.category_id, source=src, verdict=vd)
         if batch_reasons:
             writer.record_rejections(dict(batch_reasons))
             report.rejected.update(batch_reasons)
+        for cat, units in unstored.items():   # the first set_status commits the batch with it
+            key = unstored_key(self.config.name, cat)
+            new = {"units": sorted(units), "reasons": [units[i] for i in sorted(units)]}
+            writer.set_status(key, merge_unstored(bank.get_status(key), new))
         writer.flush()
         report.duplicates += writer.duplicates - before
         bank.refresh()
@@ -638,11 +679,13 @@ class BankBuilder:
             self.on_commit(self, status)
 
     @staticmethod
-    def _reject(writer: BankWriter, c: Candidate, src: dict[str, Any], verdict: dict[str, Any]) -> None:
+    def _reject(writer: BankWriter, c: Candidate, src: dict[str, Any], verdict: dict[str, Any]) -> bool:
+        """Put a rejected instance in the audit table; False when the bank refuses it (e.g. empty alpha)."""
         try:
             writer.add_rejected(c.rgba, category=c.unit.category, source=src, verdict=verdict)
         except BadInstanceError:
-            pass  # e.g. an empty alpha: nothing to audit; counted in the reasons
+            return False  # nothing to audit; counted in the reasons, settled as unstored by the caller
+        return True
 
     def _status(self, states: dict[str, _ClassState], report: BuildReport,
                 extra: Any, state: str) -> dict[str, Any]:
