@@ -192,3 +192,31 @@ def test_merge_carries_units_settled_without_output(tmp_path):
             w.set_status(unstored_key("dist", cat), {"units": units, "reasons": ["validator_error"] * len(units)})
     merge_shards(cfg, bank, 2)
     assert scan_units(InstanceBank(bank, refresh_interval=None), "dist") == {"mug": {0, 2, 5}, "kite": {1}}
+
+
+def test_merge_without_world_size_refuses_stale_shards_of_another_world_size(tmp_path):
+    from genval_aug.bank import BankWriter
+    from genval_aug.build.distributed import merge_shards
+    from genval_aug.build.sources import ShapesSource
+    from genval_aug.errors import ConfigError
+
+    cfg = load_config(write_cfg(tmp_path))
+    bank = tmp_path / "out.lmdb"
+    src = ShapesSource(size=40)
+
+    def shard(rank, world, cat, seeds):
+        with BankWriter(shard_path(bank, rank, world)) as w:
+            for s in seeds:
+                w.add(src.render(cat, s)[0], category=cat, source={"build": "dist"})
+
+    shard(0, 2, "mug", [1, 2])
+    shard(1, 2, "kite", [3])
+    assert merge_shards(cfg, bank)["added"] == 3              # one world size on disk: it is the run's
+    shard(0, 3, "shoe", [4, 5])                               # stale shard of an earlier 3-rank run
+    stale = shard_path(bank, 0, 3)
+    with pytest.raises(ConfigError, match=r"--world-size") as ei:
+        merge_shards(cfg, bank)
+    assert stale in str(ei.value) and "rank-000-of-002" in str(ei.value)
+    assert InstanceBank(bank, refresh_interval=None).categories() == {"mug": 2, "kite": 1}   # nothing merged
+    merge_shards(cfg, bank, 2)                                # explicit: the other shards are left alone
+    assert "shoe" not in InstanceBank(bank, refresh_interval=None).categories()

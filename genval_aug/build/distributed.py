@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.bank import merge as merge_banks
 from genval_aug.build.config import BuildConfig
 from genval_aug.build.pipeline import BankBuilder, BuildReport, StageStats, merge_unstored, unstored_key
+from genval_aug.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,20 @@ def default_device(dist: DistInfo) -> str | None:
     return None
 
 
+_SHARD_NAME = re.compile(r"rank-(\d+)-of-(\d+)\.lmdb")
+
+
+def _shards_on_disk(bank: str | os.PathLike) -> dict[int | None, list[str]]:
+    """Shard banks next to ``bank``, grouped by the world size in their names (None: name not recognised)."""
+    root = Path(bank).expanduser().resolve()
+    out: dict[int | None, list[str]] = {}
+    for p in sorted(root.with_name(root.name + ".shards").glob("rank-*.lmdb")):
+        if _exists(p):
+            m = _SHARD_NAME.fullmatch(p.name)
+            out.setdefault(int(m.group(2)) if m else None, []).append(str(p))
+    return out
+
+
 def replicate_bank(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     """A compacted copy of a bank for read-only deployment (one copy per training node, local disk).
 
@@ -136,14 +152,29 @@ def replicate_bank(src: str | os.PathLike, dst: str | os.PathLike) -> str:
 
 def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, world_size: int | None = None,
                  shards: list[str] | None = None) -> dict[str, int]:
-    """Merge the shard banks of a build into its output bank (dedup by id; safe to repeat)."""
+    """Merge the shard banks of a build into its output bank (dedup by id; safe to repeat).
+
+    The world size is in each shard's name (``rank-RRR-of-WWW.lmdb``). Without ``world_size`` the shards
+    on disk must all come from one run: shards of several world sizes (stale ones of an earlier run split
+    differently) raise :class:`ConfigError` naming them, instead of merging classes built twice.
+    """
     bank = str(bank or config.output.bank)
     if shards is None:
+        found = _shards_on_disk(bank)
         if world_size is None:
-            root = Path(bank).expanduser().resolve()
-            shards = sorted(str(p) for p in root.with_name(root.name + ".shards").glob("rank-*.lmdb") if _exists(p))
-        else:
-            shards = [s for s in shard_paths(bank, world_size) if _exists(s)]
+            if len(found) > 1 or None in found:
+                groups = "; ".join(f"world size {w}: {', '.join(found[w])}" if w is not None
+                                   else f"unrecognised names: {', '.join(found[w])}"
+                                   for w in sorted(found, key=lambda w: (w is None, w or 0)))
+                raise ConfigError(f"{bank}: shards of more than one run ({groups}); pass --world-size "
+                                  f"(merge_shards(world_size=...)) to merge one run's shards, and remove the "
+                                  f"stale ones")
+            world_size = next(iter(found), None)
+        shards = [s for s in shard_paths(bank, world_size) if _exists(s)] if world_size else []
+        ignored = [p for w, ps in found.items() if w != world_size for p in ps]
+        if ignored:
+            log.warning("merge of %s: ignoring shards of another world size than %d: %s", bank, world_size,
+                        ", ".join(ignored))
     if not shards:
         return {"added": 0, "duplicates": 0}
     out = merge_banks(bank, shards)

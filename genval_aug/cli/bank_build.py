@@ -32,7 +32,8 @@ def add_bank_commands(bank_sub: argparse._SubParsersAction) -> None:
     g.add_argument("--world-size", type=int, default=None, help="number of ranks the build is split into")
     g.add_argument("--no-merge", action="store_true", help="leave the shard banks unmerged")
     g.add_argument("--merge-shards", action="store_true",
-                   help="only merge <bank>.shards/rank-*.lmdb into the output bank (dedup by id) and exit")
+                   help="only merge <bank>.shards/rank-*-of-WWW.lmdb into the output bank (dedup by id) and "
+                        "exit; with shards of several world sizes on disk it refuses unless --world-size is given")
     p.set_defaults(func=_cmd_build)
 
 
