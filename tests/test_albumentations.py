@@ -236,3 +236,33 @@ def test_dataloader_with_workers(bank_path, coco128_seg, names, context):
     # the 8 items (4 per worker) are 8 different pastes, not 4 pairs
     sums = {int(np.asarray(it[0]).sum()) for it in items}
     assert len(sums) > 4
+
+
+def _reseed_compose(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.compose.set_random_seed(torch.initial_seed() % 2**32)  # differs per worker and per epoch
+
+
+@pytest.mark.slow
+def test_non_persistent_workers_repeat_every_epoch(bank_path, coco128_seg, names):
+    """What the README says: albumentations 2.0.8 restarts each worker from the parent's generator state every
+    epoch, so non-persistent workers repeat their random stream (every transform, ours included);
+    persistent workers or a reseeding worker_init_fn avoid it."""
+    small = coco128_samples(coco128_seg, limit=1, size=128)
+
+    def epochs(**loader_kw):
+        tf = A.Compose([GenValPaste(bank_path, class_map=class_map_from_names(names, bank_path), p=1.0,
+                                    config={"n": 2}), A.HorizontalFlip(), A.RandomBrightnessContrast(p=1.0)],
+                       bbox_params=A.BboxParams(format="pascal_voc", label_fields=["class_labels"]), seed=0)
+        ds = AlbuSampleDataset(small, tf, length=6)
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+                                             **loader_kw)
+        return [[np.asarray(item[0]).tobytes() for item in loader] for _ in range(2)]
+
+    first, second = epochs()
+    assert first == second and len(set(first)) > 1  # every epoch the same augmentations
+    first, second = epochs(persistent_workers=True)
+    assert all(a != b for a, b in zip(first, second, strict=True))
+    first, second = epochs(worker_init_fn=_reseed_compose)
+    assert all(a != b for a, b in zip(first, second, strict=True))

@@ -465,3 +465,81 @@ def test_filtered_sampler_rescans_only_changed_categories(bank_path):
         w.add(make_rgba(50), category="b", verdict={"keep": True, "score": 0.9})
     got = {i.id for i in s.sample(rng, 200)}
     assert scanned == ["b"] and len(got) == 7  # the new instance is drawn, only b was rescanned
+
+
+def _shard(path, start, mean, reasons):
+    writer_process(path, ["x", "y"], 6, start, 4)
+    with BankWriter(path) as w:
+        w.set_size_prior("x", {"rel_sqrt_area_mean": mean, "rel_sqrt_area_std": 0.05, "n": 3})
+        w.record_rejections(reasons)
+
+
+def _merged_state(path):
+    bank = InstanceBank(path)
+    stats = bank.stats(refresh=True)
+    return set(bank.ids()), bank.size_prior("x"), stats["rejections"], stats["total"]
+
+
+def test_merge_into_existing_bank_pools_and_is_idempotent(tmp_path):
+    import shutil
+
+    from genval_aug.bank.priors import pool_priors
+
+    a, c, out, ref = (str(tmp_path / n) for n in ("a.lmdb", "c.lmdb", "out.lmdb", "ref.lmdb"))
+    _shard(a, 0, 0.1, {"too_small": 2})
+    _shard(c, 100, 0.4, {"too_small": 1, "coverage": 4})
+    merge(out, [a])
+    merge(out, [c])  # a second merge into the same, existing output
+    ids, prior, rejections, total = _merged_state(out)
+    merge(ref, [a, c])
+    assert (ids, rejections, total) == _merged_state(ref)[0:1] + _merged_state(ref)[2:]
+    expected = pool_priors([InstanceBank(a).size_prior("x"), InstanceBank(c).size_prior("x")])
+    assert prior["n"] == expected["n"] == 6
+    for key in ("rel_sqrt_area_mean", "rel_sqrt_area_std"):
+        assert prior[key] == pytest.approx(expected[key])
+        assert _merged_state(ref)[1][key] == pytest.approx(expected[key])
+    assert rejections == {"too_small": 3, "coverage": 4}
+    assert verify(out).ok
+
+    # re-merging A, or a copy of A, changes nothing
+    merge(out, [a])
+    shutil.copytree(a, str(tmp_path / "a_copy.lmdb"))
+    merge(out, [str(tmp_path / "a_copy.lmdb"), c])
+    ids2, prior2, rejections2, total2 = _merged_state(out)
+    assert (ids2, rejections2, total2) == (ids, rejections, total)
+    assert prior2["n"] == prior["n"]
+    for key in ("rel_sqrt_area_mean", "rel_sqrt_area_std"):
+        assert prior2[key] == pytest.approx(prior[key])
+    assert verify(out).ok
+
+
+def test_merge_replaces_a_grown_shards_contribution(tmp_path):
+    a, out = str(tmp_path / "a.lmdb"), str(tmp_path / "out.lmdb")
+    _shard(a, 0, 0.1, {"too_small": 2})
+    merge(out, [a])
+    writer_process(a, ["x", "y"], 4, 50, 4)  # the shard grows and is re-harvested
+    with BankWriter(a) as w:
+        w.set_size_prior("x", {"rel_sqrt_area_mean": 0.2, "rel_sqrt_area_std": 0.0, "n": 5})
+        w.record_rejections({"too_small": 1})
+    merge(out, [a])
+    ids, prior, rejections, total = _merged_state(out)
+    assert ids == set(InstanceBank(a).ids()) and total == 10
+    assert prior == pytest.approx({"n": 5, "rel_sqrt_area_mean": 0.2, "rel_sqrt_area_std": 0.0})
+    assert rejections == {"too_small": 3}
+    assert verify(out).ok
+
+
+def test_merge_identity_of_banks_without_uuid_survives_copy(tmp_path):
+    import shutil
+
+    a, out = str(tmp_path / "a.lmdb"), str(tmp_path / "out.lmdb")
+    _shard(a, 0, 0.1, {"too_small": 2})
+    env = lmdb.open(a, max_dbs=8)  # make it look like a bank written before uuids existed
+    with env.begin(write=True) as txn:
+        txn.delete(b"uuid", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    merge(out, [a])
+    shutil.copytree(a, str(tmp_path / "a2.lmdb"))
+    merge(out, [str(tmp_path / "a2.lmdb")])
+    _, prior, rejections, total = _merged_state(out)
+    assert prior["n"] == 3 and rejections == {"too_small": 2} and total == 6

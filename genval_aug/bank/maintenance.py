@@ -1,6 +1,7 @@
 """Bank maintenance: verify, merge shards, export to / import from folders of RGBA PNGs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -95,36 +96,73 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
     return report
 
 
+def bank_identity(bank: InstanceBank) -> str:
+    """A name for ``bank`` that survives copying it: its creation uuid, or for banks made before uuids
+    existed a hash of its sorted record ids and its stats."""
+    uid = bank.uuid()
+    if uid:
+        return uid
+    h = hashlib.sha256()
+    for rid in sorted(bank.ids()):
+        h.update(rid.encode() + b"\n")
+    h.update(json.dumps(bank.stats(refresh=True), sort_keys=True).encode())
+    return "content-" + h.hexdigest()[:32]
+
+
 def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_size: int = 256) -> dict[str, int]:
     """Combine shard banks into ``out`` (created if missing), deduplicating by record id.
 
-    Records are copied byte for byte; size priors are pooled; rejection counts are summed.
+    Records are copied byte for byte; size priors are pooled with the output's own; rejection counts are
+    added. The output keeps what each input contributed (status ``merge/<identity>``, see
+    :func:`bank_identity`), so merging the same input (or a copy, or a grown version of it) again replaces
+    its earlier contribution instead of counting it twice.
     """
     out_path = Path(out).resolve()
     added = dup = 0
-    priors: dict[str, list[dict[str, float]]] = {}
-    reasons: Counter[str] = Counter()
     with BankWriter(out_path, batch_size=batch_size) as w:
+        target = InstanceBank(out_path)
+        priors: dict[str, dict[str, float] | None] = {}  # output priors changed by this merge
+        reasons: Counter[str] = Counter()  # change of the output's rejection counts
+        statuses: dict[str, dict[str, Any]] = {}
         for src in inputs:
             bank = InstanceBank(src)
             if Path(bank.path) == out_path:
                 raise BankError(f"cannot merge {src} into itself")
             stats = bank.stats(refresh=True)
-            reasons.update(stats.get("rejections", {}))
-            for name in stats["categories"]:
-                p = bank.size_prior(name)
-                if p:
-                    priors.setdefault(name, []).append(p)
+            ident = bank_identity(bank)
+            key = f"merge/{ident}"
+            previous = statuses.get(key) or target.get_status(key) or {}
+            contributed = {name: p for name in stats["categories"] if (p := bank.size_prior(name))}
+            old_priors = previous.get("size_priors", {})
+            for name in set(contributed) | set(old_priors):
+                current = priors[name] if name in priors else target.size_prior(name)
+                old = old_priors.get(name)
+                adds = [p for p in (current, contributed.get(name)) if p]
+                priors[name] = pool_priors(adds, remove=[old] if old else []) if adds else None
+            new_reasons = {k: int(v) for k, v in stats.get("rejections", {}).items()}
+            old_reasons = previous.get("rejections", {})
+            for k in set(new_reasons) | set(old_reasons):
+                reasons[k] += new_reasons.get(k, 0) - int(old_reasons.get(k, 0))
             for rid in bank.ids():
                 meta, image = bank.get_raw(rid)
                 w.add_encoded(meta, image)
+            statuses[key] = {"input": bank.path, "identity": ident, "records": int(stats["total"]),
+                             "size_priors": contributed, "rejections": new_reasons}
             bank.close()
         w.flush()
         added, dup = w.added, w.duplicates
-        for name, ps in priors.items():
-            w.set_size_prior(name, pool_priors(ps) if len(ps) > 1 else ps[0])
-        if reasons:
-            w.record_rejections(dict(reasons))
+        for name, p in priors.items():
+            if p is None:
+                log.warning("merge into %s: nothing is left of the size prior of %r after replacing an "
+                            "input's share; the stored prior is left unchanged", out_path, name)
+                continue
+            w.set_size_prior(name, p)
+        delta = {k: v for k, v in reasons.items() if v}
+        if delta:
+            w.record_rejections(delta)
+        for key, status in statuses.items():
+            w.set_status(key, status, commit=False)
+        w.flush()  # priors, rejection counts and the bookkeeping commit in one transaction
     return {"added": added, "duplicates": dup}
 
 

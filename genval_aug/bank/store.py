@@ -5,8 +5,9 @@ Layout (one LMDB environment, a directory):
 =================  =====================================================================
 sub-database       content
 =================  =====================================================================
-``meta``           ``schema`` (version), ``stats`` (counts per category/source, rejection
-                   reasons), ``prior/<category>`` (size priors), ``status/<name>`` (free JSON)
+``meta``           ``schema`` (version), ``uuid`` (set at creation; copies keep it), ``stats``
+                   (counts per category/source, rejection reasons), ``prior/<category>`` (size
+                   priors), ``status/<name>`` (free JSON)
 ``records``        id -> JSON metadata
 ``images``         id -> PNG / WebP-lossless bytes
 ``index``          ``<category>\\0<seq:u32>`` -> id   (O(1) random draw per category)
@@ -24,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,7 @@ class _Registry:
                     if txn.get(b"schema", db=dbs["meta"]) is None:
                         txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=dbs["meta"])
                         txn.put(b"stats", dumps(_empty_stats()), db=dbs["meta"])
+                        txn.put(b"uuid", uuid.uuid4().hex.encode(), db=dbs["meta"])
             else:
                 dbs = {n: env.open_db(n.encode(), create=False) for n in DB_NAMES}
         except lmdb.NotFoundError as e:
@@ -229,6 +232,11 @@ class InstanceBank:
         """The bank's schema version (0 when the schema record is missing)."""
         raw = self._read(lambda txn, dbs: txn.get(b"schema", db=dbs["meta"]))
         return int(loads(raw)["version"]) if raw else 0
+
+    def uuid(self) -> str | None:
+        """The bank's identity, written when it was created (None for banks made before uuids existed)."""
+        raw = self._read(lambda txn, dbs: txn.get(b"uuid", db=dbs["meta"]))
+        return raw.decode() if raw else None
 
     def size_prior(self, category: str) -> dict[str, float] | None:
         """Size statistics of ``category`` for paste-time scales, or None."""
@@ -459,10 +467,14 @@ class BankWriter:
         self._pending.append(("meta", (b"prior/" + category.encode(), prior)))
         self._maybe_flush()
 
-    def set_status(self, name: str, status: dict[str, Any]) -> None:
-        """Free-form JSON status (e.g. a top-up worker's progress), readable with ``InstanceBank.get_status``."""
+    def set_status(self, name: str, status: dict[str, Any], *, commit: bool = True) -> None:
+        """Free-form JSON status (e.g. a top-up worker's progress), readable with ``InstanceBank.get_status``.
+
+        Committed at once with everything queued before it; ``commit=False`` leaves it queued (so several
+        statuses can share one transaction)."""
         self._pending.append(("meta", (b"status/" + name.encode(), status)))
-        self.flush()
+        if commit:
+            self.flush()
 
     def _maybe_flush(self) -> None:
         if len(self._pending) >= self.batch_size:
