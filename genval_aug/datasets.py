@@ -319,6 +319,21 @@ class YoloSample:
     objects: list[YoloObject]
     issues: list[LabelIssue] = field(default_factory=list)
 
+    def targets(self, width: int, height: int):
+        """The sample's objects as paste-engine ``Targets`` in pixels: polygons when every object has one,
+        else boxes only (boxes clipped to the image)."""
+        from genval_aug.paste import Targets
+
+        objs = self.objects
+        boxes = np.array([o.box_xyxy(width, height) for o in objs], np.float32).reshape(-1, 4)
+        boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+        classes = np.array([o.cls for o in objs], np.int64)
+        polys = [o.polygon_pixels(width, height) for o in objs]
+        if objs and all(p is not None for p in polys):
+            return Targets(boxes=boxes, classes=classes, masks=None,
+                           polygons=[np.asarray(p, np.float32) for p in polys])
+        return Targets(boxes=boxes, classes=classes, masks=None, polygons=None)
+
 
 class YoloDataset:
     """An Ultralytics-layout dataset: ``YoloDataset("data.yaml")`` or ``YoloDataset("folder/")``.

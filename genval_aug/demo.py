@@ -98,7 +98,6 @@ def paste_cost(bank_path: Path, data_yaml: Path, n_images: int = 16) -> float:
     import numpy as np
 
     from genval_aug.bank import InstanceBank
-    from genval_aug.cli.preview import _targets_for
     from genval_aug.datasets import YoloDataset, read_rgb
     from genval_aug.lazy_engine import make_config
     from genval_aug.paste import PasteEngine
@@ -109,7 +108,7 @@ def paste_cost(bank_path: Path, data_yaml: Path, n_images: int = 16) -> float:
     times = []
     for path in ds.images()[:n_images]:
         img = read_rgb(path)
-        targets = _targets_for(ds.read_labels(path), img.shape[1], img.shape[0])
+        targets = ds.read_labels(path).targets(img.shape[1], img.shape[0])
         t0 = time.perf_counter()
         engine(img, targets, rng)
         times.append(time.perf_counter() - t0)

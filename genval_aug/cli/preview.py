@@ -53,20 +53,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _targets_for(sample, width: int, height: int):
-    from genval_aug.paste import Targets
-
-    objs = sample.objects
-    boxes = np.array([o.box_xyxy(width, height) for o in objs], np.float32).reshape(-1, 4)
-    boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
-    classes = np.array([o.cls for o in objs], np.int64)
-    polys = [o.polygon_pixels(width, height) for o in objs]
-    if objs and all(p is not None for p in polys):
-        return Targets(boxes=boxes, classes=classes, masks=None,
-                       polygons=[np.asarray(p, np.float32) for p in polys])
-    return Targets(boxes=boxes, classes=classes, masks=None, polygons=None)
-
-
 def run(args: argparse.Namespace) -> int:
     import cv2
 
@@ -110,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         h, w = img.shape[:2]
         sample = ds.read_labels(path)
-        targets = _targets_for(sample, w, h)
+        targets = sample.targets(w, h)
         res = engine(img, targets, rng, channel_order="rgb")
         t = res.targets
         if args.with_original:
