@@ -543,3 +543,48 @@ def test_merge_identity_of_banks_without_uuid_survives_copy(tmp_path):
     merge(out, [str(tmp_path / "a2.lmdb")])
     _, prior, rejections, total = _merged_state(out)
     assert prior["n"] == 3 and rejections == {"too_small": 2} and total == 6
+
+
+def _read_in_child(path, q):
+    q.put(InstanceBank(path).count())
+
+
+def test_fork_while_another_parent_thread_reads(bank_path):
+    """Forking closes the parent's read-only handle; a parent thread reading at that moment must not fail."""
+    import threading
+
+    fill(bank_path, 24)
+    bank = InstanceBank(bank_path)
+    ids = bank.ids()
+    errors: list[BaseException] = []
+    reads = 0
+    stop = threading.Event()
+
+    def reader():
+        nonlocal reads
+        try:
+            while not stop.is_set():
+                for i in ids:
+                    assert bank.get(i).rgba.shape[2] == 4
+                    reads += 1
+        except BaseException as e:  # noqa: BLE001 - the test reports whatever the reader hit
+            errors.append(e)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    try:
+        for _ in range(30):
+            p = ctx.Process(target=_read_in_child, args=(bank_path, q))
+            p.start()
+            p.join(20)
+            assert p.exitcode == 0
+            assert q.get(timeout=5) == 24
+            if errors:
+                break
+    finally:
+        stop.set()
+        t.join(20)
+    assert not errors, f"parent reader failed after {reads} reads: {errors[0]!r}"
+    assert reads > 0

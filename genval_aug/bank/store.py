@@ -17,7 +17,8 @@ sub-database       content
 
 py-lmdb refuses to open one environment twice in a process and an environment inherited over
 ``fork`` is unusable, so every process keeps at most one handle per bank (``_Registry``) and read-only
-handles are closed just before the process forks (``os.register_at_fork``); they reopen lazily.
+handles are closed just before the process forks (``os.register_at_fork``; the fork first waits for reads
+in other threads to finish); they reopen lazily.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,28 @@ class _Registry:
 
     def __init__(self) -> None:
         self._handles: dict[str, _Handle] = {}
-        self._lock = threading.RLock()
+        self._init_locks()
+
+    def _init_locks(self) -> None:
+        self._lock = threading.RLock()  # guards _handles
+        self._idle = threading.Condition(threading.Lock())  # guards _readers / _forking
+        self._readers = 0
+        self._forking = False
+
+    @contextmanager
+    def reading(self, path: str, lock: bool) -> Iterator[_Handle]:
+        """A read-only handle that no fork closes while the caller reads through it."""
+        with self._idle:
+            while self._forking:
+                self._idle.wait()
+            self._readers += 1
+        try:
+            yield self.get(path, write=False, lock=lock)
+        finally:
+            with self._idle:
+                self._readers -= 1
+                if not self._readers:
+                    self._idle.notify_all()
 
     def get(self, path: str, *, write: bool, lock: bool = True, map_size: int = WRITER_MAP_SIZE) -> _Handle:
         h = self._handles.get(path)
@@ -134,7 +157,20 @@ class _Registry:
             if h is not None and h.pid == os.getpid():
                 h.env.close()
 
-    def close_readonly_before_fork(self) -> None:
+    def before_fork(self) -> None:
+        """Wait for reads in other threads to finish (new ones wait), then close read-only handles: an env
+        inherited over fork is unusable and would make the child's open of the same path fail. The handle lock
+        is held across the fork so the child never inherits it mid-update."""
+        with self._idle:
+            self._forking = True
+            deadline = time.monotonic() + FORK_READ_WAIT
+            while self._readers:
+                left = deadline - time.monotonic()
+                if left <= 0:  # e.g. the forking thread itself is reading: old behaviour, close anyway
+                    log.warning("forking while %d bank read(s) are still running; they may fail", self._readers)
+                    break
+                self._idle.wait(left)
+        self._lock.acquire()
         for path, h in list(self._handles.items()):
             if not h.writable and h.pid == os.getpid():
                 try:
@@ -142,10 +178,23 @@ class _Registry:
                 finally:
                     self._handles.pop(path, None)
 
+    def after_fork_in_parent(self) -> None:
+        self._lock.release()
+        with self._idle:
+            self._forking = False
+            self._idle.notify_all()
 
+    def after_fork_in_child(self) -> None:
+        # locks may have been held by parent threads that do not exist here; inherited handles are dropped
+        # lazily by get() (pid check)
+        self._init_locks()
+
+
+FORK_READ_WAIT = 10.0  # seconds a fork waits for other threads' bank reads to finish
 _REGISTRY = _Registry()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_REGISTRY.close_readonly_before_fork)
+    os.register_at_fork(before=_REGISTRY.before_fork, after_in_parent=_REGISTRY.after_fork_in_parent,
+                        after_in_child=_REGISTRY.after_fork_in_child)
 
 
 class InstanceBank:
@@ -181,14 +230,14 @@ class InstanceBank:
     def _read(self, fn):
         """Run ``fn(txn, dbs)`` in a fresh read transaction; adopt a grown map once if needed."""
         for attempt in range(2):
-            h = self._handle()
-            try:
-                with h.env.begin(buffers=False) as txn:
-                    return fn(txn, h.dbs)
-            except lmdb.MapResizedError:
-                if attempt:
-                    raise
-                _REGISTRY.reopen_resized(self.path)
+            with _REGISTRY.reading(self.path, self.lock) as h:
+                try:
+                    with h.env.begin(buffers=False) as txn:
+                        return fn(txn, h.dbs)
+                except lmdb.MapResizedError:
+                    if attempt:
+                        raise
+                    _REGISTRY.reopen_resized(self.path)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
