@@ -220,3 +220,57 @@ def test_merge_without_world_size_refuses_stale_shards_of_another_world_size(tmp
     assert InstanceBank(bank, refresh_interval=None).categories() == {"mug": 2, "kite": 1}   # nothing merged
     merge_shards(cfg, bank, 2)                                # explicit: the other shards are left alone
     assert "shoe" not in InstanceBank(bank, refresh_interval=None).categories()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank0_stops_waiting_for_a_dead_rank_and_names_it(tmp_path):
+    """Ranks started by hand (no torchrun agent to end the job): rank 1 is killed mid-build; rank 0 must
+    not wait forever but fail after pipeline.rank_timeout naming rank 1 and its shard."""
+    over = {"pipeline": {"progress": False, "rank_timeout": 3}}
+    slow = write_cfg(tmp_path, delay=0.05, name="slow.yaml", **over)
+    fast = write_cfg(tmp_path, name="fast.yaml", **over)
+    out = tmp_path / "out.lmdb"
+    s1 = shard_path(out, 1, 2)
+    base = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    cli = [sys.executable, "-m", "genval_aug.cli", "bank", "build", "--config"]
+    r1 = subprocess.Popen(cli + [str(slow)], env={**base, "RANK": "1", "LOCAL_RANK": "1"}, cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r0 = subprocess.Popen(cli + [str(fast)], env={**base, "RANK": "0", "LOCAL_RANK": "0"}, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end:       # rank 1 is building (and beating): kill it mid-way
+            try:
+                if InstanceBank(s1, refresh_interval=None).count() >= 2:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+        r1.send_signal(signal.SIGKILL)
+        r1.wait(30)
+        killed = time.monotonic()
+        _, err = r0.communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for p in (r0, r1):
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+    assert r0.returncode != 0 and "sent no heartbeat for 3 s" in err, err[-3000:]
+    msg = err[err.index("error: build dist:"):]
+    assert "rank 1" in msg and s1 in msg and "rank 0 " not in msg and "--rank 1 --world-size 2" in msg
+    assert waited < 60
+    # what rank 1 built survives; re-run alone and merge: the bank is complete
+    cfg = load_config(fast)
+    build_distributed(cfg, dist=DistInfo(rank=1, world_size=2))
+    from genval_aug.build.distributed import merge_shards
+
+    merge_shards(cfg, out, 2)
+    assert InstanceBank(out).categories() == {c.name: c.target for c in cfg.classes}
