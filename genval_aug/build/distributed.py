@@ -34,7 +34,15 @@ from typing import Any
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.bank import merge as merge_banks
 from genval_aug.build.config import BuildConfig
-from genval_aug.build.pipeline import BankBuilder, BuildReport, StageStats, merge_unstored, unstored_key
+from genval_aug.build.pipeline import (
+    BankBuilder,
+    BuildReport,
+    StageStats,
+    longest_numbering,
+    merge_unstored,
+    units_key,
+    unstored_key,
+)
 from genval_aug.errors import ConfigError, GenValAugError
 
 log = logging.getLogger(__name__)
@@ -187,20 +195,31 @@ def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, wor
         return {"added": 0, "duplicates": 0}
     out = merge_banks(bank, shards)
     # the prompt caches travel too, so a later single-process run continues with the same prompts;
-    # so do the units settled without output (union with what the output bank already lists)
+    # so do the units settled without output (union with what the output bank already lists) and the
+    # unit numberings of named sources (the longest: a shard's extends the output bank's)
     prefix = f"prompts:{config.name}:"
     uprefix = unstored_key(config.name, "")
+    nprefix = units_key(config.name, "")
     cached: dict[str, Any] = {}
     unstored: dict[str, Any] = {}
+    numberings: dict[str, list[Any]] = {}
     for sh in shards:
         shard_bank = InstanceBank(sh, refresh_interval=None)
         cached.update(shard_bank.statuses(prefix))
         for name, value in shard_bank.statuses(uprefix).items():
             unstored[name] = merge_unstored(unstored.get(name), value)
-    if unstored:
-        existing = InstanceBank(bank, refresh_interval=None).statuses(uprefix)
+        for name, value in shard_bank.statuses(nprefix).items():
+            numberings.setdefault(name, []).append(value)
+    if unstored or numberings:
+        out_bank = InstanceBank(bank, refresh_interval=None)
+        existing = out_bank.statuses(uprefix)
         for name in unstored:
             cached[name] = merge_unstored(existing.get(name), unstored[name])
+        existing = out_bank.statuses(nprefix)
+        for name, values in numberings.items():
+            best = longest_numbering([existing.get(name), *values], f"{name} of {bank} and its shards")
+            if best is not None and best != existing.get(name):
+                cached[name] = best
     if cached:
         w = BankWriter(bank)
         try:

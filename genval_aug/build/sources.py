@@ -172,8 +172,13 @@ def _shapes(spec, config, device=None):  # noqa: ARG001
 
 
 class FolderSource:
-    """RGBA images from ``<root>/<category>/*.png`` (sorted); unit ``i`` is the ``i``-th file.
+    """RGBA images from ``<root>/<category>/<pattern>`` (default ``*.png``), one unit per file.
 
+    Units are named by the file's path relative to the class folder (:meth:`unit_names`); the build
+    pipeline numbers them by first appearance and stores that numbering in the bank, so files added
+    later, wherever they sort, become new units and a re-run or the top-up worker imports exactly them.
+    The folder is listed again on every call (a long-lived worker sees new files). A unit without a
+    name (direct use outside the pipeline) is the ``index``-th file in sorted order.
     Images without alpha get an opaque alpha (the pre-filters then reject them as full-frame).
     """
 
@@ -185,25 +190,45 @@ class FolderSource:
         if not self.root.is_dir():
             raise ConfigError(f"source.params.root: folder {self.root} not found")
         self.pattern = pattern
-        self._files: dict[str, list[Path]] = {}
 
     def files(self, category: str) -> list[Path]:
-        if category not in self._files:
-            d = self.root / category
-            self._files[category] = sorted(d.glob(self.pattern)) if d.is_dir() else []
-        return self._files[category]
+        d = self.root / category
+        return sorted(p for p in d.glob(self.pattern) if p.is_file()) if d.is_dir() else []
+
+    def unit_names(self, cls) -> list[str]:
+        d = self.root / cls.name
+        return [p.relative_to(d).as_posix() for p in self.files(cls.name)]
+
+    def unit_name_of(self, category: str, source: dict[str, Any]) -> str | None:
+        """Name of the file a record came from (its ``source.path``), for banks built before numberings."""
+        path = source.get("path")
+        if not isinstance(path, str):
+            return None
+        p = Path(path)
+        try:
+            return p.relative_to(self.root / category).as_posix()
+        except ValueError:   # the folder moved since: the path below the class folder's name
+            parts = p.parts
+            return "/".join(parts[parts.index(category) + 1:]) if category in parts[:-1] else p.name
 
     def capacity(self, cls) -> int | None:
         return len(self.files(cls.name))
 
     def produce(self, units: list[WorkUnit]) -> list[Candidate]:
         out = []
+        listing: dict[str, list[Path]] = {}
         for u in units:
-            files = self.files(u.category)
-            if u.index >= len(files):
-                out.append(Candidate(u, None, error="folder_index_out_of_range"))
-                continue
-            path = files[u.index]
+            if u.name is not None:
+                path = self.root / u.category / u.name
+                if not u.name or not path.is_file():
+                    out.append(Candidate(u, None, error="folder_file_missing"))
+                    continue
+            else:
+                files = listing.setdefault(u.category, self.files(u.category))
+                if u.index >= len(files):
+                    out.append(Candidate(u, None, error="folder_index_out_of_range"))
+                    continue
+                path = files[u.index]
             img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if img is None or img.ndim != 3 or img.shape[2] not in (3, 4):
                 log.warning("folder source: %s is not a colour image; skipped", path)
