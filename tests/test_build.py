@@ -507,3 +507,43 @@ def test_folder_bank_of_the_old_index_numbering_tops_up_without_duplicates(tmp_p
     assert names[:3] == ["b.png", "d.png", ""] and sorted(names[3:]) == ["a.png", "c.png", "e_broken.png"]
     r = BankBuilder(_folder_cfg(tmp_path, tmp_path / "in"), bank=tmp_path / "old.lmdb").run()
     assert r.units == 0
+
+
+def test_harvest_source_spills_crops_and_cuts_out_only_requested_classes(coco128_seg, tmp_path):
+    """Bounded memory: the kept crops live in a scratch bank on disk, memory holds only their ids; a pass
+    cuts out only the classes asked for; the units are the same crops as a plain harvest, in order."""
+    import tracemalloc
+
+    from genval_aug.bank.record import content_id
+    from genval_aug.build.registry import WorkUnit
+    from genval_aug.build.sources import HarvestSource
+    from genval_aug.harvest.core import HarvestConfig, harvest
+
+    data = str(coco128_seg / "coco128-seg.yaml")
+    src = HarvestSource(data, spill_dir=tmp_path / "spill")
+    tracemalloc.start()
+    try:
+        src.prepare(["person", "car"])
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert set(src.report.per_class) == {"person", "car"}           # other classes were not cut out
+    spill = InstanceBank(next((tmp_path / "spill").glob("*/crops.lmdb")), refresh_interval=None)
+    pixels = sum(m["width"] * m["height"] * 4 for m in spill.iter_meta())
+    # holding the crops in memory (as before) retains at least `pixels`; spilled: ids only (~1%), and the
+    # peak is one image's work plus a 32-crop commit batch
+    assert pixels > 8e6 and retained < pixels / 20 and peak < pixels, (pixels, retained, peak)
+
+    plain = tmp_path / "plain.lmdb"
+    harvest(data, plain, config=HarvestConfig())
+    ref = InstanceBank(plain, refresh_interval=None)
+    spec = parse_config({"name": "x", "output": {"bank": "b"}, "source": "shapes",
+                         "classes": {"names": ["person", "zebra"], "target": 1}}).class_spec
+    for name in ("person", "zebra"):                                # zebra: a second pass, later
+        n = src.capacity(spec(name))
+        assert n == ref.count(name) > 0
+        cands = src.produce([WorkUnit(name, i, 0) for i in range(n)])
+        assert [content_id(name, c.rgba) for c in cands] == list(ref.ids(name))   # same crops, dataset order
+        assert all(c.source["image"] and c.source["kind"] == "harvest" for c in cands)
+    src.close()
+    assert not list((tmp_path / "spill").iterdir())                # the scratch bank is removed
