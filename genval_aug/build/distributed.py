@@ -47,8 +47,8 @@ from genval_aug.errors import ConfigError, GenValAugError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "RankTimeoutError", "assign_classes", "build_distributed", "merge_shards", "rank_share", "replicate_bank",
-           "shard_path", "shard_paths"]
+__all__ = ["DistInfo", "RankTimeoutError", "assign_classes", "build_distributed", "merge_shards", "rank_share",
+           "replicate_bank", "shard_path", "shard_paths"]
 
 
 class RankTimeoutError(GenValAugError, RuntimeError):
@@ -262,13 +262,16 @@ class _Coordinator:
         key = f"alive/{self.dist.rank}"
 
         def loop():
+            failing = False
             while True:
                 try:
                     with self._lock:
                         self.store.add(key, 1)
-                except Exception as e:  # noqa: BLE001 - the store is gone (rank 0 ended): nothing to tell
-                    log.debug("heartbeat of rank %d stopped: %s", self.dist.rank, e)
-                    return
+                    failing = False
+                except Exception as e:  # noqa: BLE001 - store unreachable for now: try again next beat
+                    if not failing:
+                        log.warning("rank %d: heartbeat to the store failed (%s); retrying", self.dist.rank, e)
+                    failing = True
                 if self._beat_stop.wait(interval):
                     return
 

@@ -6,8 +6,9 @@ one and the calling thread writes verdicts to the bank; stages are joined by bou
 Work is cut into deterministic **units** ``(category, index)``: unit ``i`` uses prompt ``i % n`` and
 seed ``hash(config.seed, category, i)``. A source with named units (a folder's files, ``unit_names``) gets
 its indices by first appearance, stored in the bank status ``units:<build>:<category>``: a file added later
-gets the next free index wherever it sorts, so a top-up imports exactly the new files. Each unit's outcome is stored with the record (``source.build``
-and ``source.unit``; rejected instances go to the bank's audit table), one LMDB transaction per batch,
+gets the next free index wherever it sorts, so a top-up imports exactly the new files. Each unit's outcome
+is stored with the record (``source.build`` and ``source.unit``, plus ``source.unit_name`` for named units;
+rejected instances go to the bank's audit table), one LMDB transaction per batch,
 so a killed build restarts where it stopped and a finished one does nothing. Units with no storable
 outcome (a source or validator error on that unit, an alpha the bank refuses) are settled too: their
 indices go to the bank status ``unstored:<build>:<category>`` (written with the batch), so a top-up worker
