@@ -547,3 +547,32 @@ def test_harvest_source_spills_crops_and_cuts_out_only_requested_classes(coco128
         assert all(c.source["image"] and c.source["kind"] == "harvest" for c in cands)
     src.close()
     assert not list((tmp_path / "spill").iterdir())                # the scratch bank is removed
+
+
+def test_topup_worker_imports_files_dropped_into_the_folder_while_it_runs(tmp_path):
+    """The worker keeps one builder (and one source) for its lifetime; files that appear between its
+    cycles, sorting before and between the imported ones, are imported by the next cycle, once each."""
+    from genval_aug.build import run_worker
+
+    mug = tmp_path / "in" / "mug"
+    _write_png(mug, "b.png", 1)
+    _write_png(mug, "d.png", 2)
+
+    class DropFilesWhileIdle:     # the worker's stop flag; its idle wait is where the files appear
+        waits = 0
+
+        def is_set(self) -> bool:
+            return False
+
+        def wait(self, timeout: float) -> bool:  # noqa: ARG002
+            self.waits += 1
+            if self.waits == 1:
+                _write_png(mug, "a.png", 3)
+                _write_png(mug, "c.png", 4)
+            return False
+
+    stop = DropFilesWhileIdle()
+    status = run_worker(_folder_cfg(tmp_path, tmp_path / "in"), tmp_path / "w.lmdb", stop=stop, max_cycles=2,
+                        poll_interval=0.0)
+    assert stop.waits == 1 and status["total_added"] == 4 and status["cycles"] == 2
+    assert _imported(tmp_path / "w.lmdb") == {"mug": ["a.png", "b.png", "c.png", "d.png"]}
