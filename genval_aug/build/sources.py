@@ -366,8 +366,8 @@ class HarvestSource:
         if not names:
             return
         ids = self._class_ids(names)
-        self._done |= names
         if not ids:
+            self._done |= names
             return
         path = self._spill_dir()
         if self._bank is not None:
@@ -379,9 +379,10 @@ class HarvestSource:
             self.report = Harvester(dataclasses.replace(self._hcfg, classes=ids)).run(self._source, spill)
         finally:
             writer.close()
+            self._bank = InstanceBank(path, refresh_interval=None)   # earlier classes stay readable
         for cat, rids in spill.order.items():
             self._order.setdefault(cat, []).extend(rids)
-        self._bank = InstanceBank(path, refresh_interval=None)
+        self._done |= names                        # only after a complete pass (a failed one is redone)
         log.info("harvest source %s: %d instances of %d classes (spilled to %s)", self.data,
                  sum(len(spill.order.get(n, ())) for n in names), len(names), path)
 
