@@ -56,15 +56,15 @@ def reinhard_matrix(
     """
     mu_f, sd_f = cv2.meanStdDev(obj_lab, mask=mask)
     mu_r, sd_r = cv2.meanStdDev(ref_lab)
-    mu_f, sd_f, mu_r, sd_r = (v.ravel() for v in (mu_f, sd_f, mu_r, sd_r))
-    s = np.array([strength, strength * chroma, strength * chroma])
-    gain = np.where(sd_f >= flat_std, sd_r / np.maximum(sd_f, 1e-6), 1.0)
-    gain = np.clip(gain, 1.0 / max_gain, max_gain)
-    g = 1.0 + s * (gain - 1.0)
-    target_mean = mu_f + s * (mu_r - mu_f)
+    # three channels: plain float arithmetic beats a dozen tiny numpy calls
     m = np.zeros((3, 4))
-    m[[0, 1, 2], [0, 1, 2]] = g
-    m[:, 3] = target_mean - g * mu_f
+    for c, s in enumerate((strength, strength * chroma, strength * chroma)):
+        mf, sf, mr, sr = float(mu_f[c, 0]), float(sd_f[c, 0]), float(mu_r[c, 0]), float(sd_r[c, 0])
+        gain = sr / max(sf, 1e-6) if sf >= flat_std else 1.0
+        gain = min(max(gain, 1.0 / max_gain), max_gain)
+        g = 1.0 + s * (gain - 1.0)
+        m[c, c] = g
+        m[c, 3] = mf + s * (mr - mf) - g * mf
     return m
 
 

@@ -143,10 +143,11 @@ def polygon_boxes(polygons: list[np.ndarray]) -> np.ndarray:
     nz = np.flatnonzero(lens)
     if len(nz) == 0:
         return out
-    pts = np.round(np.concatenate([polygons[i] for i in nz])).astype(np.int64)
+    pts = np.concatenate([polygons[i] for i in nz])
     starts = np.concatenate([[0], np.cumsum(lens[nz])[:-1]])
-    out[nz, :2] = np.minimum.reduceat(pts, starts, axis=0)
-    out[nz, 2:] = np.maximum.reduceat(pts, starts, axis=0) + 1
+    # rounding is monotonic: round(min) == min(round), so only the 4 extremes per polygon get rounded
+    out[nz, :2] = np.round(np.minimum.reduceat(pts, starts, axis=0))
+    out[nz, 2:] = np.round(np.maximum.reduceat(pts, starts, axis=0)) + 1
     return out
 
 
@@ -350,7 +351,8 @@ class OcclusionTracker:
                 if keep and self.mode == "polygons":
                     local = mask_to_polygon(o.mask, self.rules.polygon_parts)
                     poly = local + np.array([o.x0, o.y0], np.float32)
-                    box = polygon_box(poly)
+                    bx, by, bw, bh = cv2.boundingRect(local)  # integer vertices: == polygon_box(poly)
+                    box = np.array([bx + o.x0, by + o.y0, bx + bw + o.x0, by + bh + o.y0], np.float32)
                 elif keep and self.mode == "masks":
                     if o.mask.shape == (self.H, self.W):
                         mask_full = o.mask

@@ -1,6 +1,8 @@
 """Where a pasted instance goes: uniform position, bounded overlap with existing objects, optional truncation."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -31,13 +33,18 @@ def candidate_positions(
     h, w = obj_hw
     H, W = image_hw
     if allow_truncation:
-        kx, ky = int(np.ceil(min_inside * w)), int(np.ceil(min_inside * h))
+        kx, ky = math.ceil(min_inside * w), math.ceil(min_inside * h)
         x_lo, x_hi = kx - w, W - kx
         y_lo, y_hi = ky - h, H - ky
     else:
         x_lo, x_hi, y_lo, y_hi = 0, W - w, 0, H - h
     x_hi, y_hi = max(x_hi, x_lo), max(y_hi, y_lo)
-    return rng.integers((x_lo, y_lo), (x_hi + 1, y_hi + 1), size=(n, 2))
+    # floor(u * count) of u in [0, 1) is uniform over 0..count-1 (one draw; rng.integers costs ~10x more)
+    u = rng.random((n, 2))
+    u *= (x_hi - x_lo + 1, y_hi - y_lo + 1)
+    out = u.astype(np.int64)
+    out += (x_lo, y_lo)
+    return out
 
 
 def place(
@@ -63,16 +70,26 @@ def place(
         x, y = cands[0]
         return int(x), int(y)
     occ = np.asarray(occupied, np.float64)
+    limit = max_ioa * np.maximum((occ[:, 2] - occ[:, 0]) * (occ[:, 3] - occ[:, 1]), 1e-9)
+    # the first candidate usually fits: test it alone before testing all of them at once
+    x, y = int(cands[0, 0]), int(cands[0, 1])
+    if _fits(occ, limit, max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)):
+        return x, y
     cx, cy = cands[:, :1], cands[:, 1:]
     x1, y1 = np.maximum(cx, 0), np.maximum(cy, 0)
     x2, y2 = np.minimum(cx + w, W), np.minimum(cy + h, H)
     iw = np.minimum(x2, occ[:, 2]) - np.maximum(x1, occ[:, 0])
     ih = np.minimum(y2, occ[:, 3]) - np.maximum(y1, occ[:, 1])
     inter = np.maximum(iw, 0) * np.maximum(ih, 0)
-    area = np.maximum((occ[:, 2] - occ[:, 0]) * (occ[:, 3] - occ[:, 1]), 1e-9)
-    ok = (inter <= max_ioa * area).all(axis=1)
-    idx = np.flatnonzero(ok)
+    idx = np.flatnonzero((inter <= limit).all(axis=1))
     if len(idx) == 0:
         return None
     x, y = cands[idx[0]]
     return int(x), int(y)
+
+
+def _fits(occ: np.ndarray, limit: np.ndarray, x1: int, y1: int, x2: int, y2: int) -> bool:
+    """Whether the box (x1, y1, x2, y2) covers at most ``limit`` of each occupied box's area."""
+    iw = np.minimum(occ[:, 2], x2) - np.maximum(occ[:, 0], x1)
+    ih = np.minimum(occ[:, 3], y2) - np.maximum(occ[:, 1], y1)
+    return bool((np.maximum(iw, 0) * np.maximum(ih, 0) <= limit).all())
