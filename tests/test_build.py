@@ -425,3 +425,154 @@ def test_validator_server_down_stops_the_run_and_settles_nothing(tmp_path):
     with pytest.raises(BackendError, match="failed after 5 attempts"):
         BankBuilder(cfg, bank=bank, components={"validator": Down()}).run()
     assert scan_units(InstanceBank(bank), "t") == {}            # a later run retries every unit
+
+
+# ----------------------------------------------------------------------------- folder units keyed by file name
+
+
+def _write_png(folder: Path, name: str, seed: int, cat: str = "mug") -> Path:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rgba = ShapesSource(size=48).render(cat, seed)[0]
+    cv2.imwrite(str(folder / name), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    return folder / name
+
+
+def _folder_cfg(tmp_path: Path, root: Path, names=("mug",)):
+    return load_config(write_cfg(tmp_path, source={"kind": "folder", "batch_size": 2, "params": {"root": str(root)}},
+                                 validator="none", prefilter=None, classes={"names": list(names), "target": 50}))
+
+
+def _imported(bank_path) -> dict[str, list[str]]:
+    """category -> file names the bank's records came from (one entry per record)."""
+    out: dict[str, list[str]] = {}
+    for m in InstanceBank(bank_path, refresh_interval=None).iter_meta():
+        out.setdefault(m["category"], []).append(Path(m["source"]["path"]).name)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_folder_topup_imports_exactly_the_files_added_in_any_sort_position(tmp_path):
+    """Files added later (sorting before, between and after the imported ones) are imported by a re-run
+    of the same builder (as the top-up worker does) and by a fresh one; nothing twice, nothing retried."""
+    mug = tmp_path / "in" / "mug"
+    for name, seed in (("b.png", 1), ("d.png", 2)):
+        _write_png(mug, name, seed)
+    (mug / "c_broken.png").write_bytes(b"not a png")          # settled as unstored, never retried
+    cfg = _folder_cfg(tmp_path, tmp_path / "in")
+    bank = tmp_path / "f.lmdb"
+    builder = BankBuilder(cfg, bank=bank)
+    r = builder.run()
+    assert r.units == 3 and r.added == {"mug": 2} and r.gave_up == ["mug"]
+    for name, seed in (("a.png", 3), ("c.png", 4), ("e.png", 5)):   # before, between and after
+        _write_png(mug, name, seed)
+    r = builder.run()                                              # the worker reuses one builder
+    assert r.units == 3 and r.added == {"mug": 3}
+    assert _imported(bank) == {"mug": ["a.png", "b.png", "c.png", "d.png", "e.png"]}
+    _write_png(mug, "0.png", 6)                                     # a fresh builder sees the stored numbering
+    r = BankBuilder(cfg, bank=bank).run()
+    assert r.units == 1 and r.added == {"mug": 1}
+    assert BankBuilder(cfg, bank=bank).run().units == 0             # nothing new: nothing done
+    assert _imported(bank)["mug"] == ["0.png", "a.png", "b.png", "c.png", "d.png", "e.png"]
+    metas = list(InstanceBank(bank).iter_meta("mug"))
+    units = {m["source"]["unit_name"]: m["source"]["unit"] for m in metas}
+    assert units == {"b.png": 0, "d.png": 2, "a.png": 3, "c.png": 4, "e.png": 5, "0.png": 6}
+    assert InstanceBank(bank).get_status("units:t:mug")["names"] == [
+        "b.png", "c_broken.png", "d.png", "a.png", "c.png", "e.png", "0.png"]
+    assert verify(bank).ok
+
+
+def test_folder_bank_of_the_old_index_numbering_tops_up_without_duplicates(tmp_path):
+    """A bank built when unit i was the i-th sorted file (no stored numbering): the numbering is rebuilt
+    from the records' paths, and only files not imported yet are imported."""
+    from genval_aug.bank import BankWriter
+    from genval_aug.build.pipeline import unstored_key
+
+    mug = tmp_path / "in" / "mug"
+    b, d = _write_png(mug, "b.png", 1), _write_png(mug, "d.png", 2)
+    (mug / "e_broken.png").write_bytes(b"not a png")
+    src = ShapesSource(size=48)
+    with BankWriter(tmp_path / "old.lmdb") as w:       # what the old scheme wrote for [b, d, e_broken]
+        for unit, (path, seed) in enumerate([(b, 1), (d, 2)]):
+            w.add(src.render("mug", seed)[0], category="mug",
+                  source={"kind": "folder", "path": str(path), "build": "t", "unit": unit})
+        w.set_status(unstored_key("t", "mug"), {"units": [2], "reasons": ["unreadable_image"]})
+    _write_png(mug, "a.png", 3)
+    _write_png(mug, "c.png", 4)
+    r = BankBuilder(_folder_cfg(tmp_path, tmp_path / "in"), bank=tmp_path / "old.lmdb").run()
+    # a and c imported; the broken file (whose old unit has no name) is tried once more, nothing else
+    assert r.added == {"mug": 2} and r.units == 3 and r.duplicates == 0
+    assert _imported(tmp_path / "old.lmdb") == {"mug": ["a.png", "b.png", "c.png", "d.png"]}
+    names = InstanceBank(tmp_path / "old.lmdb").get_status("units:t:mug")["names"]
+    assert names[:3] == ["b.png", "d.png", ""] and sorted(names[3:]) == ["a.png", "c.png", "e_broken.png"]
+    r = BankBuilder(_folder_cfg(tmp_path, tmp_path / "in"), bank=tmp_path / "old.lmdb").run()
+    assert r.units == 0
+
+
+def test_harvest_source_spills_crops_and_cuts_out_only_requested_classes(coco128_seg, tmp_path):
+    """Bounded memory: the kept crops live in a scratch bank on disk, memory holds only their ids; a pass
+    cuts out only the classes asked for; the units are the same crops as a plain harvest, in order."""
+    import tracemalloc
+
+    from genval_aug.bank.record import content_id
+    from genval_aug.build.registry import WorkUnit
+    from genval_aug.build.sources import HarvestSource
+    from genval_aug.harvest.core import HarvestConfig, harvest
+
+    data = str(coco128_seg / "coco128-seg.yaml")
+    src = HarvestSource(data, spill_dir=tmp_path / "spill")
+    tracemalloc.start()
+    try:
+        src.prepare(["person", "car"])
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert set(src.report.per_class) == {"person", "car"}           # other classes were not cut out
+    spill = InstanceBank(next((tmp_path / "spill").glob("*/crops.lmdb")), refresh_interval=None)
+    pixels = sum(m["width"] * m["height"] * 4 for m in spill.iter_meta())
+    # holding the crops in memory (as before) retains at least `pixels`; spilled: ids only (~1%), and the
+    # peak is one image's work plus a 32-crop commit batch
+    assert pixels > 8e6 and retained < pixels / 20 and peak < pixels, (pixels, retained, peak)
+
+    plain = tmp_path / "plain.lmdb"
+    harvest(data, plain, config=HarvestConfig())
+    ref = InstanceBank(plain, refresh_interval=None)
+    spec = parse_config({"name": "x", "output": {"bank": "b"}, "source": "shapes",
+                         "classes": {"names": ["person", "zebra"], "target": 1}}).class_spec
+    for name in ("person", "zebra"):                                # zebra: a second pass, later
+        n = src.capacity(spec(name))
+        assert n == ref.count(name) > 0
+        cands = src.produce([WorkUnit(name, i, 0) for i in range(n)])
+        assert [content_id(name, c.rgba) for c in cands] == list(ref.ids(name))   # same crops, dataset order
+        assert all(c.source["image"] and c.source["kind"] == "harvest" for c in cands)
+    src.close()
+    assert not list((tmp_path / "spill").iterdir())                # the scratch bank is removed
+
+
+def test_topup_worker_imports_files_dropped_into_the_folder_while_it_runs(tmp_path):
+    """The worker keeps one builder (and one source) for its lifetime; files that appear between its
+    cycles, sorting before and between the imported ones, are imported by the next cycle, once each."""
+    from genval_aug.build import run_worker
+
+    mug = tmp_path / "in" / "mug"
+    _write_png(mug, "b.png", 1)
+    _write_png(mug, "d.png", 2)
+
+    class DropFilesWhileIdle:     # the worker's stop flag; its idle wait is where the files appear
+        waits = 0
+
+        def is_set(self) -> bool:
+            return False
+
+        def wait(self, timeout: float) -> bool:  # noqa: ARG002
+            self.waits += 1
+            if self.waits == 1:
+                _write_png(mug, "a.png", 3)
+                _write_png(mug, "c.png", 4)
+            return False
+
+    stop = DropFilesWhileIdle()
+    status = run_worker(_folder_cfg(tmp_path, tmp_path / "in"), tmp_path / "w.lmdb", stop=stop, max_cycles=2,
+                        poll_interval=0.0)
+    assert stop.waits == 1 and status["total_added"] == 4 and status["cycles"] == 2
+    assert _imported(tmp_path / "w.lmdb") == {"mug": ["a.png", "b.png", "c.png", "d.png"]}

@@ -220,3 +220,96 @@ def test_merge_without_world_size_refuses_stale_shards_of_another_world_size(tmp
     assert InstanceBank(bank, refresh_interval=None).categories() == {"mug": 2, "kite": 1}   # nothing merged
     merge_shards(cfg, bank, 2)                                # explicit: the other shards are left alone
     assert "shoe" not in InstanceBank(bank, refresh_interval=None).categories()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rank0_stops_waiting_for_a_dead_rank_and_names_it(tmp_path):
+    """Ranks started by hand (no torchrun agent to end the job): rank 1 is killed mid-build; rank 0 must
+    not wait forever but fail after pipeline.rank_timeout naming rank 1 and its shard."""
+    over = {"pipeline": {"progress": False, "rank_timeout": 3}}
+    slow = write_cfg(tmp_path, delay=0.05, name="slow.yaml", **over)
+    fast = write_cfg(tmp_path, name="fast.yaml", **over)
+    out = tmp_path / "out.lmdb"
+    s1 = shard_path(out, 1, 2)
+    base = {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    cli = [sys.executable, "-m", "genval_aug.cli", "bank", "build", "--config"]
+    r1 = subprocess.Popen(cli + [str(slow)], env={**base, "RANK": "1", "LOCAL_RANK": "1"}, cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r0 = subprocess.Popen(cli + [str(fast)], env={**base, "RANK": "0", "LOCAL_RANK": "0"}, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end:       # rank 1 is building (and beating): kill it mid-way
+            try:
+                if InstanceBank(s1, refresh_interval=None).count() >= 2:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+        r1.send_signal(signal.SIGKILL)
+        r1.wait(30)
+        killed = time.monotonic()
+        _, err = r0.communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for p in (r0, r1):
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+    assert r0.returncode != 0 and "sent no heartbeat for 3 s" in err, err[-3000:]
+    msg = err[err.index("error: build dist:"):]
+    assert "rank 1" in msg and s1 in msg and "rank 0 " not in msg and "--rank 1 --world-size 2" in msg
+    assert waited < 60
+    # what rank 1 built survives; re-run alone and merge: the bank is complete
+    cfg = load_config(fast)
+    build_distributed(cfg, dist=DistInfo(rank=1, world_size=2))
+    from genval_aug.build.distributed import merge_shards
+
+    merge_shards(cfg, out, 2)
+    assert InstanceBank(out).categories() == {c.name: c.target for c in cfg.classes}
+
+
+def test_folder_numbering_survives_shards_and_merge(tmp_path):
+    """A folder build split over two ranks (each re-run alone), merged; files added afterwards in any sort
+    position are then imported exactly once by a single-process top-up of the merged bank."""
+    import cv2
+
+    from genval_aug.build.distributed import merge_shards
+    from genval_aug.build.sources import ShapesSource
+
+    src = ShapesSource(size=40)
+
+    def put(cat, name, seed):
+        (tmp_path / "in" / cat).mkdir(parents=True, exist_ok=True)
+        rgba = src.render(cat, seed)[0]
+        cv2.imwrite(str(tmp_path / "in" / cat / name), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+
+    for cat in ("mug", "kite"):
+        put(cat, "m.png", 1)
+        put(cat, "p.png", 2)
+        (tmp_path / "in" / cat / "o_broken.png").write_bytes(b"not a png")   # settled, leaves no record
+    cfg = load_config(write_cfg(tmp_path, source={"kind": "folder", "params": {"root": str(tmp_path / "in")}},
+                                validator="none", prefilter=None, classes={"names": ["mug", "kite"], "target": 9}))
+    out = tmp_path / "out.lmdb"
+    for r in range(2):
+        build_distributed(cfg, dist=DistInfo(rank=r, world_size=2))
+    merge_shards(cfg, out, 2)
+    bank = InstanceBank(out, refresh_interval=None)
+    assert bank.categories() == {"mug": 2, "kite": 2}
+    assert bank.get_status("units:dist:mug")["names"] == ["m.png", "o_broken.png", "p.png"]
+    for cat in ("mug", "kite"):
+        put(cat, "a.png", 3)
+        put(cat, "n.png", 4)
+    r = BankBuilder(cfg, bank=out).run()
+    assert r.units == 4 and r.added == {"mug": 2, "kite": 2}     # the broken files are not retried
+    names: dict[str, list[str]] = {}
+    for m in InstanceBank(out).iter_meta():
+        names.setdefault(m["category"], []).append(m["source"]["unit_name"])
+    assert {k: sorted(v) for k, v in names.items()} == {c: ["a.png", "m.png", "n.png", "p.png"] for c in ("mug", "kite")}

@@ -87,6 +87,7 @@ class PipelineSpec:
     max_units_per_round: int = 4096     # per class
     max_attempts_factor: float = 20.0   # give a class up after target * factor units
     progress: bool = True
+    rank_timeout: float = 600.0         # torchrun builds: rank 0 gives up on a rank silent this many seconds
 
 
 @dataclass
@@ -378,7 +379,7 @@ def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".
 
     pipeline = ctx.section(d.get("pipeline"), "pipeline", PipelineSpec,
                            lo={"queue_size": 1, "overgenerate": 1.0, "max_units_per_round": 1,
-                               "max_attempts_factor": 1.0})
+                               "max_attempts_factor": 1.0, "rank_timeout": 1.0})
     worker = ctx.section(d.get("worker"), "worker", WorkerSpec, lo={"poll_interval": 0.0}, paths=("draws_dir",))
     return BuildConfig(
         name=ctx.str_(d.get("name", "default"), "name"),

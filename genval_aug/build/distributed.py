@@ -11,6 +11,10 @@
   ranks publish progress there after every commit, rank 0 shows the aggregate and, when every rank is done,
   merges the shards it can see into the output bank (``genval_aug.bank.merge``, dedup by id). No
   collective runs during the build, so ranks that finish hours apart never hit a collective timeout.
+  Each rank bumps a heartbeat counter in the store from a background thread; a rank whose process dies
+  (one started by hand, without torchrun's agent to end the job) falls silent, and rank 0 stops waiting
+  after ``pipeline.rank_timeout`` seconds (default 600) with a :class:`RankTimeoutError` naming the
+  missing ranks and their shards, which can then be re-run alone and merged.
 - **Per-rank device**: ``cuda:LOCAL_RANK`` when CUDA is available (``torch.cuda.set_device``), else CPU.
 """
 from __future__ import annotations
@@ -30,13 +34,25 @@ from typing import Any
 from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.bank import merge as merge_banks
 from genval_aug.build.config import BuildConfig
-from genval_aug.build.pipeline import BankBuilder, BuildReport, StageStats, merge_unstored, unstored_key
-from genval_aug.errors import ConfigError
+from genval_aug.build.pipeline import (
+    BankBuilder,
+    BuildReport,
+    StageStats,
+    longest_numbering,
+    merge_unstored,
+    units_key,
+    unstored_key,
+)
+from genval_aug.errors import ConfigError, GenValAugError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "assign_classes", "build_distributed", "merge_shards", "rank_share", "replicate_bank",
-           "shard_path", "shard_paths"]
+__all__ = ["DistInfo", "RankTimeoutError", "assign_classes", "build_distributed", "merge_shards", "rank_share",
+           "replicate_bank", "shard_path", "shard_paths"]
+
+
+class RankTimeoutError(GenValAugError, RuntimeError):
+    """Rank 0 of a coordinated build gave up waiting for ranks that stopped without finishing."""
 
 
 @dataclass(frozen=True)
@@ -179,20 +195,31 @@ def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, wor
         return {"added": 0, "duplicates": 0}
     out = merge_banks(bank, shards)
     # the prompt caches travel too, so a later single-process run continues with the same prompts;
-    # so do the units settled without output (union with what the output bank already lists)
+    # so do the units settled without output (union with what the output bank already lists) and the
+    # unit numberings of named sources (the longest: a shard's extends the output bank's)
     prefix = f"prompts:{config.name}:"
     uprefix = unstored_key(config.name, "")
+    nprefix = units_key(config.name, "")
     cached: dict[str, Any] = {}
     unstored: dict[str, Any] = {}
+    numberings: dict[str, list[Any]] = {}
     for sh in shards:
         shard_bank = InstanceBank(sh, refresh_interval=None)
         cached.update(shard_bank.statuses(prefix))
         for name, value in shard_bank.statuses(uprefix).items():
             unstored[name] = merge_unstored(unstored.get(name), value)
-    if unstored:
-        existing = InstanceBank(bank, refresh_interval=None).statuses(uprefix)
+        for name, value in shard_bank.statuses(nprefix).items():
+            numberings.setdefault(name, []).append(value)
+    if unstored or numberings:
+        out_bank = InstanceBank(bank, refresh_interval=None)
+        existing = out_bank.statuses(uprefix)
         for name in unstored:
             cached[name] = merge_unstored(existing.get(name), unstored[name])
+        existing = out_bank.statuses(nprefix)
+        for name, values in numberings.items():
+            best = longest_numbering([existing.get(name), *values], f"{name} of {bank} and its shards")
+            if best is not None and best != existing.get(name):
+                cached[name] = best
     if cached:
         w = BankWriter(bank)
         try:
@@ -214,6 +241,7 @@ class _Coordinator:
         import torch.distributed as tdist
 
         self.dist = dist
+        self.build = build
         self._own_pg = False
         if not tdist.is_initialized():
             tdist.init_process_group(backend="gloo", timeout=timedelta(days=7))
@@ -225,6 +253,30 @@ class _Coordinator:
         self._last = 0.0
         self._bar_stop = threading.Event()
         self._bar_thread: threading.Thread | None = None
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    def start_heartbeat(self, interval: float) -> None:
+        """Bump ``alive/<rank>`` every ``interval`` seconds from a daemon thread, whatever the pipeline does
+        (a model load or a long GPU batch); it stops when the process dies, which is what rank 0 watches."""
+        key = f"alive/{self.dist.rank}"
+
+        def loop():
+            failing = False
+            while True:
+                try:
+                    with self._lock:
+                        self.store.add(key, 1)
+                    failing = False
+                except Exception as e:  # noqa: BLE001 - store unreachable for now: try again next beat
+                    if not failing:
+                        log.warning("rank %d: heartbeat to the store failed (%s); retrying", self.dist.rank, e)
+                    failing = True
+                if self._beat_stop.wait(interval):
+                    return
+
+        self._beat_thread = threading.Thread(target=loop, name="genval-build-heartbeat", daemon=True)
+        self._beat_thread.start()
 
     def publish(self, status: dict[str, Any], force: bool = False) -> None:
         now = time.monotonic()
@@ -271,13 +323,43 @@ class _Coordinator:
         self._bar_thread = threading.Thread(target=loop, name="genval-build-progress", daemon=True)
         self._bar_thread.start()
 
-    def wait_all(self, poll: float = 0.5) -> list[dict[str, Any]]:
-        while self.done() < self.dist.world_size:
+    def wait_all(self, timeout: float, poll: float = 0.5, shards: list[str] | None = None) -> list[dict[str, Any]]:
+        """Reports of every rank, once all are done. A rank that has not finished and whose heartbeat
+        (``alive/<rank>``) has not moved for ``timeout`` seconds is taken for dead (killed, or started
+        by hand outside torchrun, which would otherwise tear the job down): raises
+        :class:`RankTimeoutError` naming the missing ranks and their shards. Heartbeat
+        counters are compared with rank 0's own clock, so clock skew between machines does not matter."""
+        world = self.dist.world_size
+        seen: dict[int, int] = {}
+        moved = {r: time.monotonic() for r in range(world)}
+        while True:
+            with self._lock:
+                finished = [r for r in range(world) if self.store.check([f"report/{r}"])]
+                pending = [r for r in range(world) if r not in finished]
+                beats = {r: int(self.store.add(f"alive/{r}", 0)) for r in pending}
+            if not pending:
+                break
+            now = time.monotonic()
+            for r, b in beats.items():
+                if b != seen.get(r):
+                    seen[r], moved[r] = b, now
+            dead = [r for r in pending if now - moved[r] > timeout]
+            if dead:
+                where = shards or [""] * world
+                names = ", ".join(f"rank {r}" + (f" (shard {where[r]})" if where[r] else "") for r in dead)
+                rerun = "; ".join(f"--rank {r} --world-size {world}" for r in dead)
+                raise RankTimeoutError(
+                    f"build {self.build}: {names} did not finish and sent no heartbeat for {timeout:g} s "
+                    f"(pipeline.rank_timeout): its process is gone. What it built stays in its shard; re-run it "
+                    f"alone (genval-aug bank build --config ... {rerun}), then merge with --merge-shards")
             time.sleep(poll)
         with self._lock:
-            return [json.loads(self.store.get(f"report/{r}")) for r in range(self.dist.world_size)]
+            return [json.loads(self.store.get(f"report/{r}")) for r in range(world)]
 
     def close(self) -> None:
+        self._beat_stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(10)
         if self._bar_thread is not None:
             self._bar_stop.set()
             self._bar_thread.join(10)
@@ -338,6 +420,8 @@ def build_distributed(config: BuildConfig, *, bank: str | os.PathLike | None = N
                     device=device, status_name=f"build:{config.name}:rank{dist.rank}",
                     progress=show and dist.rank == 0 and coord is None,
                     on_commit=(lambda _b, st: coord.publish(st)) if coord else None)
+    if coord is not None:
+        coord.start_heartbeat(min(30.0, config.pipeline.rank_timeout / 4))
     if coord is not None and show and dist.rank == 0:
         coord.start_bar(total=sum(v for v in BankBuilder(config, bank=bank).deficits().values()) if _exists(bank)
                         else sum(c.target for c in config.classes))
@@ -352,7 +436,8 @@ def build_distributed(config: BuildConfig, *, bank: str | os.PathLike | None = N
         coord.finish(report)
         if dist.rank != 0:
             return report
-        agg = _combine(coord.wait_all())
+        agg = _combine(coord.wait_all(config.pipeline.rank_timeout,
+                                      shards=shard_paths(bank, dist.world_size)))
         if merge:
             missing = [s for s in shard_paths(bank, dist.world_size) if not _exists(s)]
             if missing:   # other machines' shards (or ranks with no classes)

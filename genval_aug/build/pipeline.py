@@ -4,8 +4,11 @@ Stages overlap: a generator thread makes the next batch while a validator thread
 one and the calling thread writes verdicts to the bank; stages are joined by bounded queues.
 
 Work is cut into deterministic **units** ``(category, index)``: unit ``i`` uses prompt ``i % n`` and
-seed ``hash(config.seed, category, i)``. Each unit's outcome is stored with the record (``source.build``
-and ``source.unit``; rejected instances go to the bank's audit table), one LMDB transaction per batch,
+seed ``hash(config.seed, category, i)``. A source with named units (a folder's files, ``unit_names``) gets
+its indices by first appearance, stored in the bank status ``units:<build>:<category>``: a file added later
+gets the next free index wherever it sorts, so a top-up imports exactly the new files. Each unit's outcome
+is stored with the record (``source.build`` and ``source.unit``, plus ``source.unit_name`` for named units;
+rejected instances go to the bank's audit table), one LMDB transaction per batch,
 so a killed build restarts where it stopped and a finished one does nothing. Units with no storable
 outcome (a source or validator error on that unit, an alpha the bank refuses) are settled too: their
 indices go to the bank status ``unstored:<build>:<category>`` (written with the batch), so a top-up worker
@@ -46,11 +49,32 @@ log = logging.getLogger(__name__)
 __all__ = ["BankBuilder", "BuildReport", "StageStats", "build_bank", "scan_units", "unit_seed"]
 
 UNSTORED_PREFIX = "unstored:"   # bank status "unstored:<build>:<category>" -> {"units": [...], "reasons": {...}}
+UNITS_PREFIX = "units:"         # bank status "units:<build>:<category>" -> {"names": [...]}: unit i = names[i]
 
 
 def unstored_key(build: str, category: str) -> str:
     """Bank status name listing the settled units of ``build`` / ``category`` that left nothing in the bank."""
     return f"{UNSTORED_PREFIX}{build}:{category}"
+
+
+def units_key(build: str, category: str) -> str:
+    """Bank status name holding the unit numbering of a source with named units (``unit_names``)."""
+    return f"{UNITS_PREFIX}{build}:{category}"
+
+
+def longest_numbering(values: Iterable[dict[str, Any] | None], where: str = "") -> dict[str, Any] | None:
+    """The most complete of several ``units:`` status values (each extends the previous ones; a
+    numbering that is not a prefix of the longest is reported and loses)."""
+    vals = [v for v in values if v and isinstance(v.get("names"), list)]
+    if not vals:
+        return None
+    best = max(vals, key=lambda v: len(v["names"]))
+    for v in vals:
+        if best["names"][:len(v["names"])] != v["names"]:
+            log.warning("unit numbering %s differs between banks; using the longest (%d units)", where,
+                        len(best["names"]))
+            break
+    return best
 
 
 def merge_unstored(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
@@ -182,6 +206,7 @@ class _ClassState:
     cursor: int = 0                  # every index < cursor is in `done`
     capacity: int | None = None
     gave_up: bool = False
+    names: list[str] | None = None   # unit i = names[i] (sources with named units)
 
     @property
     def deficit(self) -> int:
@@ -330,7 +355,8 @@ class BankBuilder:
             counts.update(b.categories())
         return counts
 
-    def _init_states(self, bank: InstanceBank, targets: dict[str, int] | None) -> dict[str, _ClassState]:
+    def _init_states(self, bank: InstanceBank, targets: dict[str, int] | None,
+                     writer: BankWriter | None = None) -> dict[str, _ClassState]:
         bank.refresh()
         counts = self._counts(bank)
         settled = scan_units(bank, self.config.name)
@@ -345,10 +371,67 @@ class BankBuilder:
                              done=set(settled.get(c.name, ())))
             while st.cursor in st.done:
                 st.cursor += 1
-            if st.deficit > 0:
-                st.capacity = source.capacity(c)
             states[c.name] = st
+        todo = [st for st in states.values() if st.deficit > 0]
+        prepare = getattr(source, "prepare", None)
+        if callable(prepare) and todo:
+            prepare([st.spec for st in todo])
+        legacy: dict[str, dict[int, str]] | None = None
+        for st in todo:
+            if callable(getattr(source, "unit_names", None)):
+                if legacy is None and not self._numbering(bank, st.spec.name) and st.done:
+                    legacy = self._legacy_names(bank, source)
+                st.names = self._number_units(st, source, bank, writer, (legacy or {}).get(st.spec.name, {}))
+                st.capacity = len(st.names)
+            else:
+                st.capacity = source.capacity(st.spec)
         return states
+
+    def _numbering(self, bank: InstanceBank, category: str) -> dict[str, Any] | None:
+        key = units_key(self.config.name, category)
+        own = bank.get_status(key) if os.path.isfile(os.path.join(self.bank_path, "data.mdb")) else None
+        return longest_numbering([own] + [b.get_status(key) for b in self.base_banks], f"{key} of {self.bank_path}")
+
+    def _legacy_names(self, bank: InstanceBank, source: Any) -> dict[str, dict[int, str]]:
+        """Unit -> name of the records of a bank built before unit numberings were stored (old banks)."""
+        name_of = getattr(source, "unit_name_of", None)
+        tag = f'"build":{_json_str(self.config.name)}'.encode()
+        out: dict[str, dict[int, str]] = {}
+        for b in [bank, *self.base_banks]:
+            for meta in b.scan_meta(("records", "rejected"), contains=tag):
+                src = meta.get("source") or {}
+                if src.get("build") != self.config.name or not isinstance(src.get("unit"), int):
+                    continue
+                name = src.get("unit_name")
+                if name is None and callable(name_of):
+                    name = name_of(meta["category"], src)
+                if name is not None:
+                    out.setdefault(meta["category"], {})[src["unit"]] = str(name)
+        return out
+
+    def _number_units(self, st: _ClassState, source: Any, bank: InstanceBank, writer: BankWriter | None,
+                      legacy: dict[int, str]) -> list[str]:
+        """The unit numbering of a class: the stored one, extended by names the source has now.
+
+        A bank built before numberings were stored gets one rebuilt from its records' names; settled
+        units whose name is unknown (they left no record) keep their index under an empty name, and the
+        files they were, if still there, are tried once more under a new index."""
+        cat = st.spec.name
+        stored = self._numbering(bank, cat)
+        names = list(stored["names"]) if stored else []
+        if stored is None and st.done:
+            top = max(max(st.done), max(legacy, default=-1)) + 1
+            names = [legacy.get(i, "") for i in range(top)]
+            log.info("build %s: class %r has no stored unit numbering (bank built before it existed); rebuilt "
+                     "it from %d named records of %d settled units", self.config.name, cat, len(legacy),
+                     len(st.done))
+        known = set(names)
+        new = [n for n in source.unit_names(st.spec) if n not in known]
+        if new or stored is None or len(names) != len(stored["names"]):
+            names += new
+            if writer is not None and names:
+                writer.set_status(units_key(self.config.name, cat), {"names": names})
+        return names
 
     def _schedule(self, st: _ClassState) -> list[int]:
         """Indices for the next round of a class with nothing in flight (no overshoot at 1.0)."""
@@ -401,7 +484,7 @@ class BankBuilder:
         writer = BankWriter(self.bank_path, batch_size=1 << 30)   # we commit explicitly, per batch
         bank = InstanceBank(self.bank_path, refresh_interval=None)
         try:
-            states = self._init_states(bank, targets)
+            states = self._init_states(bank, targets, writer)
         except BaseException:
             writer.close()
             raise
@@ -538,7 +621,8 @@ class BankBuilder:
                             for i in idx:
                                 pi = i % len(prompts) if prompts else None
                                 units.append(WorkUnit(st.spec.name, i, unit_seed(cfg.seed, st.spec.name, i),
-                                                      prompts[pi] if prompts else None, pi))
+                                                      prompts[pi] if prompts else None, pi,
+                                                      st.names[i] if st.names is not None else None))
                                 st.done.add(i)
                             rounds.append(units)
                             st.inflight += len(idx)
@@ -621,6 +705,8 @@ class BankBuilder:
             report.units += 1
             src = dict(c.source)
             src.update(build=self.config.name, unit=u.index)
+            if u.name is not None:
+                src["unit_name"] = u.name
             if u.prompt is not None:
                 src.setdefault("prompt", u.prompt)
             if c.error is not None or rs or "error" in (v if isinstance(v, dict) else {}) or not _keep(v):

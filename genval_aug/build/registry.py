@@ -46,6 +46,8 @@ class WorkUnit:
 
     ``seed`` and ``prompt`` are derived from the config seed, the category and the index, so the
     same unit always produces the same instance (and therefore the same content-hash record id).
+    ``name`` is the unit's stable identity for sources with named units (``unit_names``, e.g. a file
+    name); the pipeline numbers those by first appearance, so ``index`` never changes meaning.
     """
 
     category: str
@@ -53,10 +55,11 @@ class WorkUnit:
     seed: int
     prompt: str | None = None
     prompt_index: int | None = None
+    name: str | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.category}/{self.index}"
+        return f"{self.category}/{self.index}" + (f" ({self.name})" if self.name is not None else "")
 
 
 @dataclass
@@ -77,7 +80,19 @@ class InstanceSource(Protocol):
     needs_prompts: bool
 
     def capacity(self, cls: ClassSpec) -> int | None:
-        """Number of units this source can make for a class; None = unlimited (generators)."""
+        """Number of units this source can make for a class; None = unlimited (generators).
+
+        Optional hooks the pipeline uses when a source has them:
+
+        - ``unit_names(cls) -> list[str]``: stable names of the units a finite source holds (file names).
+          Unit indices are then assigned by first appearance and stored in the bank (status
+          ``units:<build>:<category>``), so items added later in any sort position get new indices and
+          a top-up imports exactly them; ``WorkUnit.name`` carries the name and the capacity is the
+          length of that numbering. ``unit_name_of(category, source_meta)`` maps the provenance of a
+          record built before the numbering existed back to its name (old banks).
+        - ``prepare(classes)``: called with the classes about to be built, before ``capacity``
+          (a harvest source cuts out only those classes).
+        """
 
     def produce(self, units: list[WorkUnit]) -> list[Candidate]:
         """One candidate per unit, in order. Must be deterministic per unit."""

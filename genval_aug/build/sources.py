@@ -18,7 +18,7 @@ from genval_aug.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FolderSource", "GeneratorSource", "ShapesSource"]
+__all__ = ["FolderSource", "GeneratorSource", "HarvestSource", "ShapesSource"]
 
 
 # ----------------------------------------------------------------------------- generators (prompt -> RGBA)
@@ -172,8 +172,13 @@ def _shapes(spec, config, device=None):  # noqa: ARG001
 
 
 class FolderSource:
-    """RGBA images from ``<root>/<category>/*.png`` (sorted); unit ``i`` is the ``i``-th file.
+    """RGBA images from ``<root>/<category>/<pattern>`` (default ``*.png``), one unit per file.
 
+    Units are named by the file's path relative to the class folder (:meth:`unit_names`); the build
+    pipeline numbers them by first appearance and stores that numbering in the bank, so files added
+    later, wherever they sort, become new units and a re-run or the top-up worker imports exactly them.
+    The folder is listed again on every call (a long-lived worker sees new files). A unit without a
+    name (direct use outside the pipeline) is the ``index``-th file in sorted order.
     Images without alpha get an opaque alpha (the pre-filters then reject them as full-frame).
     """
 
@@ -185,25 +190,45 @@ class FolderSource:
         if not self.root.is_dir():
             raise ConfigError(f"source.params.root: folder {self.root} not found")
         self.pattern = pattern
-        self._files: dict[str, list[Path]] = {}
 
     def files(self, category: str) -> list[Path]:
-        if category not in self._files:
-            d = self.root / category
-            self._files[category] = sorted(d.glob(self.pattern)) if d.is_dir() else []
-        return self._files[category]
+        d = self.root / category
+        return sorted(p for p in d.glob(self.pattern) if p.is_file()) if d.is_dir() else []
+
+    def unit_names(self, cls) -> list[str]:
+        d = self.root / cls.name
+        return [p.relative_to(d).as_posix() for p in self.files(cls.name)]
+
+    def unit_name_of(self, category: str, source: dict[str, Any]) -> str | None:
+        """Name of the file a record came from (its ``source.path``), for banks built before numberings."""
+        path = source.get("path")
+        if not isinstance(path, str):
+            return None
+        p = Path(path)
+        try:
+            return p.relative_to(self.root / category).as_posix()
+        except ValueError:   # the folder moved since: the path below the class folder's name
+            parts = p.parts
+            return "/".join(parts[parts.index(category) + 1:]) if category in parts[:-1] else p.name
 
     def capacity(self, cls) -> int | None:
         return len(self.files(cls.name))
 
     def produce(self, units: list[WorkUnit]) -> list[Candidate]:
         out = []
+        listing: dict[str, list[Path]] = {}
         for u in units:
-            files = self.files(u.category)
-            if u.index >= len(files):
-                out.append(Candidate(u, None, error="folder_index_out_of_range"))
-                continue
-            path = files[u.index]
+            if u.name is not None:
+                path = self.root / u.category / u.name
+                if not u.name or not path.is_file():
+                    out.append(Candidate(u, None, error="folder_file_missing"))
+                    continue
+            else:
+                files = listing.setdefault(u.category, self.files(u.category))
+                if u.index >= len(files):
+                    out.append(Candidate(u, None, error="folder_index_out_of_range"))
+                    continue
+                path = files[u.index]
             img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if img is None or img.ndim != 3 or img.shape[2] not in (3, 4):
                 log.warning("folder source: %s is not a colour image; skipped", path)
@@ -226,32 +251,37 @@ def _folder(spec, config, device=None):  # noqa: ARG001
 # ----------------------------------------------------------------------------- harvest (labeled datasets)
 
 
-class _Collector:
-    """Duck-typed BankWriter that keeps the harvester's kept crops in memory, in dataset order."""
+class _Spill:
+    """Duck-typed BankWriter for the harvester: kept crops go to a scratch LMDB bank on disk, and only
+    their record ids stay in memory, per class in dataset order (the harvester drops duplicates)."""
 
-    def __init__(self):
-        self.items: dict[str, list[tuple[np.ndarray, dict[str, Any]]]] = {}
-        self.added = 0
-        self.duplicates = 0
-        self._seen: set[str] = set()
+    def __init__(self, writer: Any):
+        self._w = writer
+        self.codec = writer.codec
+        self.order: dict[str, list[str]] = {}
+
+    @property
+    def added(self) -> int:
+        return self._w.added
+
+    @property
+    def duplicates(self) -> int:
+        return self._w.duplicates
 
     def add(self, rgba, *, category, category_id=None, source=None, verdict=None):  # noqa: ARG002
-        from genval_aug.bank.record import content_id, normalize_rgba
-
-        rgba = normalize_rgba(rgba)
-        rid = content_id(category, rgba)
-        if rid in self._seen:
-            self.duplicates += 1
-        else:
-            self._seen.add(rid)
-            self.items.setdefault(category, []).append((rgba, dict(source or {})))
-            self.added += 1
+        rid = self._w.add(rgba, category=category, category_id=category_id, source=source)
+        self.order.setdefault(category, []).append(rid)
         return rid
 
-    def add_rejected(self, *a, **k):
-        pass
+    def add_encoded(self, meta, image):   # harvest workers encode the records themselves
+        rid = self._w.add_encoded(meta, image)
+        self.order.setdefault(meta["category"], []).append(rid)
+        return rid
 
     def flush(self):
+        self._w.flush()
+
+    def add_rejected(self, *a, **k):
         pass
 
     def record_rejections(self, reasons):
@@ -267,15 +297,19 @@ class _Collector:
 class HarvestSource:
     """Real instances cut out of a labeled dataset (YOLO-seg, COCO, VOC, YOLO boxes via GrabCut).
 
-    The dataset is harvested once (in memory) with :class:`genval_aug.harvest.core.Harvester`; unit
-    ``i`` of a class is its ``i``-th kept instance in dataset order. Class names must match the
-    dataset's (``classes.names`` or the category table).
+    Unit ``i`` of a class is its ``i``-th kept instance in dataset order. Class names must match the
+    dataset's (``classes.names`` or the category table). Bounded memory: only the classes the build
+    asks for (:meth:`prepare`, called by the pipeline with the classes below target) are cut out, in
+    one pass of :class:`genval_aug.harvest.core.Harvester` over the dataset per call with new classes;
+    the kept crops are spilled to a scratch bank under ``spill_dir`` (default: a temporary folder,
+    removed by :meth:`close`) and read back per unit, so memory holds record ids, not pixels.
     """
 
     needs_prompts = False
     name = "harvest"
 
-    def __init__(self, data: str | Path, format: str = "auto", split: str | None = None, **harvest_options: Any):
+    def __init__(self, data: str | Path, format: str = "auto", split: str | None = None,
+                 spill_dir: str | Path | None = None, **harvest_options: Any):
         try:
             from genval_aug.harvest.core import HarvestConfig, Harvester
             from genval_aug.harvest.formats import open_source
@@ -283,30 +317,103 @@ class HarvestSource:
             raise ConfigError(f"source.kind: 'harvest' needs genval_aug.harvest: {e}") from e
         self.data = str(data)
         try:
-            hcfg = HarvestConfig(**harvest_options)
+            self._hcfg = HarvestConfig(**harvest_options)
         except TypeError as e:
             raise ConfigError(f"source.params: {e}") from e
-        self._collector = _Collector()
-        src = open_source(self.data, format=format, split=split)
-        self.report = Harvester(hcfg).run(src, self._collector)
-        log.info("harvest source %s: %d instances in %d classes", self.data, self._collector.added,
-                 len(self._collector.items))
+        self._source = open_source(self.data, format=format, split=split)
+        if self._hcfg.classes is not None:   # an unknown class in the option fails now, naming it
+            Harvester(self._hcfg)._class_filter(self._source)
+        self._spill_parent = str(spill_dir) if spill_dir is not None else None
+        self._spill_path: str | None = None
+        self._cleanup: Any = None
+        self._bank: Any = None
+        self._order: dict[str, list[str]] = {}     # class -> record ids of its kept crops, dataset order
+        self._done: set[str] = set()               # classes harvested already (kept crops or none)
+        self.report = None                         # the latest pass's HarvestReport
+
+    def _class_ids(self, names: set[str]) -> list[int]:
+        """Dataset class ids of ``names`` (nameless YOLO datasets: the names are the ids), narrowed to the
+        ``classes`` harvest option when it is given."""
+        known = self._source.names
+        ids = [i for i, n in known.items() if n in names] if known else [int(n) for n in names if n.isdigit()]
+        user = self._hcfg.classes
+        if user is not None:
+            allowed = {str(c) for c in user}
+            ids = [i for i in ids if str(i) in allowed or known.get(i) in allowed]
+        return sorted(ids)
+
+    def _spill_dir(self) -> str:
+        if self._spill_path is None:
+            import shutil
+            import tempfile
+            import weakref
+
+            if self._spill_parent is not None:
+                Path(self._spill_parent).mkdir(parents=True, exist_ok=True)
+            root = tempfile.mkdtemp(prefix="genval-harvest-spill-", dir=self._spill_parent)
+            self._spill_path = str(Path(root) / "crops.lmdb")
+            self._cleanup = weakref.finalize(self, shutil.rmtree, root, True)
+        return self._spill_path
+
+    def prepare(self, classes) -> None:
+        """Cut out the kept instances of ``classes`` (ClassSpecs or names) not harvested yet, in one pass."""
+        import dataclasses
+
+        from genval_aug.bank import BankWriter, InstanceBank
+        from genval_aug.harvest.core import Harvester
+
+        names = {getattr(c, "name", c) for c in classes} - self._done
+        if not names:
+            return
+        ids = self._class_ids(names)
+        if not ids:
+            self._done |= names
+            return
+        path = self._spill_dir()
+        if self._bank is not None:
+            self._bank.close()
+            self._bank = None
+        writer = BankWriter(path, batch_size=32)   # pending crops are held until a commit
+        spill = _Spill(writer)
+        try:
+            self.report = Harvester(dataclasses.replace(self._hcfg, classes=ids)).run(self._source, spill)
+        finally:
+            writer.close()
+            self._bank = InstanceBank(path, refresh_interval=None)   # earlier classes stay readable
+        for cat, rids in spill.order.items():
+            self._order.setdefault(cat, []).extend(rids)
+        self._done |= names                        # only after a complete pass (a failed one is redone)
+        log.info("harvest source %s: %d instances of %d classes (spilled to %s)", self.data,
+                 sum(len(spill.order.get(n, ())) for n in names), len(names), path)
 
     def capacity(self, cls) -> int | None:
-        return len(self._collector.items.get(cls.name, ()))
+        self.prepare([cls])
+        return len(self._order.get(cls.name, ()))
 
     def produce(self, units: list[WorkUnit]) -> list[Candidate]:
+        self.prepare(sorted({u.category for u in units}))
         out = []
         for u in units:
-            items = self._collector.items.get(u.category, [])
-            if u.index >= len(items):
+            rids = self._order.get(u.category, [])
+            if u.index >= len(rids):
                 out.append(Candidate(u, None, error="harvest_index_out_of_range"))
                 continue
-            rgba, prov = items[u.index]
-            prov = dict(prov)
+            inst = self._bank.get(rids[u.index])
+            prov = dict(inst.meta.get("source") or {})
             prov.setdefault("kind", "harvest")
-            out.append(Candidate(u, rgba, source=prov))
+            out.append(Candidate(u, inst.rgba, source=prov))
         return out
+
+    def close(self) -> None:
+        """Remove the scratch bank."""
+        if self._bank is not None:
+            self._bank.close()
+            self._bank = None
+        if self._cleanup is not None:
+            self._cleanup()
+        self._spill_path = None
+        self._order.clear()
+        self._done.clear()
 
 
 @register_source("harvest")
