@@ -197,27 +197,36 @@ def unbleed_source(rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cv2.bitwise_and(rgba, rgba, mask=support), support
 
 
-def _pair_bytes(pair: tuple[np.ndarray, np.ndarray]) -> int:
-    return pair[0].nbytes + pair[1].nbytes
+def colour_samples(rgba: np.ndarray, area: int, n: int = 1024, threshold: int = 128) -> np.ndarray:
+    """About ``n`` (at least 1 per grid cell) RGB colours of the pixels with alpha >= ``threshold``, on a
+    regular grid, as an (N, 3) uint8 array; ``area``: the number of such pixels (sets the grid step)."""
+    step = max(int(math.sqrt(max(area, 1) / n)), 1)
+    sub = rgba[::step, ::step]
+    return np.ascontiguousarray(sub[sub[..., 3] >= threshold][:, :3])
 
 
-def _freeze_pair(pair: tuple[np.ndarray, np.ndarray]) -> None:
-    for a in pair:
+def _arrays_bytes(arrays: tuple[np.ndarray, ...]) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+def _freeze_arrays(arrays: tuple[np.ndarray, ...]) -> None:
+    for a in arrays:
         a.setflags(write=False)
 
 
 class SourceCache:
-    """Per-process LRU of prepared sources (:func:`unbleed_source` box-filtered by each factor k) by key.
+    """Per-process LRU of prepared sources (:func:`unbleed_source` box-filtered by each factor k, and
+    :func:`colour_samples`) by key.
 
-    Memoizes the work :func:`resize_rotate_flip` does at the instance's own resolution, so drawing the same
-    instance again costs only the output-sized steps; results are identical with and without it. Keys must
+    Memoizes the work done at the instance's own resolution, so drawing the same instance again costs only
+    the output-sized steps; results are identical with and without it. Keys must
     identify content (bank record ids are content hashes). ``max_bytes`` bounds the memory; 0 disables.
     Thread-safe; pickles empty, and a forked child starts empty (DataLoader workers hold their own).
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
-        self._lru: ProcessLRU[tuple[np.ndarray, np.ndarray]] = ProcessLRU(self.max_bytes, _pair_bytes)
+        self._lru: ProcessLRU[tuple[np.ndarray, ...]] = ProcessLRU(self.max_bytes, _arrays_bytes)
 
     @property
     def hits(self) -> int:
@@ -241,7 +250,16 @@ class SourceCache:
             colour, support = unbleed_source(rgba)
             return area_level(colour, k), area_level(support, k)
 
-        return self._lru.get_or_create((key, rgba.shape, k), make, _freeze_pair)
+        return self._lru.get_or_create((key, rgba.shape, k), make, _freeze_arrays)
+
+    def samples(self, key: Any, rgba: np.ndarray, area: int, threshold: int) -> np.ndarray:
+        """:func:`colour_samples` of source ``rgba`` (read-only)."""
+        if key is None or self.max_bytes <= 0:
+            return colour_samples(rgba, area, threshold=threshold)
+        return self._lru.get_or_create(
+            (key, rgba.shape, "samples", threshold), lambda: (colour_samples(rgba, area, threshold=threshold),),
+            _freeze_arrays,
+        )[0]
 
 
 def resize_rotate_flip(
@@ -309,6 +327,27 @@ def apply_colour(rgba: np.ndarray, matrix: np.ndarray | None, bgr: bool) -> Obje
         # OpenCV's fast path is 3 -> 3 channels (a 3x5 matrix on RGBA is ~10x slower)
         colour = cv2.transform(cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), np.ascontiguousarray(m, np.float64))
     return ObjectPatch(rgb=colour, alpha=np.ascontiguousarray(alpha))
+
+
+def to_channel_order(matrix: np.ndarray, bgr: bool) -> np.ndarray:
+    """A 3x4 RGB colour matrix rewritten to act on (and produce) BGR colours when ``bgr``."""
+    if not bgr:
+        return matrix
+    return np.ascontiguousarray(matrix[::-1][:, [2, 1, 0, 3]])
+
+
+def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The 3x4 colour affine ``x -> outer(inner(x))``."""
+    out = outer[:, :3] @ inner
+    out[:, 3] += outer[:, 3]
+    return out
+
+
+def apply_affine_uint8(pixels: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 colours through a 3x4 affine, rounded and saturated as ``cv2.transform`` does."""
+    out = pixels.astype(np.float64) @ matrix[:, :3].T
+    out += matrix[:, 3]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def mean_luma(rgba: np.ndarray, max_pixels: int = 1024) -> float:

@@ -19,7 +19,13 @@ import numpy as np
 from genval_aug.errors import ConfigError, TargetsError
 from genval_aug.paste import augment as A
 from genval_aug.paste.blend import BLEND_MODES, blend_patch
-from genval_aug.paste.harmonize import HARMONIZE_MODES, context_window, harmonize
+from genval_aug.paste.harmonize import (
+    EXACT_MAX_PIXELS,
+    HARMONIZE_MODES,
+    context_window,
+    harmonize,
+    harmonize_matrix,
+)
 from genval_aug.paste.labels import OcclusionRules, OcclusionTracker
 from genval_aug.paste.placement import place
 
@@ -320,7 +326,11 @@ class PasteEngine:
                 self._prior_cache[category] = None
         return self._prior_cache[category]
 
-    def _augment(self, inst: Any, image_hw: tuple[int, int], rng: np.random.Generator, bgr: bool) -> A.ObjectPatch | None:
+    def _augment(
+        self, inst: Any, image_hw: tuple[int, int], rng: np.random.Generator, bgr: bool
+    ) -> tuple[A.ObjectPatch, np.ndarray | None, np.ndarray] | None:
+        """(patch in the image's channel order, colour-jitter matrix not yet applied (image channel order) or
+        None, colour samples of the source (image channel order)); None when the instance is unusable."""
         cfg = self.config
         rgba = np.asarray(inst.rgba)
         if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8 or rgba.size == 0:
@@ -338,15 +348,45 @@ class PasteEngine:
         flip = bool(rng.random() < cfg.hflip)
         angle = float(rng.uniform(-cfg.rotation, cfg.rotation)) if cfg.rotation > 0 else 0.0
         key = getattr(inst, "id", None)
-        patch = A.resize_rotate_flip(crop, size, angle, flip, cache=self._sources,
-                                     key=key if isinstance(key, (str, int)) else None)
+        key = key if isinstance(key, (str, int)) else None
+        patch = A.resize_rotate_flip(crop, size, angle, flip, cache=self._sources, key=key)
+        samples = self._sources.samples(key, crop, area, cfg.label_threshold)  # RGB, drawn from the source
         matrix = None
         if cfg.colour_jitter_p > 0 and (cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue):
             if rng.random() < cfg.colour_jitter_p:
-                matrix = A.colour_matrix(
-                    rng, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, A.mean_luma(patch)
+                luma = float((samples @ A._LUMA_RGB).mean()) if len(samples) else A.mean_luma(patch)
+                matrix = A.to_channel_order(
+                    A.colour_matrix(rng, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, luma), bgr
                 )
-        return A.apply_colour(patch, matrix, bgr)
+        return A.apply_colour(patch, None, bgr), matrix, (samples[:, ::-1] if bgr else samples)
+
+    def _colour(
+        self, patch: A.ObjectPatch, jitter: np.ndarray | None, samples: np.ndarray, label: np.ndarray,
+        image: np.ndarray, x: int, y: int, bgr: bool,
+    ) -> np.ndarray:
+        """The patch's final colours: colour jitter and harmonization composed into one affine where possible
+        (the harmonizer's statistics come from the source's colour samples, jittered the same way); small
+        patches get the exact per-pixel Lab map (Reinhard)."""
+        cfg = self.config
+        colour = patch.rgb
+        h, w = patch.shape
+        mode = cfg.harmonize
+        if mode == "reinhard" and h * w <= EXACT_MAX_PIXELS:
+            if jitter is not None:
+                colour = cv2.transform(colour, jitter)
+            return harmonize(mode, colour, label.view(np.uint8), context_window(image, x, y, h, w, cfg.harmonize_context),
+                             bgr, cfg.harmonize_strength, cfg.harmonize_chroma, cfg.harmonize_max_gain)
+        m = None
+        if mode != "none":
+            ref = context_window(image, x, y, h, w, cfg.harmonize_context)
+            px = samples if jitter is None else A.apply_affine_uint8(samples, jitter)
+            m = harmonize_matrix(mode, px, ref, bgr, cfg.harmonize_strength, cfg.harmonize_chroma,
+                                 cfg.harmonize_max_gain)
+        if m is None:
+            m = jitter
+        elif jitter is not None:
+            m = A.compose_affine(m, jitter)
+        return colour if m is None else cv2.transform(colour, m)
 
     # -- main --------------------------------------------------------------------------------------------
     def __call__(
@@ -394,9 +434,10 @@ class PasteEngine:
             cls = self._class_of(inst)
             if cls is None:
                 continue
-            patch = self._augment(inst, (H, W), rng, bgr)
-            if patch is None:
+            aug = self._augment(inst, (H, W), rng, bgr)
+            if aug is None:
                 continue
+            patch, jitter, samples = aug
             h, w = patch.shape
             pos = place(
                 rng, (h, w), (H, W), tracker.occupied_boxes(), cfg.max_ioa, cfg.allow_truncation,
@@ -410,13 +451,7 @@ class PasteEngine:
             # labels first: a patch whose label mask misses the image is not drawn at all
             if not tracker.add(label, x, y, cls, getattr(inst, "id", None)):
                 continue
-            colour = patch.rgb
-            if cfg.harmonize != "none":
-                ref = context_window(colour_view, x, y, h, w, cfg.harmonize_context)
-                colour = harmonize(
-                    cfg.harmonize, colour, label.view(np.uint8), ref, bgr, cfg.harmonize_strength,
-                    cfg.harmonize_chroma, cfg.harmonize_max_gain,
-                )
+            colour = self._colour(patch, jitter, samples, label, colour_view, x, y, bgr)
             used = blend_patch(colour_view, colour, patch.alpha, x, y, cfg.blend, cfg.feather_sigma, cfg.label_threshold)
             if img.shape[2] == 4:
                 _opaque_alpha(out, label, x, y)

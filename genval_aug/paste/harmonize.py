@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 HARMONIZE_MODES = ("none", "reinhard", "linear_ot")
+EXACT_MAX_PIXELS = 96 * 96  # Reinhard patches up to this size are mapped per pixel in Lab
 
 _TO_LAB = {False: cv2.COLOR_RGB2Lab, True: cv2.COLOR_BGR2Lab}
 _FROM_LAB = {False: cv2.COLOR_Lab2RGB, True: cv2.COLOR_Lab2BGR}
@@ -94,7 +95,7 @@ def harmonize_reinhard(
     chroma: float = 0.5,
     max_gain: float = 2.0,
     max_ref_pixels: int = 48 * 48,
-    exact_max_pixels: int = 96 * 96,
+    exact_max_pixels: int = EXACT_MAX_PIXELS,
     fit_samples: int = 400,
 ) -> np.ndarray:
     """Reinhard colour transfer of ``colour`` (h, w, 3) uint8 towards ``reference`` (the local window).
@@ -114,10 +115,49 @@ def harmonize_reinhard(
         m = reinhard_matrix(obj_lab, mask, ref_lab, strength, chroma, max_gain)
         return cv2.cvtColor(cv2.transform(obj_lab, m), _FROM_LAB[bgr])
     px = sample_pixels(colour, mask, fit_samples)
-    lab = cv2.cvtColor(px[None], _TO_LAB[bgr])
+    return cv2.transform(colour, reinhard_affine(px, ref_lab, bgr, strength, chroma, max_gain))
+
+
+def reinhard_affine(
+    pixels: np.ndarray, ref_lab: np.ndarray, bgr: bool, strength: float, chroma: float = 0.5, max_gain: float = 2.0
+) -> np.ndarray:
+    """Least-squares 3x4 colour affine of the Reinhard Lab map from ``pixels`` ((N, 3) uint8 object colours,
+    image channel order) towards the reference Lab statistics."""
+    lab = cv2.cvtColor(np.ascontiguousarray(pixels)[None], _TO_LAB[bgr])
     m = reinhard_matrix(lab, None, ref_lab, strength, chroma, max_gain)
     out = cv2.cvtColor(cv2.transform(lab, m), _FROM_LAB[bgr])[0]
-    return cv2.transform(colour, fit_affine(px, out))
+    return fit_affine(pixels, out)
+
+
+def harmonize_matrix(
+    mode: str,
+    pixels: np.ndarray,
+    reference: np.ndarray,
+    bgr: bool,
+    strength: float = 0.5,
+    chroma: float = 0.5,
+    max_gain: float = 2.0,
+    fit_samples: int = 400,
+    max_ref_pixels: int = 48 * 48,
+    ot_max_pixels: int = 1024,
+) -> np.ndarray | None:
+    """The colour change of a harmonizer as one 3x4 affine (image channel order), computed from a sample of
+    the object's colours (``pixels``, (N, 3) uint8) and the reference window; None = leave colours as they are.
+
+    ``reinhard``: the Lab statistics map fitted on ~``fit_samples`` pixels (as :func:`harmonize_reinhard` does
+    for large patches); ``linear_ot``: :func:`linear_ot_matrix`. The caller can compose it with other affine
+    colour changes and apply everything in one ``cv2.transform``.
+    """
+    if mode == "none" or strength <= 0 or reference.size == 0 or len(pixels) < 4:
+        return None
+    if mode == "reinhard":
+        step = max(len(pixels) // max(fit_samples, 1), 1)
+        ref_lab = cv2.cvtColor(_downsample(reference, max_ref_pixels), _TO_LAB[bgr])
+        return reinhard_affine(pixels[::step], ref_lab, bgr, strength, chroma, max_gain)
+    if mode == "linear_ot":
+        ref = _downsample(reference, ot_max_pixels).reshape(-1, 3)
+        return linear_ot_matrix(pixels, ref, strength, max_gain=max_gain)
+    raise ValueError(f"harmonize must be one of {HARMONIZE_MODES}, got {mode!r}")
 
 
 def _mean_cov(pixels: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarray]:
