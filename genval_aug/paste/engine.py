@@ -210,8 +210,8 @@ class Targets:
             bad = int(np.flatnonzero(outside)[0])
             raise TargetsError(f"Targets.boxes[{bad}] = {boxes[bad].tolist()} lies outside the {W}x{H} image")
         boxes = boxes.copy()
-        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, W)
-        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, H)
+        np.clip(boxes[:, 0::2], 0, W, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, H, out=boxes[:, 1::2])
         masks, polygons = self.masks, self.polygons
         if masks is not None and polygons is not None:
             raise TargetsError("Targets: give masks or polygons, not both")

@@ -16,6 +16,7 @@ import numpy as np
 
 HARMONIZE_MODES = ("none", "reinhard", "linear_ot")
 EXACT_MAX_PIXELS = 96 * 96  # Reinhard patches up to this size are mapped per pixel in Lab
+_FIT_REG = 1e-6 * np.eye(4)
 
 _TO_LAB = {False: cv2.COLOR_RGB2Lab, True: cv2.COLOR_BGR2Lab}
 _FROM_LAB = {False: cv2.COLOR_Lab2RGB, True: cv2.COLOR_Lab2BGR}
@@ -82,8 +83,11 @@ def fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     x = np.empty((len(src), 4))
     x[:, :3] = src
     x[:, 3] = 1.0
-    xtx = x.T @ x + 1e-6 * np.eye(4)  # normal equations: 4x4, much cheaper than lstsq for N >> 4
-    return np.linalg.solve(xtx, x.T @ dst.astype(np.float64)).T
+    xtx = x.T @ x + _FIT_REG  # normal equations: 4x4, much cheaper than lstsq for N >> 4
+    ok, sol = cv2.solve(xtx, x.T @ dst.astype(np.float64), flags=cv2.DECOMP_CHOLESKY)
+    if not ok:  # not positive definite (cannot happen with the ridge term, but never return garbage)
+        sol = np.linalg.lstsq(xtx, x.T @ dst.astype(np.float64), rcond=None)[0]
+    return np.ascontiguousarray(sol.T)
 
 
 def harmonize_reinhard(
