@@ -6,7 +6,8 @@ One real ``YOLODataset`` (task segment, default hyperparameters, ``cache=False``
 copy of coco128-seg; the bank is a real LMDB bank built from shared/data/rgba_objects (person, car, elephant,
 cut-outs limited to 400 px). Both variants run in the same process on the same images, with the same
 Ultralytics randomness (global ``random``/``numpy`` seeded identically before each pass; the paste draws from
-its own generator), interleaved pass by pass, after one warm-up pass each. The paste variant is the
+its own generator), interleaved pass by pass, after one warm-up pass each. For context the mosaic phase also
+times Ultralytics' own ``copy_paste=0.5`` (flip mode, its own objects) in place of genval_aug. The paste variant is the
 ``Compose`` that ``genval_aug.ultralytics`` builds (paste before MixUp, k = ``--n`` instances, default
 blending and harmonization). Timed phases: with mosaic (first epochs) and after ``close_mosaic``.
 Times are CPU time of the calling thread (``time.thread_time_ns``; cv2 runs single-threaded under
@@ -113,6 +114,10 @@ def main() -> None:
             hyp = copy(cfg)
             hyp.mosaic = hyp.mixup = hyp.cutmix = hyp.copy_paste = 0.0
         composes = {"base": ds.build_transforms(copy(hyp))}
+        if phase == "mosaic":  # context: Ultralytics' own copy-paste (flip mode, its objects) in the same loader
+            cp = copy(hyp)
+            cp.copy_paste, cp.copy_paste_mode = 0.5, "flip"
+            composes["ultralytics_copy_paste"] = ds.build_transforms(cp)
         for name, t in variants.items():
             composes[name] = ds.build_transforms(copy(hyp))
             insert_transform(composes[name], t)
@@ -129,6 +134,10 @@ def main() -> None:
         n_items = args.rounds * len(indices)
         b_cpu, b_wall = (v / n_items for v in tot["base"])
         print(f"[{phase}] baseline {b_cpu:.2f} ms/img CPU ({1000 / b_cpu:.0f} img/s)")
+        if "ultralytics_copy_paste" in tot:
+            u_cpu, u_wall = (v / n_items for v in tot["ultralytics_copy_paste"])
+            print(f"[{phase}] for context, Ultralytics copy_paste=0.5 (flip) instead of genval_aug: {u_cpu:.2f} ms/img "
+                  f"CPU; throughput ratio CPU {b_cpu / u_cpu:.3f}, wall {b_wall / u_wall:.3f}")
         for name, t in variants.items():
             p_cpu, p_wall = (v / n_items for v in tot[name])
             pasted_per_img = (t.stats["pasted"] - before[name]["pasted"]) / n_items
