@@ -54,8 +54,8 @@ class PasteConfig:
         times its size on each side.
     label_threshold: alpha >= this is the pasted object's label mask.
     source_cache_mb: per-engine LRU (megabytes, 0 disables) of instances prepared at their own resolution
-        (colour-bleed guard, integer pre-shrink), keyed by instance id, which must identify the pixels (bank
-        ids are content hashes); results are the same with or without it.
+        (colour-bleed guard, integer pre-shrink, colour samples for harmonization), keyed by instance id, which
+        must identify the pixels (bank ids are content hashes); results are the same with or without it.
     min_visible_fraction/min_remaining_area/max_box_shift/box_min_visible_fraction/polygon_parts: occlusion
         rules, see :mod:`genval_aug.paste.labels`.
     """

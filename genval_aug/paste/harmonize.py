@@ -7,7 +7,9 @@
   covariance to the window's, interpolated with ``strength``.
 
 The reference statistics come from a window around the paste location (the object's rectangle grown by
-``context`` times its size on each side), never from the whole image.
+``context`` times its size on each side), never from the whole image. :func:`harmonize_matrix` gives a
+harmonizer's colour change as one affine computed from a sample of the object's colours; the engine composes it
+with the colour jitter and applies both in one ``cv2.transform``.
 """
 from __future__ import annotations
 
