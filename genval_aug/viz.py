@@ -210,6 +210,21 @@ def _dashed_rect(img: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], colo
                 cv2.line(img, (fixed, s), (fixed, e), color, thickness, cv2.LINE_AA)
 
 
+def _polygon_region(polygon: np.ndarray, h: int, w: int) -> tuple[int, int, np.ndarray] | None:
+    """(x0, y0, bool mask) of a filled pixel polygon cropped to its pixels inside an (h, w) image, or None."""
+    pts = np.round(np.asarray(polygon, np.float64)).astype(np.int32).reshape(-1, 2)
+    x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
+    x1, y1 = min(int(pts[:, 0].max()) + 1, w), min(int(pts[:, 1].max()) + 1, h)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    region = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.fillPoly(region, [(pts - (x0, y0)).astype(np.int32).reshape(-1, 1, 2)], 1)
+    if not region.any():
+        return None
+    ys, xs = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
+    return x0 + int(xs[0]), y0 + int(ys[0]), region[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1].astype(bool)
+
+
 def draw_labels(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -239,17 +254,17 @@ def draw_labels(
 
     for i in range(len(boxes)):
         color = class_color(int(classes[i]))
-        region = None
+        local = None  # (x0, y0, bool mask of the object's extent)
         if masks is not None:
             region = np.asarray(masks[i]) != 0
+            if region.any():
+                ys, xs = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
+                local = (xs[0], ys[0], region[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1])
         elif polygons is not None and polygons[i] is not None and len(polygons[i]) >= 3:
-            region = np.zeros((h, w), np.uint8)
-            cv2.fillPoly(region, [np.round(np.asarray(polygons[i])).astype(np.int32).reshape(-1, 1, 2)], 1)
-            region = region.astype(bool)
-        if region is not None and region.any():
-            ys, xs = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
-            y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-            crop, sub = out[y0:y1, x0:x1], region[y0:y1, x0:x1]
+            local = _polygon_region(polygons[i], h, w)
+        if local is not None:
+            x0, y0, sub = local
+            crop = out[y0 : y0 + sub.shape[0], x0 : x0 + sub.shape[1]]
             tint = (crop[sub].astype(np.float32) * (1 - mask_alpha) + np.float32(color) * mask_alpha)
             crop[sub] = tint.astype(np.uint8)
             contours, _ = cv2.findContours(sub.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
