@@ -10,8 +10,10 @@ from genval_aug.paste.blend import blend_patch, composite_alpha, feather_alpha, 
 from genval_aug.paste.harmonize import (
     context_window,
     harmonize_linear_ot,
+    harmonize_matrix,
     harmonize_reinhard,
     linear_ot_matrix,
+    sample_pixels,
 )
 from genval_aug.paste.labels import mask_to_polygon, polygon_boxes, rasterize_polygon
 from genval_aug.paste.placement import box_ioa, place
@@ -268,6 +270,51 @@ def test_linear_ot_kernel_on_image():
     ref = _textured(120, 120, seed=11, mean=(40, 60, 160))
     out = harmonize_linear_ot(obj, mask, ref, strength=1.0)
     assert np.abs(out.reshape(-1, 3).mean(0) - ref.reshape(-1, 3).mean(0)).max() < 15
+
+
+def test_colour_affine_helpers_match_opencv():
+    rng = np.random.default_rng(3)
+    img = _textured(40, 50, seed=12, mean=(140, 90, 60))
+    inner = A.colour_matrix(rng, 0.3, 0.3, 0.3, 0.05, 100.0)
+    outer = np.array([[0.9, 0.05, 0.0, 12.0], [0.0, 1.1, 0.0, -5.0], [0.02, 0.0, 0.95, 3.0]])
+    two_steps = cv2.transform(cv2.transform(img, inner), outer).astype(int)
+    one_step = cv2.transform(img, A.compose_affine(outer, inner)).astype(int)
+    assert np.abs(two_steps - one_step).max() <= 2  # only the intermediate rounding / saturation differs
+    px = img.reshape(-1, 3)
+    diff = A.apply_affine_uint8(px, inner).astype(int) - cv2.transform(img, inner).reshape(-1, 3)
+    assert np.abs(diff).max() <= 1 and (diff == 0).mean() > 0.95  # OpenCV computes in float32
+    bgr = np.ascontiguousarray(img[..., ::-1])
+    np.testing.assert_array_equal(cv2.transform(bgr, A.to_channel_order(inner, True))[..., ::-1],
+                                  cv2.transform(img, inner))
+
+
+def test_colour_samples_cover_only_label_pixels():
+    rgba = np.zeros((120, 100, 4), np.uint8)
+    rgba[..., :3] = (10, 200, 30)
+    rgba[20:100, 10:90, 3] = 255
+    rgba[20:100, 10:90, :3] = (250, 40, 40)
+    rgba[0:20, :, 3] = 60  # soft haze below the label threshold
+    s = A.colour_samples(rgba, area=80 * 80, n=400)
+    assert s.dtype == np.uint8 and s.shape[1] == 3 and 300 <= len(s) <= 1700
+    assert (s == (250, 40, 40)).all()
+    cache = A.SourceCache(1 << 20)
+    a = cache.samples("id", rgba, 80 * 80, 128)
+    assert cache.samples("id", rgba, 80 * 80, 128) is a and not a.flags.writeable and cache.hits == 1
+
+
+def test_harmonize_matrix_is_the_fitted_reinhard_map():
+    obj = _textured(200, 200, seed=7, mean=(150, 110, 90))
+    mask = np.zeros((200, 200), np.uint8)
+    cv2.circle(mask, (100, 100), 95, 1, -1)
+    ref = _textured(150, 150, seed=8, mean=(90, 120, 140))
+    px = sample_pixels(obj, mask, 400)
+    m = harmonize_matrix("reinhard", px, ref, False, fit_samples=len(px))
+    np.testing.assert_array_equal(cv2.transform(obj, m), harmonize_reinhard(obj, mask, ref, False, exact_max_pixels=0))
+    ot = harmonize_matrix("linear_ot", sample_pixels(obj, mask, 1024), ref, False)
+    np.testing.assert_array_equal(cv2.transform(obj, ot), harmonize_linear_ot(obj, mask, ref))
+    assert harmonize_matrix("none", px, ref, False) is None
+    assert harmonize_matrix("reinhard", px, ref, False, strength=0.0) is None
+    assert harmonize_matrix("reinhard", px[:3], ref, False) is None
 
 
 def test_context_window_is_local_and_clipped():

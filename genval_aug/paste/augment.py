@@ -344,10 +344,16 @@ def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
 
 
 def apply_affine_uint8(pixels: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """(N, 3) uint8 colours through a 3x4 affine, rounded and saturated as ``cv2.transform`` does."""
+    """(N, 3) uint8 colours through a 3x4 affine, rounded and saturated (``cv2.transform`` on few pixels;
+    it can differ by one level where OpenCV's float32 arithmetic rounds the other way)."""
     out = pixels.astype(np.float64) @ matrix[:, :3].T
     out += matrix[:, 3]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def samples_luma(samples: np.ndarray) -> float:
+    """Mean luma of (N, 3) RGB colours (e.g. :func:`colour_samples`); 0 when there are none."""
+    return float((samples @ _LUMA_RGB).mean()) if len(samples) else 0.0
 
 
 def mean_luma(rgba: np.ndarray, max_pixels: int = 1024) -> float:

@@ -354,7 +354,7 @@ class PasteEngine:
         matrix = None
         if cfg.colour_jitter_p > 0 and (cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue):
             if rng.random() < cfg.colour_jitter_p:
-                luma = float((samples @ A._LUMA_RGB).mean()) if len(samples) else A.mean_luma(patch)
+                luma = A.samples_luma(samples) if len(samples) else A.mean_luma(patch)
                 matrix = A.to_channel_order(
                     A.colour_matrix(rng, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, luma), bgr
                 )
