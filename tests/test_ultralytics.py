@@ -28,6 +28,7 @@ from genval_aug.errors import ConfigError  # noqa: E402
 from genval_aug.ultralytics import (  # noqa: E402
     PasteSpec,
     _AttachCallback,
+    _polygons_to_segments,
     attach,
     build_class_map,
     hook_dataset,
@@ -36,6 +37,17 @@ from genval_aug.ultralytics import (  # noqa: E402
 PASTED_IDS = sorted(BANK_CLASS_IDS.values())
 PASTE = {"n": 3}  # k = 3 instances per image, default blending and harmonization
 IMGSZ = 160
+
+
+def test_outlines_are_resampled_exactly_like_ultralytics():
+    from ultralytics.utils.ops import resample_segments
+
+    rng = np.random.default_rng(0)
+    polys = [rng.uniform(0, 640, (m, 2)).astype(np.float32) for m in (3, 120, 999, 1000, 1001, 1500, 2)]
+    boxes = np.tile(np.float32([[1, 2, 30, 40]]), (len(polys), 1))
+    ours = _polygons_to_segments(polys, boxes, 1000)
+    theirs = [p if len(p) >= 3 else np.float32([[1, 2], [30, 2], [30, 40], [1, 40]]) for p in polys]  # box fallback
+    np.testing.assert_array_equal(ours, np.stack(resample_segments([p.copy() for p in theirs], 1000)))
 
 
 @pytest.fixture(scope="module")
