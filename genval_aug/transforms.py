@@ -102,9 +102,12 @@ def _image_to_array(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
     t = img.as_subclass(torch.Tensor).detach().cpu()
     info: dict[str, Any] = {"kind": "tensor", "device": img.device}
     if t.dtype == torch.uint8:
-        hwc = t.permute(1, 2, 0).numpy()
+        chw = t.contiguous().numpy()
+        # cv2.merge interleaves the planes ~20x faster than numpy's strided transpose copy
+        hwc = cv2.merge(list(chw)) if chw.shape[0] > 1 else chw.reshape(t.shape[1], t.shape[2], 1)
     elif t.dtype.is_floating_point:
-        lo, hi = (float(t.min()), float(t.max())) if t.numel() else (0.0, 0.0)
+        lo, hi = (float(v) for v in torch.aminmax(t.float() if t.dtype == torch.bfloat16 else t)) \
+            if t.numel() else (0.0, 0.0)
         if not (np.isfinite([lo, hi]).all() and lo >= -1e-3 and hi <= 1 + 1e-3):
             raise TargetsError(f"image: float images must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}] "
                                "(put GenValPaste before v2.Normalize)")
@@ -134,14 +137,34 @@ def _restore_image(orig: Any, arr_in: np.ndarray, arr_out: np.ndarray, info: dic
         out = base.clone()
         if bw and bh:  # add the change as a delta, on the changed window only
             y0, y1, x0, x1 = y, y + bh, x // c, -(-(x + bw) // c)
-            delta = (arr_out[y0:y1, x0:x1].astype(np.float32) - arr_in[y0:y1, x0:x1].astype(np.float32)) / 255.0
+            delta = cv2.subtract(arr_out[y0:y1, x0:x1], arr_in[y0:y1, x0:x1], dtype=cv2.CV_32F)
+            delta *= np.float32(1 / 255.0)
             win = out[:, y0:y1, x0:x1]
             win += torch.from_numpy(delta).permute(2, 0, 1).to(base.dtype)
             win.clamp_(0.0, 1.0)
     else:
-        out = torch.from_numpy(arr_out).permute(2, 0, 1).contiguous()
+        out = _to_chw(arr_out)
     out = out.to(info["device"])
     return tv_tensors.wrap(out, like=orig) if isinstance(orig, tv_tensors.TVTensor) else out
+
+
+def _to_chw(hwc: np.ndarray) -> torch.Tensor:
+    """(H, W, C) uint8 -> a new contiguous (C, H, W) tensor (cv2.split into its planes, ~3x faster than
+    torch's permute + contiguous)."""
+    h, w, c = hwc.shape
+    if c == 1:
+        return torch.from_numpy(hwc.reshape(1, h, w).copy())
+    out = torch.empty((c, h, w), dtype=torch.uint8)
+    planes = list(out.numpy())
+    written = cv2.split(hwc, planes)
+    if any(a.ctypes.data != b.ctypes.data for a, b in zip(written, planes, strict=True)):  # OpenCV reallocated
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+    return out
+
+
+def _pixel_counts(masks: np.ndarray) -> np.ndarray:
+    """Foreground pixels of each (H, W) mask of an (N, H, W) bool array (cv2.countNonZero: ~10x numpy's sum)."""
+    return np.array([cv2.countNonZero(np.ascontiguousarray(m).view(np.uint8)) for m in masks], np.int64)
 
 
 # --------------------------------------------------------------------------------------------- transform
@@ -261,8 +284,8 @@ class GenValPaste(v2.Transform):
         changed = new_area = None
         if p["area"] is not None:  # pixel counts only when there is an area to update
             if masks_out is not None:
-                px_out = masks_out.sum((1, 2))
-                px_in = masks_in[kept].sum((1, 2))
+                px_out = _pixel_counts(masks_out)
+                px_in = _pixel_counts(masks_in)[kept]
                 changed = np.concatenate([~box_same | (px_out[:nk] != px_in), np.ones(m - nk, bool)])
                 new_area = px_out.astype(np.float64)
             else:

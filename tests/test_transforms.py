@@ -145,6 +145,22 @@ def test_composes_with_v2_and_sanitize(bank_path, samples, names):
         assert n > len(s.classes) - 2
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_image_layout_conversions_are_exact(channels):
+    from genval_aug.transforms import _image_to_array, _to_chw
+
+    g = torch.Generator().manual_seed(channels)
+    chw = torch.randint(0, 256, (channels, 37, 53), dtype=torch.uint8, generator=g)
+    strided = torch.randint(0, 256, (channels, 37, 106), dtype=torch.uint8, generator=g)[:, :, ::2]  # a view
+    for t in (chw, strided, tv_tensors.Image(chw)):
+        arr, info = _image_to_array(t)
+        np.testing.assert_array_equal(arr, t.permute(1, 2, 0).numpy())
+        back = _to_chw(arr)
+        assert back.is_contiguous() and back.dtype == torch.uint8
+        torch.testing.assert_close(back, t.as_subclass(torch.Tensor), rtol=0, atol=0)
+        assert back.data_ptr() != t.data_ptr()
+
+
 def test_grayscale_rgba_and_empty_samples(bank_path, samples, names):
     cm = class_map_from_names(names, bank_path)
     paste = GenValPaste(bank_path, class_map=cm, seed=3, n=2)
