@@ -297,6 +297,9 @@ def test_colour_samples_cover_only_label_pixels():
     s = A.colour_samples(rgba, area=80 * 80, n=400)
     assert s.dtype == np.uint8 and s.shape[1] == 3 and 300 <= len(s) <= 1700
     assert (s == (250, 40, 40)).all()
+    thin = np.zeros((200, 200, 4), np.uint8)
+    thin[np.arange(199), np.arange(1, 200)] = (5, 6, 7, 255)  # a 1-px line off every grid point (i, i+1)
+    assert len(A.colour_samples(thin, area=199, n=8)) == 199
     cache = A.SourceCache(1 << 20)
     a = cache.samples("id", rgba, 80 * 80, 128)
     assert cache.samples("id", rgba, 80 * 80, 128) is a and not a.flags.writeable and cache.hits == 1

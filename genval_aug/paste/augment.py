@@ -198,11 +198,15 @@ def unbleed_source(rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def colour_samples(rgba: np.ndarray, area: int, n: int = 1024, threshold: int = 128) -> np.ndarray:
-    """About ``n`` (at least 1 per grid cell) RGB colours of the pixels with alpha >= ``threshold``, on a
-    regular grid, as an (N, 3) uint8 array; ``area``: the number of such pixels (sets the grid step)."""
+    """About ``n`` RGB colours of the pixels with alpha >= ``threshold``, on a regular grid (every such pixel
+    when the grid catches fewer than 16 of a thin object), as an (N, 3) uint8 array; ``area``: the number of
+    such pixels (sets the grid step)."""
     step = max(int(math.sqrt(max(area, 1) / n)), 1)
     sub = rgba[::step, ::step]
-    return np.ascontiguousarray(sub[sub[..., 3] >= threshold][:, :3])
+    out = sub[sub[..., 3] >= threshold][:, :3]
+    if step > 1 and len(out) < min(16, area):  # a thin object the grid missed: take every label pixel
+        out = rgba[rgba[..., 3] >= threshold][:, :3]
+    return np.ascontiguousarray(out)
 
 
 def _arrays_bytes(arrays: tuple[np.ndarray, ...]) -> int:
