@@ -118,9 +118,13 @@ def decode_rgba(data: bytes, *, record_id: str = "?") -> np.ndarray:
             if magic == _LZ4_MAGIC:
                 import cramjam
 
-                raw = bytearray(cramjam.lz4.decompress_block(body))
-            else:
-                raw = bytearray(zlib.decompress(body))
+                # straight into the array (its size is known from the header): no intermediate copy
+                out = np.empty((h, w, 4), np.uint8)
+                n = cramjam.lz4.decompress_block_into(body, out.reshape(-1))
+                if n != out.size:
+                    raise ValueError(f"{n} bytes decoded, {h}x{w}x4 = {out.size} expected")
+                return out
+            raw = bytearray(zlib.decompress(body))
             return np.frombuffer(raw, np.uint8).reshape(h, w, 4)
         except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt record
             raise BadRecordError(f"record {record_id}: corrupt {magic.decode(errors='replace')} image ({e})") from None
