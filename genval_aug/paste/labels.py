@@ -208,9 +208,11 @@ class OcclusionTracker:
     def _own_original(self, o: _Object) -> None:
         """Give an original object an owned local mask on first touch (copy / rasterize)."""
         i = o.source_index
-        if self.mode == "masks":
-            m = self.masks[i].astype(bool, copy=True)
-            o.x0 = o.y0 = 0
+        if self.mode == "masks":  # own only the mask's extent: later steps touch a crop, not H x W
+            full = self.masks[i]
+            ext = mask_extent(full)
+            x0, y0, x1, y1 = ext if ext is not None else (0, 0, 0, 0)
+            o.x0, o.y0, m = x0, y0, full[y0:y1, x0:x1].copy()
         else:
             o.x0, o.y0, m = rasterize_polygon(self.polygons[i], self.H, self.W, self._poly_boxes[i])
         o.mask = m
