@@ -218,12 +218,9 @@ def harmonize_linear_ot(
     """Linear optimal-transport colour transfer of ``colour`` towards ``reference`` (local window)."""
     if strength <= 0 or reference.size == 0:
         return colour
-    src = sample_pixels(colour, mask, max_pixels)
-    if len(src) < 4:
-        return colour
-    ref = _downsample(reference, max_pixels).reshape(-1, 3)
-    m = linear_ot_matrix(src, ref, strength, max_gain=max_gain)
-    return cv2.transform(colour, m)
+    m = harmonize_matrix("linear_ot", sample_pixels(colour, mask, max_pixels), reference, False, strength,
+                         max_gain=max_gain, ot_max_pixels=max_pixels)
+    return colour if m is None else cv2.transform(colour, m)
 
 
 def harmonize(
