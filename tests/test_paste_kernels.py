@@ -88,14 +88,14 @@ def test_colour_matrix_identity_and_grey_preserved():
     np.testing.assert_allclose(grey, 90.0, atol=1e-9)
 
 
-def test_apply_colour_bgr_is_channel_swap():
+def test_colour_jitter_in_bgr_is_channel_swap():
     rng = np.random.default_rng(2)
     rgba = np.dstack([rng.integers(0, 255, (20, 30, 3), np.uint8), np.full((20, 30), 255, np.uint8)])
     m = A.colour_matrix(rng, 0.2, 0.2, 0.2, 0.05, A.mean_luma(rgba))
-    rgb = A.apply_colour(rgba, m, bgr=False).rgb
-    bgr = A.apply_colour(rgba, m, bgr=True).rgb
+    rgb = cv2.transform(A.split_patch(rgba, bgr=False).rgb, m)
+    bgr = cv2.transform(A.split_patch(rgba, bgr=True).rgb, A.to_channel_order(m, True))
     np.testing.assert_array_equal(rgb, bgr[..., ::-1])
-    np.testing.assert_array_equal(A.apply_colour(rgba, None, bgr=True).rgb, rgba[..., 2::-1])
+    np.testing.assert_array_equal(A.split_patch(rgba, bgr=True).rgb, rgba[..., 2::-1])
 
 
 def test_rotation_grows_canvas_and_keeps_area():

@@ -1,8 +1,9 @@
 """Per-instance augmentation before pasting: scale, aspect jitter, flip, rotation, colour jitter.
 
 Kernels are pure functions on small arrays (the instance, never the target image). Colour jitter is one
-3x4 affine colour matrix applied with ``cv2.transform`` (brightness, contrast, saturation and a hue rotation
-about the grey axis compose into a single matrix), which also performs the RGB -> BGR swap for BGR targets.
+3x4 affine colour matrix (brightness, contrast, saturation and a hue rotation about the grey axis compose into
+a single matrix); :func:`to_channel_order` rewrites it for BGR images, and the engine composes it with the
+harmonizer's affine so both are applied in one ``cv2.transform``.
 """
 from __future__ import annotations
 
@@ -316,20 +317,13 @@ def resize_rotate_flip(
     return out
 
 
-def apply_colour(rgba: np.ndarray, matrix: np.ndarray | None, bgr: bool) -> ObjectPatch:
-    """Split an RGBA patch into (colour in target order, alpha), applying a 3x4 RGB colour matrix if given.
-
-    The patch is re-cropped to alpha > 0 (rotation adds transparent corners).
-    """
+def split_patch(rgba: np.ndarray, bgr: bool) -> ObjectPatch:
+    """Split an RGBA patch into (colour in the image's channel order, alpha), re-cropped to alpha > 0
+    (rotation adds transparent corners)."""
     alpha = cv2.extractChannel(rgba, 3)
     x, y, w, h = cv2.boundingRect(alpha)
     rgba, alpha = rgba[y : y + h, x : x + w], alpha[y : y + h, x : x + w]
-    if matrix is None:
-        colour = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGR if bgr else cv2.COLOR_RGBA2RGB)
-    else:
-        m = matrix[::-1] if bgr else matrix  # row permutation = output in BGR order
-        # OpenCV's fast path is 3 -> 3 channels (a 3x5 matrix on RGBA is ~10x slower)
-        colour = cv2.transform(cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB), np.ascontiguousarray(m, np.float64))
+    colour = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGR if bgr else cv2.COLOR_RGBA2RGB)
     return ObjectPatch(rgb=colour, alpha=np.ascontiguousarray(alpha))
 
 

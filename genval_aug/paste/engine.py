@@ -358,7 +358,7 @@ class PasteEngine:
                 matrix = A.to_channel_order(
                     A.colour_matrix(rng, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, luma), bgr
                 )
-        return A.apply_colour(patch, None, bgr), matrix, (samples[:, ::-1] if bgr else samples)
+        return A.split_patch(patch, bgr), matrix, (samples[:, ::-1] if bgr else samples)
 
     def _colour(
         self, patch: A.ObjectPatch, jitter: np.ndarray | None, samples: np.ndarray, label: np.ndarray,
