@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from genval_aug.errors import ConfigError
+from genval_aug.paste.labels import mask_extent, rasterize_polygon
 
 BG = (255, 255, 255)
 CHECKER = ((205, 205, 205), (245, 245, 245))
@@ -210,19 +211,13 @@ def _dashed_rect(img: np.ndarray, p1: tuple[int, int], p2: tuple[int, int], colo
                 cv2.line(img, (fixed, s), (fixed, e), color, thickness, cv2.LINE_AA)
 
 
-def _polygon_region(polygon: np.ndarray, h: int, w: int) -> tuple[int, int, np.ndarray] | None:
-    """(x0, y0, bool mask) of a filled pixel polygon cropped to its pixels inside an (h, w) image, or None."""
-    pts = np.round(np.asarray(polygon, np.float64)).astype(np.int32).reshape(-1, 2)
-    x0, y0 = max(int(pts[:, 0].min()), 0), max(int(pts[:, 1].min()), 0)
-    x1, y1 = min(int(pts[:, 0].max()) + 1, w), min(int(pts[:, 1].max()) + 1, h)
-    if x1 <= x0 or y1 <= y0:
+def _crop_to_pixels(x0: int, y0: int, mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+    """(x0, y0, bool mask) of ``mask`` (placed at x0, y0) cropped to its pixel extent, or None when empty."""
+    ext = mask_extent(mask)
+    if ext is None:
         return None
-    region = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    cv2.fillPoly(region, [(pts - (x0, y0)).astype(np.int32).reshape(-1, 1, 2)], 1)
-    if not region.any():
-        return None
-    ys, xs = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
-    return x0 + int(xs[0]), y0 + int(ys[0]), region[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1].astype(bool)
+    ex0, ey0, ex1, ey1 = ext
+    return x0 + ex0, y0 + ey0, mask[ey0:ey1, ex0:ex1].astype(bool, copy=False)
 
 
 def draw_labels(
@@ -256,12 +251,9 @@ def draw_labels(
         color = class_color(int(classes[i]))
         local = None  # (x0, y0, bool mask of the object's extent)
         if masks is not None:
-            region = np.asarray(masks[i]) != 0
-            if region.any():
-                ys, xs = np.nonzero(region.any(1))[0], np.nonzero(region.any(0))[0]
-                local = (xs[0], ys[0], region[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1])
+            local = _crop_to_pixels(0, 0, np.asarray(masks[i]) != 0)
         elif polygons is not None and polygons[i] is not None and len(polygons[i]) >= 3:
-            local = _polygon_region(polygons[i], h, w)
+            local = _crop_to_pixels(*rasterize_polygon(polygons[i], h, w))
         if local is not None:
             x0, y0, sub = local
             crop = out[y0 : y0 + sub.shape[0], x0 : x0 + sub.shape[1]]
