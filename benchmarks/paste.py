@@ -10,7 +10,9 @@ engine alone) or stored in a real LMDB
 bank ("bank" row: adds sampling + decode). With only 10 instances the engine's per-instance source cache
 (``PasteConfig.source_cache_mb``) always hits after warm-up; the "source cache off" rows show the cost when every
 draw is a miss (a bank much larger than the cache). The baseline is ``ultralytics.data.augment.CopyPaste(p=0.5,
-mode="flip")`` on the same images in the same run, interleaved per image. Times are CPU time of the calling
+mode="flip")`` on the same images in the same run, interleaved per image. The "OpenCV floor" row times only the
+unavoidable OpenCV calls for the same number of instances (see ``opencv_floor``): a lower bound for any engine
+built from these primitives. Times are CPU time of the calling
 thread (``time.thread_time_ns``), so other processes on a shared machine inflate them less than wall-clock.
 Prints median / p90 ms per image and the ratio of medians to the baseline.
 """
@@ -164,6 +166,46 @@ def ultralytics_copypaste(samples):
     return fn, counts
 
 
+def opencv_floor(instances, k: int):
+    """The fewest OpenCV calls any paste with the default mode's features needs, per image: copy the image;
+    per instance (size drawn as the engine draws it, uniform position): bilinear resize, split colour/alpha,
+    one colour affine, feathered alpha, alpha composite, outline of the label mask. No harmonization
+    statistics, colour-bleed guard, overlap test, occlusion of other objects or input checks: a lower bound
+    for the engine built from these primitives, not an alternative to it."""
+    from genval_aug.paste import augment as A
+
+    crops = [A.crop_to_alpha(inst.rgba) for inst in instances]
+    cfg = PasteConfig()
+    m = np.array([[1.05, 0.02, 0.0, 3.0], [0.0, 0.95, 0.03, -2.0], [0.02, 0.0, 1.0, 1.0]])
+
+    def fn(s, rng):
+        img = s[0]
+        H, W = img.shape[:2]
+        out = img.copy()
+        for j in rng.integers(0, len(crops), size=k):
+            crop, area = crops[j]
+            rel = A.sample_relative_size(rng, None, cfg.scale_range)
+            h, w = A.target_size(crop.shape[:2], area, (H, W), rel, 1.0, cfg.min_side)
+            x, y = int(rng.integers(-(w // 2), W - w // 2)), int(rng.integers(-(h // 2), H - h // 2))
+            patch = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
+            alpha = cv2.extractChannel(patch, 3)
+            colour = cv2.transform(cv2.cvtColor(patch, cv2.COLOR_RGBA2BGR), m)
+            soft = cv2.min(alpha, cv2.GaussianBlur(alpha, (5, 5), cfg.feather_sigma))
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            py, px = slice(y0 - y, y1 - y), slice(x0 - x, x1 - x)
+            dst = out[y0:y1, x0:x1]
+            a3 = cv2.cvtColor(np.ascontiguousarray(soft[py, px]), cv2.COLOR_GRAY2BGR)
+            fg = cv2.multiply(np.ascontiguousarray(colour[py, px]), a3, scale=1 / 255.0)
+            bg = cv2.multiply(np.ascontiguousarray(dst), cv2.bitwise_not(a3), scale=1 / 255.0)
+            dst[...] = cv2.add(fg, bg)
+            _, label = cv2.threshold(alpha, cfg.label_threshold - 1, 1, cv2.THRESH_BINARY)
+            cv2.findContours(label, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+
+    return fn
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path,
@@ -197,6 +239,7 @@ def main() -> None:
     fns = {"CopyPaste": base_fn}
     for k in ks:
         fns[f"default (feather+reinhard)|{k}"] = engine_fn(PasteEngine(source, PasteConfig(n=k)))
+    fns["OpenCV floor (see opencv_floor)|3"] = opencv_floor(instances, 3)
     for k in ks:  # every draw prepares its instance from scratch (a bank much larger than the cache)
         fns[f"default, source cache off|{k}"] = engine_fn(PasteEngine(source, PasteConfig(n=k, source_cache_mb=0)))
     bank_dir = tempfile.TemporaryDirectory()
