@@ -83,7 +83,7 @@ def build_bank(data: Path, path: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("GENVAL_AUG_SHARED_DATA", ROOT.parent / "shared" / "data")))
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n", type=int, default=3, help="instances pasted per image")

@@ -2,12 +2,14 @@
 alone and while a concurrent writer process commits new instances.
 
 Goal (issue 2): >= 50k raw reads/s and >= 3k decoded instances/s per process.
-Usage: python benchmarks/bank_read.py [--n 10000] [--side 150] [--seconds 3]
+Usage: python benchmarks/bank_read.py [--data ../shared/data] [--n 10000] [--side 150] [--seconds 3]
+(data: --data, else $GENVAL_AUG_SHARED_DATA, else ../shared/data beside the repository)
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -20,18 +22,19 @@ import numpy as np
 
 from genval_aug.bank import BankSampler, BankWriter, InstanceBank
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rgba_objects"
+DEFAULT_DATA = Path(os.environ.get("GENVAL_AUG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def load_cutouts() -> list[np.ndarray]:
-    """Real photo cut-outs (../shared/data/rgba_objects), cropped to their alpha box; synthetic if absent."""
+def load_cutouts(data: Path) -> list[np.ndarray]:
+    """Real photo cut-outs (``data``/rgba_objects), cropped to their alpha box; synthetic if absent."""
     out = []
-    for f in sorted(SHARED.glob("*.png")):
+    folder = data / "rgba_objects"
+    for f in sorted(folder.glob("*.png")):
         im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
         x, y, w, h = cv2.boundingRect((im[..., 3] > 0).astype(np.uint8))
         out.append(cv2.cvtColor(im[y:y + h, x:x + w], cv2.COLOR_BGRA2RGBA))
     if not out:
-        print(f"note: {SHARED} not found; using synthetic blobs (PNG sizes will not be realistic)")
+        print(f"note: {folder} not found; using synthetic blobs (PNG sizes will not be realistic)")
         rng = np.random.default_rng(0)
         for _ in range(10):
             rgb = cv2.resize(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), (300, 300), interpolation=cv2.INTER_CUBIC)
@@ -53,17 +56,17 @@ def instance(cutouts: list[np.ndarray], rng: np.random.Generator, side: int) -> 
     return im
 
 
-def build(path: str, n: int, side: int, start: int = 0) -> None:
+def build(path: str, n: int, side: int, data: Path, start: int = 0) -> None:
     rng = np.random.default_rng(start)
-    cutouts = load_cutouts()
+    cutouts = load_cutouts(data)
     with BankWriter(path, batch_size=256) as w:
         for i in range(start, start + n):
             w.add(instance(cutouts, rng, side), category=f"class_{i % 50}", source={"kind": "bench", "i": i})
 
 
-def writer_loop(path: str, side: int, seconds: float) -> None:
+def writer_loop(path: str, side: int, seconds: float, data: Path) -> None:
     rng = np.random.default_rng(10**6)
-    cutouts = load_cutouts()
+    cutouts = load_cutouts(data)
     deadline = time.monotonic() + seconds
     with BankWriter(path, batch_size=32) as w:
         i = 0
@@ -94,6 +97,7 @@ def measure(path: str, seconds: float) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (holds rgba_objects/)")
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--side", type=int, default=150)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -102,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = str(Path(d) / "bench.lmdb")
         t0 = time.perf_counter()
-        build(path, args.n, args.side)
+        build(path, args.n, args.side, args.data)
         build_s = time.perf_counter() - t0
         size = (Path(path) / "data.mdb").stat().st_size
         print(f"built {args.n} instances of ~{args.side}x{args.side} in {build_s:.1f}s "
@@ -110,7 +114,7 @@ def main() -> None:
         raw, dec = measure(path, args.seconds)
         print(f"alone:             {raw:10.0f} raw reads/s   {dec:8.0f} decoded instances/s")
         ctx = mp.get_context("spawn")
-        wp = ctx.Process(target=writer_loop, args=(path, args.side, 2 * args.seconds + 5))
+        wp = ctx.Process(target=writer_loop, args=(path, args.side, 2 * args.seconds + 5, args.data))
         wp.start()
         time.sleep(3.0)  # let the spawned writer start committing
         raw_w, dec_w = measure(path, args.seconds)
