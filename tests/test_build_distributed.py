@@ -60,6 +60,16 @@ def ids(path) -> set[str]:
     return set(InstanceBank(path, refresh_interval=None).ids())
 
 
+def assert_category_ids(*banks) -> None:
+    """Classes named without ids get them in config order, however the bank was built (shards merge
+    in another order): the bank's table and every record agree."""
+    want = {c: i for i, c in enumerate(CLASSES)}
+    for path in banks:
+        bank = InstanceBank(path, refresh_interval=None)
+        assert bank.category_ids() == want, path
+        assert all(m["category_id"] == want[m["category"]] for m in bank.iter_meta()), path
+
+
 def test_split_is_deterministic_and_balanced(tmp_path):
     deficits = {"a": 100, "b": 60, "c": 50, "d": 40, "e": 0, "f": 10}
     shares = assign_classes(deficits, 2)
@@ -97,6 +107,7 @@ def test_torchrun_two_ranks_merge_equals_single_process(tmp_path):
     single = tmp_path / "single.lmdb"
     BankBuilder(load_config(cfg_path), bank=single).run()
     assert ids(out) == ids(single)                              # same ids as one process
+    assert_category_ids(out, single)
     assert InstanceBank(out).categories() == {"mug": 20, "kite": 14, "shoe": 8, "lamp": 8, "bell": 8}
     assert verify(out).ok
     for c in CLASSES:                                            # prompt caches merged with the records
@@ -141,6 +152,7 @@ def test_crashed_rank_rerun_alone_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     BankBuilder(fast, bank=tmp_path / "single.lmdb").run()
     assert ids(out) == ids(tmp_path / "single.lmdb")
+    assert_category_ids(out, tmp_path / "single.lmdb")
     units: dict[str, list[int]] = {}
     for m in InstanceBank(out).iter_meta():
         units.setdefault(m["category"], []).append(m["source"]["unit"])

@@ -207,6 +207,7 @@ class _ClassState:
     capacity: int | None = None
     gave_up: bool = False
     names: list[str] | None = None   # unit i = names[i] (sources with named units)
+    category_id: int | None = None   # bank category id its instances get (see BankBuilder._category_ids)
 
     @property
     def deficit(self) -> int:
@@ -348,6 +349,27 @@ class BankBuilder:
         return failed
 
     # -- state ------------------------------------------------------------------------------
+    def _category_ids(self, bank: InstanceBank) -> dict[str, int]:
+        """The bank category id of every configured class: its configured id, else the id it already has in
+        a base bank (the merged output) or this bank, else the next free id in config order. The same in a
+        one-process build and in every rank's shard, so merged shards keep the ids a single process gives."""
+        known: dict[str, int] = {}
+        for b in [*self.base_banks, bank]:
+            for name, cid in b.category_ids().items():
+                known.setdefault(name, int(cid))
+        used = set(known.values()) | {c.category_id for c in self.config.classes if c.category_id is not None}
+        ids: dict[str, int] = {}
+        nxt = max(used, default=-1) + 1
+        for c in self.config.classes:
+            if c.category_id is not None:
+                ids[c.name] = c.category_id
+            elif c.name in known:
+                ids[c.name] = known[c.name]
+            else:
+                ids[c.name] = nxt
+                nxt += 1
+        return ids
+
     def _counts(self, bank: InstanceBank) -> dict[str, int]:
         counts = Counter(bank.categories())
         for b in self.base_banks:
@@ -364,11 +386,12 @@ class BankBuilder:
             for k, v in scan_units(b, self.config.name).items():
                 settled.setdefault(k, set()).update(v)
         source = self._component("source")
+        ids = self._category_ids(bank)
         states = {}
         for c in self.classes:
             t = (targets or {}).get(c.name, c.target)
             st = _ClassState(spec=c, target=int(t), have=counts.get(c.name, 0),
-                             done=set(settled.get(c.name, ())))
+                             done=set(settled.get(c.name, ())), category_id=ids[c.name])
             while st.cursor in st.done:
                 st.cursor += 1
             states[c.name] = st
@@ -734,7 +757,7 @@ class BankBuilder:
                 if not self._reject(writer, c, src, vd):
                     unstored.setdefault(u.category, {})[u.index] = "validator:" + ",".join(failed or ["rejected"])
                 continue
-            writer.add(c.rgba, category=u.category, category_id=st.spec.category_id, source=src, verdict=vd)
+            writer.add(c.rgba, category=u.category, category_id=st.category_id, source=src, verdict=vd)
         if batch_reasons:
             writer.record_rejections(dict(batch_reasons))
             report.rejected.update(batch_reasons)
