@@ -141,6 +141,8 @@ def contact_sheet(bank, out: str | os.PathLike | None = None, *, per_class: int 
             raise ConfigError(f"{bank.path}: no instances of {', '.join(map(repr, missing))}")
         names = list(classes)
     if max_classes is not None:
+        if max_classes < 1:
+            raise ConfigError(f"max_classes must be >= 1, got {max_classes}")
         names = names[:max_classes]
     if not names:
         raise ConfigError(f"{bank.path}: the bank is empty, nothing to show")

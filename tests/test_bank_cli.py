@@ -89,12 +89,34 @@ def test_stats_json_show_verify(harvested, tmp_path, capsys):
     assert main(["bank", "stats", str(bank), "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "rejections: too_small" in out and "verdicts: keep 0, reject 0, none" in out
+    m = re.search(r"(\d+) annotations in \d+ images -> (\d+) kept, (\d+) already in the bank, (\d+) rejected, "
+                  r"(\d+) bad input, (\d+) skipped", out)
+    assert m and int(m.group(1)) == sum(int(g) for g in m.groups()[1:]), out  # every annotation accounted for
     png = tmp_path / "sheet.png"
     assert main(["bank", "show", str(bank), "--out", str(png), "--per-class", "4", "--max-classes", "3",
                  "--cell", "64"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bank", "verify", str(bank)]) == 0
     assert ": OK" in capsys.readouterr().out
+
+
+def test_output_piped_into_head_and_bad_max_classes(harvested, tmp_path):
+    _, bank = harvested
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cli = f"{sys.executable} -m genval_aug.cli"
+    # output into a pipe whose reader is gone (as `| head` after its lines): no BrokenPipeError traceback
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([*cli.split(), "bank", "stats", str(bank)], stdout=w, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env=env)
+    finally:
+        os.close(w)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    proc = subprocess.run([*cli.split(), "bank", "show", str(bank), "--out", str(tmp_path / "s.png"),
+                           "--max-classes", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "max_classes must be >= 1" in proc.stderr, proc.stderr
 
 
 def test_export_import_merge(harvested, tmp_path, capsys):

@@ -259,7 +259,8 @@ def cmd_stats(args) -> int:
     print(line)
     for name, h in s["harvests"].items():
         print(f"{name}: {h.get('annotations', 0)} annotations in {h.get('images', 0)} images -> "
-              f"{h.get('kept', 0)} kept, {sum(h.get('rejected', {}).values())} rejected, "
+              f"{h.get('kept', 0)} kept, {h.get('duplicates', 0)} already in the bank, "
+              f"{sum(h.get('rejected', {}).values())} rejected, "
               f"{sum(h.get('bad_input', {}).values())} bad input, {sum(h.get('skipped', {}).values())} skipped")
     for name, b in s["builds"].items():
         deficit = ", ".join(f"{k} {v}" for k, v in list((b.get("deficit") or {}).items())[:5])
