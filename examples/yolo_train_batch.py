@@ -21,7 +21,6 @@ import cv2
 import numpy as np
 import yaml
 
-TMP = Path(tempfile.mkdtemp(prefix="genval-yolo-example-"))
 ROOT = Path(__file__).resolve().parents[1]
 BANK = {"rembg_girl-1.png": "person", "rembg_girl-2.png": "person", "rembg_girl-3.png": "person",
         "rembg_car-1.png": "car", "rembg_car-2.png": "car", "rembg_animal-2.png": "elephant"}
@@ -70,25 +69,32 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from genval_aug.offline import use_offline_environment
 
-    use_offline_environment(TMP)
+    tmp = Path(tempfile.mkdtemp(prefix="genval-yolo-example-"))
+    try:
+        use_offline_environment(tmp)
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    """Build the bank, train, copy the picture (scratch files under ``tmp``)."""
     import torch
     from ultralytics import YOLO
 
     from genval_aug.ultralytics import attach
 
     torch.set_num_threads(1 if args.smoke else 2)
-    bank = build_bank(args.data / "rgba_objects", TMP / "bank.lmdb")
-    data = copy_images(args.data / "coco128-seg", TMP / "data", 4 if args.smoke else 16)
+    bank = build_bank(args.data / "rgba_objects", tmp / "bank.lmdb")
+    data = copy_images(args.data / "coco128-seg", tmp / "data", 4 if args.smoke else 16)
     model = attach(YOLO("yolo11n-seg.yaml"), bank=bank, n=3)
     epochs, imgsz = (1, 64) if args.smoke else (2, args.imgsz)
     model.train(data=str(data), epochs=epochs, close_mosaic=1, imgsz=imgsz, batch=4, device="cpu", workers=0,
-                plots=True, val=False, amp=False, project=str(TMP / "runs"), name="seg", exist_ok=True, seed=0)
-    src = TMP / "runs" / "seg" / f"train_batch{args.batch_index}.jpg"
+                plots=True, val=False, amp=False, project=str(tmp / "runs"), name="seg", exist_ok=True, seed=0)
+    src = tmp / "runs" / "seg" / f"train_batch{args.batch_index}.jpg"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, args.out)
     print(f"saved {args.out} ({args.out.stat().st_size / 1024:.0f} KB) from {src}")
-    shutil.rmtree(TMP, ignore_errors=True)
 
 
 if __name__ == "__main__":
