@@ -208,6 +208,20 @@ def test_truncated_patch_is_clipped():
     assert not np.array_equal(img, before)
 
 
+@pytest.mark.parametrize("mode", ["hard", "alpha", "feather", "poisson"])
+@pytest.mark.parametrize("xy", [(3, 4), (-5, 0), (9, 9)])
+def test_one_pixel_region_of_an_rgba_image(mode, xy):
+    """The engine blends into the colour view of an RGBA image; a region clipped to 1x1 px (a tiny object, or
+    one mostly outside the image) is a view numpy calls contiguous but OpenCV cannot write into."""
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    h, w = (1, 1) if xy == (3, 4) else (1, 6) if xy == (-5, 0) else (5, 5)
+    colour, alpha = np.full((h, w, 3), 200, np.uint8), np.full((h, w), 255, np.uint8)
+    blend_patch(rgba[..., :3], colour, alpha, *xy, mode, feather_sigma=0)
+    x, y = max(xy[0], 0), max(xy[1], 0)
+    np.testing.assert_array_equal(rgba[y, x], [200, 200, 200, 0])
+    assert np.count_nonzero(rgba) == 3
+
+
 # --------------------------------------------------------------------------------------------- harmonize
 
 
