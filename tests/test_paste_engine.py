@@ -211,3 +211,19 @@ def test_empty_targets_and_tiny_image(memory_source):  # noqa: F811
         assert res.targets.mode == mode
     res = engine(np.zeros((6, 5, 3), np.uint8), Targets.empty(), np.random.default_rng(0))
     assert (res.targets.boxes[:, 2] <= 5).all() and (res.targets.boxes[:, 3] <= 6).all()
+
+
+def test_instance_that_vanishes_when_shrunk_is_not_pasted():
+    """A sparse instance (two opaque pixels far apart) shrunk into a tiny image keeps no visible pixel after the
+    anti-aliased resize; it is not pasted (it used to crash in cv2.cvtColor on the empty patch)."""
+    sparse = np.zeros((400, 400, 4), np.uint8)
+    sparse[..., :3] = 90
+    sparse[0, 0, 3] = sparse[399, 399, 3] = 255
+    src = MemorySource([MemoryInstance("sparse", "x", 0, sparse)])
+    engine = PasteEngine(src, PasteConfig(n=3, scale_range=(0.5, 0.5), allow_truncation=False, max_ioa=1.0))
+    image = np.zeros((8, 8, 3), np.uint8)
+    res = engine(image, Targets.empty(), np.random.default_rng(0))
+    assert res.placements == [] and len(res.targets) == 0 and np.array_equal(res.image, image)
+    assert engine.skipped == 0  # the instance itself is usable (it pastes into larger images)
+    res = engine(np.zeros((400, 400, 3), np.uint8), Targets.empty(), np.random.default_rng(0))
+    assert len(res.placements) == 3

@@ -358,7 +358,11 @@ class PasteEngine:
                 matrix = A.to_channel_order(
                     A.colour_matrix(rng, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, luma), bgr
                 )
-        return A.split_patch(patch, bgr), matrix, (samples[:, ::-1] if bgr else samples)
+        patch = A.split_patch(patch, bgr)
+        if patch.alpha.size == 0:  # the resize left no visible pixel (sparse or thin instance, small image)
+            logger.debug("instance %s vanished when resized to %s; not pasted", key, size)
+            return None
+        return patch, matrix, (samples[:, ::-1] if bgr else samples)
 
     def _colour(
         self, patch: A.ObjectPatch, jitter: np.ndarray | None, samples: np.ndarray, label: np.ndarray,
