@@ -383,10 +383,12 @@ def _parse_sample(sample: Any, flat: list[Any], extra_fields: Mapping[str, Any])
     handled |= {id(target[k]) for k in (lkey, area_key, crowd_key) if k is not None}
     extra = []
     for k, v in target.items():
-        if id(v) in handled or not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != n or n == 0:
+        if id(v) in handled or not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != n:
             continue
-        if k in extra_fields:
+        if k in extra_fields:  # also for an empty target: its pasted objects need their rows
             extra.append((index_of(k), extra_fields[k]))
+            continue
+        if n == 0:  # any empty tensor looks per-object here: only the named ones are filled
             continue
         raise TargetsError(f"{k}: a per-object field GenValPaste cannot fill for pasted objects; pass "
                           f"extra_fields={{{k!r}: <value for pasted objects>}} or drop it from the target")
