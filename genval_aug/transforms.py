@@ -138,6 +138,7 @@ def _restore_image(orig: Any, arr_in: np.ndarray, arr_out: np.ndarray, info: dic
         if bw and bh:  # add the change as a delta, on the changed window only
             y0, y1, x0, x1 = y, y + bh, x // c, -(-(x + bw) // c)
             delta = cv2.subtract(arr_out[y0:y1, x0:x1], arr_in[y0:y1, x0:x1], dtype=cv2.CV_32F)
+            delta = delta.reshape(y1 - y0, x1 - x0, c)  # OpenCV drops the channel axis of 1-channel images
             delta *= np.float32(1 / 255.0)
             win = out[:, y0:y1, x0:x1]
             win += torch.from_numpy(delta).permute(2, 0, 1).to(base.dtype)
