@@ -163,7 +163,8 @@ class GenValPaste(DualTransform):
                               "with a 'bboxes' target")
         label_fields = list(processor.params.label_fields or [])
         bboxes = np.asarray(data["bboxes"])
-        n_extra = bboxes.shape[1] - 4 if bboxes.ndim == 2 and len(bboxes) else len(label_fields)
+        # an empty box list has lost its columns: one per label field, or the class column without label fields
+        n_extra = bboxes.shape[1] - 4 if bboxes.ndim == 2 and len(bboxes) else len(label_fields) or 1
         bboxes = bboxes.reshape(-1, 4 + n_extra) if bboxes.size else np.zeros((0, 4 + n_extra), np.float32)
         n = len(bboxes)
         class_col, encoders = self._label_columns(processor, label_fields, n_extra, n)
