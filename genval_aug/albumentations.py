@@ -292,7 +292,8 @@ class GenValPaste(DualTransform):
 
     @staticmethod
     def _pack_masks(masks_in: Any, new: np.ndarray) -> Any:
-        ref = np.asarray(masks_in) if len(masks_in) else None
+        # an array keeps its dtype also when empty; an empty list has none (uint8 then)
+        ref = np.asarray(masks_in) if len(masks_in) or isinstance(masks_in, np.ndarray) else None
         dtype = ref.dtype if ref is not None else np.uint8
         if dtype == np.bool_:
             out = new

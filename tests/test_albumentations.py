@@ -286,3 +286,15 @@ def test_empty_boxes_without_label_fields(empty):
     rows = np.asarray(out["bboxes"])
     assert rows.shape == (2, 5) and (rows[:, 4] == 3).all()
     assert (rows[:, 2] > rows[:, 0]).all() and (rows[:, 3] > rows[:, 1]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.float32])
+def test_empty_mask_array_keeps_its_dtype(dtype):
+    """Pasted masks take the dtype of the input masks, also of an empty (0, H, W) array (bool masks used to
+    come back as uint8 when the image had no objects)."""
+    tf = A.Compose([GenValPaste(_square_source(), config={"n": 2, "max_ioa": 1.0}, p=1.0)],
+                   bbox_params=A.BboxParams(format="pascal_voc", label_fields=["cls"]), seed=0)
+    out = tf(image=np.zeros((64, 64, 3), np.uint8), bboxes=[], cls=[], masks=np.zeros((0, 64, 64), dtype))
+    masks = np.asarray(out["masks"])
+    assert masks.shape == (2, 64, 64) and masks.dtype == dtype
+    assert set(np.unique(masks).tolist()) == {0, 1}
