@@ -157,6 +157,8 @@ def test_bad_targets_raise_clear_errors(memory_source):  # noqa: F811
         (Targets(np.array([[130, 10, 150, 50]], np.float32), np.array([1])), "outside"),
         (Targets(np.array([[np.nan, 10, 15, 50]], np.float32), np.array([1])), "not finite"),
         (Targets(b, np.array([0.5])), "integers"),
+        (Targets(b, np.array(["person"])), "integers"),  # used to be numpy's TypeError from np.mod
+        (Targets(b, np.array([None])), "integers"),
         (Targets(b, np.array([1]), masks=np.zeros((1, 100, 120), bool), polygons=[np.zeros((3, 2))]), "not both"),
     ]
     for t, msg in cases:
@@ -166,6 +168,11 @@ def test_bad_targets_raise_clear_errors(memory_source):  # noqa: F811
         engine(img.astype(np.float32), Targets.empty(), rng)
     with pytest.raises(TargetsError, match="image must be"):
         engine(np.zeros((10, 10, 5), np.uint8), Targets.empty(), rng)
+    res = engine(img, Targets(b, np.array([3], object)), rng)  # an object array of whole numbers is fine
+    assert res.targets.classes[0] == 3 and res.targets.classes.dtype == np.int64
+    for shape in [(0, 0, 3), (5, 0, 3), (0, 7), (0, 4, 1), (0, 4, 4)]:  # used to be ZeroDivisionError / cv2.error
+        with pytest.raises(TargetsError, match="positive height and width"):
+            engine(np.zeros(shape, np.uint8), Targets.empty(), rng)
     with pytest.raises(ConfigError, match="rng"):
         engine(img, Targets.empty(), 0)
     with pytest.raises(ConfigError, match="channel_order"):

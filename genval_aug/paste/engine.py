@@ -192,8 +192,12 @@ class Targets:
         if len(classes) != n:
             raise TargetsError(f"Targets.classes has {len(classes)} entries but Targets.boxes has {n}")
         if n and not np.issubdtype(classes.dtype, np.integer):
-            if not np.all(np.equal(np.mod(classes, 1), 0)):
-                raise TargetsError("Targets.classes must be integers")
+            try:
+                whole = bool(np.all(np.equal(np.mod(classes, 1), 0)))
+            except TypeError:  # strings, None: not numbers at all
+                whole = False
+            if not whole:
+                raise TargetsError(f"Targets.classes must be integers, got {classes.dtype}")
         classes = classes.astype(np.int64)
         if not np.isfinite(boxes).all():
             bad = int(np.flatnonzero(~np.isfinite(boxes).all(1))[0])
@@ -413,6 +417,8 @@ class PasteEngine:
         img = np.asarray(image)
         if img.dtype != np.uint8:
             raise TargetsError(f"image must be uint8, got {img.dtype}")
+        if img.ndim in (2, 3) and 0 in img.shape[:2]:
+            raise TargetsError(f"image must have a positive height and width, got shape {img.shape}")
         if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
             gray = img.reshape(img.shape[:2])
             res = self(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), targets, rng, "rgb")
