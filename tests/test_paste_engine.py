@@ -139,6 +139,14 @@ def test_bad_source_and_config():
         PasteConfig(p=1.5)
     with pytest.raises(ConfigError):
         PasteConfig(scale_range=(0.5, 0.1))
+    # numeric fields out of their range used to be accepted and silently change what is pasted (NaN max_ioa:
+    # nothing fits; a negative rotation: no rotation; hflip 2: always flipped)
+    for name, bad in [("max_ioa", float("nan")), ("rotation", -5), ("hflip", 2.0), ("harmonize_strength", 1.5),
+                      ("min_visible_fraction", float("nan")), ("hue", 0.7), ("feather_sigma", -1),
+                      ("aspect_jitter", float("inf")), ("harmonize_max_gain", 0.5), ("brightness", "0.1")]:
+        with pytest.raises(ConfigError, match=f"PasteConfig.{name} must be"):
+            PasteConfig(**{name: bad})
+    PasteConfig(max_ioa=float("inf"), max_box_shift=float("inf"), min_remaining_area=0, rotation=180, hflip=True)
 
 
 def test_bad_targets_raise_clear_errors(memory_source):  # noqa: F811

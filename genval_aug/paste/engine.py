@@ -9,6 +9,7 @@ deterministic for a given generator state; give each DataLoader worker its own g
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -115,6 +116,15 @@ class PasteConfig:
             raise ConfigError(f"PasteConfig.min_inside must be in (0, 1], got {self.min_inside}")
         if not self.source_cache_mb >= 0:
             raise ConfigError(f"PasteConfig.source_cache_mb must be >= 0, got {self.source_cache_mb}")
+        for name, lo, hi, finite in _NUMERIC_RANGES:
+            v = getattr(self, name)
+            try:
+                ok = lo <= v <= hi and (not finite or math.isfinite(v))
+            except TypeError:
+                ok = False
+            if not ok:  # NaN, a negative angle or a probability above 1 would silently change what is pasted
+                what = f"in [{lo}, {hi}]" if hi != math.inf else f">= {lo}" + (" and finite" if finite else "")
+                raise ConfigError(f"PasteConfig.{name} must be {what}, got {v!r}")
         _count_spec(self.n)  # validates
 
     def sample_count(self, rng: np.random.Generator) -> int:
@@ -132,6 +142,18 @@ class PasteConfig:
             self.min_visible_fraction, self.min_remaining_area, self.max_box_shift,
             self.box_min_visible_fraction, self.polygon_parts,
         )
+
+
+# (field, low, high, must be finite) of the numeric PasteConfig fields checked in __post_init__
+_NUMERIC_RANGES = (
+    ("hflip", 0, 1, True), ("colour_jitter_p", 0, 1, True), ("harmonize_strength", 0, 1, True),
+    ("min_visible_fraction", 0, 1, True), ("box_min_visible_fraction", 0, 1, True),
+    ("rotation", 0, math.inf, True), ("aspect_jitter", 0, math.inf, True), ("brightness", 0, math.inf, True),
+    ("contrast", 0, math.inf, True), ("saturation", 0, math.inf, True), ("hue", 0, 0.5, True),
+    ("feather_sigma", 0, math.inf, True), ("harmonize_chroma", 0, math.inf, True),
+    ("harmonize_context", 0, math.inf, True), ("harmonize_max_gain", 1, math.inf, True),
+    ("max_ioa", 0, math.inf, False), ("max_box_shift", 0, math.inf, False), ("min_remaining_area", 0, math.inf, False),
+)
 
 
 def _count_spec(n: Any) -> tuple[str, Any]:
