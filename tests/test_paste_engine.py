@@ -242,3 +242,27 @@ def test_instance_that_vanishes_when_shrunk_is_not_pasted():
     assert engine.skipped == 0  # the instance itself is usable (it pastes into larger images)
     res = engine(np.zeros((400, 400, 3), np.uint8), Targets.empty(), np.random.default_rng(0))
     assert len(res.placements) == 3
+
+
+@pytest.mark.parametrize("rotation", [0.0, 45.0])
+def test_no_truncation_keeps_every_object_inside(rotation):
+    """allow_truncation=False: the whole patch lies inside the image. Objects sized to fill the image used to
+    overflow it once rotated (the canvas grows) or by the pixel the anti-aliased resize can add, and were cut."""
+    rgba = np.zeros((90, 60, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[5:85, 5:55, 3] = 255
+    engine = PasteEngine(MemorySource([MemoryInstance("box", "x", 0, rgba)]),
+                         PasteConfig(n=3, allow_truncation=False, rotation=rotation, scale_range=(0.7, 1.0),
+                                     max_ioa=1.0, aspect_jitter=0.5))
+    n = 0
+    for seed in range(30):
+        H, W = 12 + seed, 40 - seed
+        res = engine(np.zeros((H, W, 3), np.uint8), Targets.empty((H, W), "masks"), np.random.default_rng(seed))
+        for pl in res.placements:
+            (x, y), (h, w) = pl["xy"], pl["label_mask"].shape
+            assert 0 <= x and x + w <= W and 0 <= y and y + h <= H, (seed, pl["xy"], (h, w), (H, W))
+            n += 1
+        for k, pl in enumerate(res.placements):  # nothing was cut by the border
+            if pl["output_index"] is not None and k == len(res.placements) - 1:
+                assert res.targets.masks[pl["output_index"]].sum() == pl["label_mask"].sum()
+    assert n == 90
