@@ -163,7 +163,8 @@ class GenValPaste(DualTransform):
                               "with a 'bboxes' target")
         label_fields = list(processor.params.label_fields or [])
         bboxes = np.asarray(data["bboxes"])
-        n_extra = bboxes.shape[1] - 4 if bboxes.ndim == 2 and len(bboxes) else len(label_fields)
+        # an empty box list has lost its columns: one per label field, or the class column without label fields
+        n_extra = bboxes.shape[1] - 4 if bboxes.ndim == 2 and len(bboxes) else len(label_fields) or 1
         bboxes = bboxes.reshape(-1, 4 + n_extra) if bboxes.size else np.zeros((0, 4 + n_extra), np.float32)
         n = len(bboxes)
         class_col, encoders = self._label_columns(processor, label_fields, n_extra, n)
@@ -291,7 +292,8 @@ class GenValPaste(DualTransform):
 
     @staticmethod
     def _pack_masks(masks_in: Any, new: np.ndarray) -> Any:
-        ref = np.asarray(masks_in) if len(masks_in) else None
+        # an array keeps its dtype also when empty; an empty list has none (uint8 then)
+        ref = np.asarray(masks_in) if len(masks_in) or isinstance(masks_in, np.ndarray) else None
         dtype = ref.dtype if ref is not None else np.uint8
         if dtype == np.bool_:
             out = new

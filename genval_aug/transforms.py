@@ -138,6 +138,7 @@ def _restore_image(orig: Any, arr_in: np.ndarray, arr_out: np.ndarray, info: dic
         if bw and bh:  # add the change as a delta, on the changed window only
             y0, y1, x0, x1 = y, y + bh, x // c, -(-(x + bw) // c)
             delta = cv2.subtract(arr_out[y0:y1, x0:x1], arr_in[y0:y1, x0:x1], dtype=cv2.CV_32F)
+            delta = delta.reshape(y1 - y0, x1 - x0, c)  # OpenCV drops the channel axis of 1-channel images
             delta *= np.float32(1 / 255.0)
             win = out[:, y0:y1, x0:x1]
             win += torch.from_numpy(delta).permute(2, 0, 1).to(base.dtype)
@@ -383,10 +384,12 @@ def _parse_sample(sample: Any, flat: list[Any], extra_fields: Mapping[str, Any])
     handled |= {id(target[k]) for k in (lkey, area_key, crowd_key) if k is not None}
     extra = []
     for k, v in target.items():
-        if id(v) in handled or not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != n or n == 0:
+        if id(v) in handled or not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != n:
             continue
-        if k in extra_fields:
+        if k in extra_fields:  # also for an empty target: its pasted objects need their rows
             extra.append((index_of(k), extra_fields[k]))
+            continue
+        if n == 0:  # any empty tensor looks per-object here: only the named ones are filled
             continue
         raise TargetsError(f"{k}: a per-object field GenValPaste cannot fill for pasted objects; pass "
                           f"extra_fields={{{k!r}: <value for pasted objects>}} or drop it from the target")

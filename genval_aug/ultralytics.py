@@ -66,6 +66,9 @@ def _polygons_to_segments(polygons: list[np.ndarray], boxes: np.ndarray, n_point
         p = np.asarray(p, dtype=np.float32).reshape(-1, 2)
         if len(p) < 3:  # degenerate outline: fall back to the box outline, keeps len(segments) == len(boxes)
             x1, y1, x2, y2 = boxes[i]
+            # such outlines come from the core (a pixel or a 1-px line), whose boxes are pixel extents
+            # (x_max + 1, y_max + 1) while outline vertices are pixel coordinates: outline the box's pixels
+            x2, y2 = max(x2 - 1, x1), max(y2 - 1, y1)
             p = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float32)
         if len(p) == n_points:  # kept originals: already resampled by Ultralytics
             out[i] = p

@@ -266,3 +266,35 @@ def test_non_persistent_workers_repeat_every_epoch(bank_path, coco128_seg, names
     assert all(a != b for a, b in zip(first, second, strict=True))
     first, second = epochs(worker_init_fn=_reseed_compose)
     assert all(a != b for a, b in zip(first, second, strict=True))
+
+
+def _square_source():
+    from label_checks import MemoryInstance, MemorySource
+
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[4:16, 4:16] = 200
+    return MemorySource([MemoryInstance("a", "thing", 3, rgba)])
+
+
+@pytest.mark.parametrize("empty", [[], np.zeros((0, 4)), np.zeros((0, 5))])
+def test_empty_boxes_without_label_fields(empty):
+    """Without label_fields the class is each box's extra column; an image with no objects (which albumentations
+    hands over without columns) gets pasted rows with that column instead of a TargetsError."""
+    tf = A.Compose([GenValPaste(_square_source(), config={"n": 2, "max_ioa": 1.0}, p=1.0)],
+                   bbox_params=A.BboxParams(format="pascal_voc"), seed=0)
+    out = tf(image=np.zeros((64, 64, 3), np.uint8), bboxes=empty)
+    rows = np.asarray(out["bboxes"])
+    assert rows.shape == (2, 5) and (rows[:, 4] == 3).all()
+    assert (rows[:, 2] > rows[:, 0]).all() and (rows[:, 3] > rows[:, 1]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.float32])
+def test_empty_mask_array_keeps_its_dtype(dtype):
+    """Pasted masks take the dtype of the input masks, also of an empty (0, H, W) array (bool masks used to
+    come back as uint8 when the image had no objects)."""
+    tf = A.Compose([GenValPaste(_square_source(), config={"n": 2, "max_ioa": 1.0}, p=1.0)],
+                   bbox_params=A.BboxParams(format="pascal_voc", label_fields=["cls"]), seed=0)
+    out = tf(image=np.zeros((64, 64, 3), np.uint8), bboxes=[], cls=[], masks=np.zeros((0, 64, 64), dtype))
+    masks = np.asarray(out["masks"])
+    assert masks.shape == (2, 64, 64) and masks.dtype == dtype
+    assert set(np.unique(masks).tolist()) == {0, 1}

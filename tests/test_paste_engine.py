@@ -139,6 +139,14 @@ def test_bad_source_and_config():
         PasteConfig(p=1.5)
     with pytest.raises(ConfigError):
         PasteConfig(scale_range=(0.5, 0.1))
+    # numeric fields out of their range used to be accepted and silently change what is pasted (NaN max_ioa:
+    # nothing fits; a negative rotation: no rotation; hflip 2: always flipped)
+    for name, bad in [("max_ioa", float("nan")), ("rotation", -5), ("hflip", 2.0), ("harmonize_strength", 1.5),
+                      ("min_visible_fraction", float("nan")), ("hue", 0.7), ("feather_sigma", -1),
+                      ("aspect_jitter", float("inf")), ("harmonize_max_gain", 0.5), ("brightness", "0.1")]:
+        with pytest.raises(ConfigError, match=f"PasteConfig.{name} must be"):
+            PasteConfig(**{name: bad})
+    PasteConfig(max_ioa=float("inf"), max_box_shift=float("inf"), min_remaining_area=0, rotation=180, hflip=True)
 
 
 def test_bad_targets_raise_clear_errors(memory_source):  # noqa: F811
@@ -157,6 +165,8 @@ def test_bad_targets_raise_clear_errors(memory_source):  # noqa: F811
         (Targets(np.array([[130, 10, 150, 50]], np.float32), np.array([1])), "outside"),
         (Targets(np.array([[np.nan, 10, 15, 50]], np.float32), np.array([1])), "not finite"),
         (Targets(b, np.array([0.5])), "integers"),
+        (Targets(b, np.array(["person"])), "integers"),  # used to be numpy's TypeError from np.mod
+        (Targets(b, np.array([None])), "integers"),
         (Targets(b, np.array([1]), masks=np.zeros((1, 100, 120), bool), polygons=[np.zeros((3, 2))]), "not both"),
     ]
     for t, msg in cases:
@@ -166,6 +176,11 @@ def test_bad_targets_raise_clear_errors(memory_source):  # noqa: F811
         engine(img.astype(np.float32), Targets.empty(), rng)
     with pytest.raises(TargetsError, match="image must be"):
         engine(np.zeros((10, 10, 5), np.uint8), Targets.empty(), rng)
+    res = engine(img, Targets(b, np.array([3], object)), rng)  # an object array of whole numbers is fine
+    assert res.targets.classes[0] == 3 and res.targets.classes.dtype == np.int64
+    for shape in [(0, 0, 3), (5, 0, 3), (0, 7), (0, 4, 1), (0, 4, 4)]:  # used to be ZeroDivisionError / cv2.error
+        with pytest.raises(TargetsError, match="positive height and width"):
+            engine(np.zeros(shape, np.uint8), Targets.empty(), rng)
     with pytest.raises(ConfigError, match="rng"):
         engine(img, Targets.empty(), 0)
     with pytest.raises(ConfigError, match="channel_order"):
@@ -211,3 +226,43 @@ def test_empty_targets_and_tiny_image(memory_source):  # noqa: F811
         assert res.targets.mode == mode
     res = engine(np.zeros((6, 5, 3), np.uint8), Targets.empty(), np.random.default_rng(0))
     assert (res.targets.boxes[:, 2] <= 5).all() and (res.targets.boxes[:, 3] <= 6).all()
+
+
+def test_instance_that_vanishes_when_shrunk_is_not_pasted():
+    """A sparse instance (two opaque pixels far apart) shrunk into a tiny image keeps no visible pixel after the
+    anti-aliased resize; it is not pasted (it used to crash in cv2.cvtColor on the empty patch)."""
+    sparse = np.zeros((400, 400, 4), np.uint8)
+    sparse[..., :3] = 90
+    sparse[0, 0, 3] = sparse[399, 399, 3] = 255
+    src = MemorySource([MemoryInstance("sparse", "x", 0, sparse)])
+    engine = PasteEngine(src, PasteConfig(n=3, scale_range=(0.5, 0.5), allow_truncation=False, max_ioa=1.0))
+    image = np.zeros((8, 8, 3), np.uint8)
+    res = engine(image, Targets.empty(), np.random.default_rng(0))
+    assert res.placements == [] and len(res.targets) == 0 and np.array_equal(res.image, image)
+    assert engine.skipped == 0  # the instance itself is usable (it pastes into larger images)
+    res = engine(np.zeros((400, 400, 3), np.uint8), Targets.empty(), np.random.default_rng(0))
+    assert len(res.placements) == 3
+
+
+@pytest.mark.parametrize("rotation", [0.0, 45.0])
+def test_no_truncation_keeps_every_object_inside(rotation):
+    """allow_truncation=False: the whole patch lies inside the image. Objects sized to fill the image used to
+    overflow it once rotated (the canvas grows) or by the pixel the anti-aliased resize can add, and were cut."""
+    rgba = np.zeros((90, 60, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[5:85, 5:55, 3] = 255
+    engine = PasteEngine(MemorySource([MemoryInstance("box", "x", 0, rgba)]),
+                         PasteConfig(n=3, allow_truncation=False, rotation=rotation, scale_range=(0.7, 1.0),
+                                     max_ioa=1.0, aspect_jitter=0.5))
+    n = 0
+    for seed in range(30):
+        H, W = 12 + seed, 40 - seed
+        res = engine(np.zeros((H, W, 3), np.uint8), Targets.empty((H, W), "masks"), np.random.default_rng(seed))
+        for pl in res.placements:
+            (x, y), (h, w) = pl["xy"], pl["label_mask"].shape
+            assert 0 <= x and x + w <= W and 0 <= y and y + h <= H, (seed, pl["xy"], (h, w), (H, W))
+            n += 1
+        for k, pl in enumerate(res.placements):  # nothing was cut by the border
+            if pl["output_index"] is not None and k == len(res.placements) - 1:
+                assert res.targets.masks[pl["output_index"]].sum() == pl["label_mask"].sum()
+    assert n == 90

@@ -4,6 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from label_checks import rasterize
 
 from genval_aug.paste import augment as A
 from genval_aug.paste.blend import blend_patch, composite_alpha, feather_alpha, poisson_clone
@@ -208,6 +209,20 @@ def test_truncated_patch_is_clipped():
     assert not np.array_equal(img, before)
 
 
+@pytest.mark.parametrize("mode", ["hard", "alpha", "feather", "poisson"])
+@pytest.mark.parametrize("xy", [(3, 4), (-5, 0), (9, 9)])
+def test_one_pixel_region_of_an_rgba_image(mode, xy):
+    """The engine blends into the colour view of an RGBA image; a region clipped to 1x1 px (a tiny object, or
+    one mostly outside the image) is a view numpy calls contiguous but OpenCV cannot write into."""
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    h, w = (1, 1) if xy == (3, 4) else (1, 6) if xy == (-5, 0) else (5, 5)
+    colour, alpha = np.full((h, w, 3), 200, np.uint8), np.full((h, w), 255, np.uint8)
+    blend_patch(rgba[..., :3], colour, alpha, *xy, mode, feather_sigma=0)
+    x, y = max(xy[0], 0), max(xy[1], 0)
+    np.testing.assert_array_equal(rgba[y, x], [200, 200, 200, 0])
+    assert np.count_nonzero(rgba) == 3
+
+
 # --------------------------------------------------------------------------------------------- harmonize
 
 
@@ -328,6 +343,24 @@ def test_context_window_is_local_and_clipped():
 
 
 # ------------------------------------------------------------------------------------------------ labels
+
+
+def test_polygon_keeps_long_one_pixel_thin_parts():
+    """A 1-px-thin part is a long line, not a sliver: its contour has 2 vertices whatever its length, which the
+    part-size estimate used to count as ~1 px, so the part (and the box extent it spans) was dropped."""
+    m = np.zeros((40, 120), np.uint8)
+    cv2.rectangle(m, (60, 10), (100, 30), 1, -1)  # main part
+    m[35, 5:55] = 1  # 50 px line, apart from it (what a cut leaves of a thin object)
+    m[2, 2] = 1  # a real 1-px sliver: still dropped
+    poly = mask_to_polygon(m.astype(bool), "all")
+    got = rasterize(poly, *m.shape)
+    assert got[35, 5:55].all() and not got[2, 2]
+    x, y, w, h = cv2.boundingRect(poly)
+    assert (x, x + w) == (5, 101)
+    line_only = np.zeros((40, 120), bool)
+    line_only[35, 5:55] = True
+    line_only[10:12, 60:62] = True  # a 2x2 block: the line is the largest part
+    np.testing.assert_array_equal(rasterize(mask_to_polygon(line_only, "largest"), 40, 120)[35], line_only[35])
 
 
 def test_polygon_roundtrip_with_parts_and_holes():

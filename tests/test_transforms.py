@@ -410,3 +410,45 @@ def test_degenerate_boxes_left_by_a_crop_pass_through(bank_path, samples, names)
     assert any(torch.equal(b, last) for b in kept)  # returned unchanged
     _, clean = v2.SanitizeBoundingBoxes()(c_img, out)
     assert not any(torch.equal(b, last) for b in clean["boxes"].as_subclass(torch.Tensor))
+
+
+def test_extra_fields_filled_for_an_empty_target():
+    """extra_fields rows are added for pasted objects also when the sample has no objects (they used to be
+    skipped for N == 0, leaving e.g. 0 scores for 2 boxes)."""
+    from label_checks import MemoryInstance, MemorySource
+
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[4:16, 4:16] = 200
+    paste = GenValPaste(MemorySource([MemoryInstance("a", "thing", 3, rgba)]), seed=0, n=2, max_ioa=1.0,
+                        extra_fields={"scores": 1.0})
+    img = tv_tensors.Image(torch.zeros(3, 64, 64, dtype=torch.uint8))
+    for n in (1, 0):
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.tensor([[1.0, 1.0, 10.0, 10.0]])[:n], format="XYXY",
+                                                    canvas_size=(64, 64)),
+                  "labels": torch.tensor([1])[:n], "scores": torch.tensor([0.5])[:n],
+                  "other": torch.zeros(0)}  # an unrelated empty tensor: left alone
+        _, out = paste(img, target)
+        assert len(out["labels"]) == n + 2
+        assert out["scores"].tolist() == [0.5] * n + [1.0, 1.0]
+        assert out["other"] is target["other"]
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_float_images_of_every_channel_count(channels):
+    """Float (C, H, W) images come back as float with the pasted pixels and bit-exact elsewhere, grayscale
+    included (its changed window used to lose its channel axis in OpenCV and crash in permute)."""
+    from label_checks import MemoryInstance, MemorySource
+
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[4:16, 4:16] = 200
+    paste = GenValPaste(MemorySource([MemoryInstance("a", "thing", 3, rgba)]), seed=0, n=1, blend="hard",
+                        harmonize="none", brightness=0.0, contrast=0.0, saturation=0.0)
+    img = tv_tensors.Image(torch.full((channels, 64, 64), 0.25))
+    empty = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(64, 64)),
+             "labels": torch.zeros(0, dtype=torch.int64), "masks": tv_tensors.Mask(torch.zeros(0, 64, 64))}
+    out_img, out = paste(img, empty)
+    assert out_img.dtype == torch.float32 and out_img.shape == img.shape
+    obj = out["masks"][0].bool()
+    assert len(out["labels"]) == 1 and obj.any()
+    assert torch.equal(out_img[:, ~obj], img[:, ~obj])
+    assert torch.allclose(out_img[:3, obj], torch.tensor(200 / 255), atol=0.51 / 255)  # gray 200 stays 200

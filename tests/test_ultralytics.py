@@ -46,8 +46,21 @@ def test_outlines_are_resampled_exactly_like_ultralytics():
     polys = [rng.uniform(0, 640, (m, 2)).astype(np.float32) for m in (3, 120, 999, 1000, 1001, 1500, 2)]
     boxes = np.tile(np.float32([[1, 2, 30, 40]]), (len(polys), 1))
     ours = _polygons_to_segments(polys, boxes, 1000)
-    theirs = [p if len(p) >= 3 else np.float32([[1, 2], [30, 2], [30, 40], [1, 40]]) for p in polys]  # box fallback
+    theirs = [p if len(p) >= 3 else np.float32([[1, 2], [29, 2], [29, 39], [1, 39]]) for p in polys]  # box pixels
     np.testing.assert_array_equal(ours, np.stack(resample_segments([p.copy() for p in theirs], 1000)))
+
+
+def test_degenerate_outlines_cover_the_object_pixels():
+    """The core returns a 1- or 2-vertex polygon for a visible part that is a pixel or a 1-px line, with its pixel
+    extent box (x_max + 1, y_max + 1); the box-outline fallback must rasterize to those pixels, not to a
+    one pixel larger rectangle (a 6 px line used to become a 7 x 2 px segment)."""
+    line = np.float32([[0, 268], [5, 268]])
+    dot = np.float32([[7, 9]])
+    boxes = np.float32([[0, 268, 6, 269], [7, 9, 8, 10]])
+    segs = _polygons_to_segments([line, dot], boxes, 100)
+    for seg, poly in zip(segs, (line, dot), strict=True):
+        np.testing.assert_array_equal(rasterize(seg, 300, 20), rasterize(poly, 300, 20))
+        np.testing.assert_array_equal(extent_box(rasterize(seg, 300, 20)), boxes[int(len(poly) == 1)])
 
 
 @pytest.fixture(scope="module")

@@ -319,9 +319,11 @@ def resize_rotate_flip(
 
 def split_patch(rgba: np.ndarray, bgr: bool) -> ObjectPatch:
     """Split an RGBA patch into (colour in the image's channel order, alpha), re-cropped to alpha > 0
-    (rotation adds transparent corners)."""
+    (rotation adds transparent corners); (0, 0) arrays when no alpha > 0 is left."""
     alpha = cv2.extractChannel(rgba, 3)
     x, y, w, h = cv2.boundingRect(alpha)
+    if w == 0 or h == 0:  # nothing left visible (a sparse or thin instance shrunk a lot): an empty patch
+        return ObjectPatch(rgb=np.zeros((0, 0, 3), np.uint8), alpha=np.zeros((0, 0), np.uint8))
     rgba, alpha = rgba[y : y + h, x : x + w], alpha[y : y + h, x : x + w]
     colour = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGR if bgr else cv2.COLOR_RGBA2RGB)
     return ObjectPatch(rgb=colour, alpha=np.ascontiguousarray(alpha))

@@ -42,7 +42,10 @@ def composite_alpha(dst: np.ndarray, src: np.ndarray, alpha: np.ndarray) -> None
 
 def composite_hard(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
     """dst[mask] = src[mask], in place (``cv2.copyTo``; numpy's masked copyto is ~5x slower)."""
-    tmp = np.ascontiguousarray(dst)
+    h, w, c = dst.shape
+    # written into directly only with dense strides: numpy calls a (1, 1, 3) view of an RGBA image
+    # contiguous (strides of size-1 axes do not count), but OpenCV rejects it as an output array
+    tmp = dst if dst.strides == (w * c, c, 1) else dst.copy()
     cv2.copyTo(src, mask.view(np.uint8) if mask.dtype == bool else mask, tmp)
     if tmp is not dst:
         dst[...] = tmp

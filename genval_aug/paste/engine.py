@@ -9,6 +9,7 @@ deterministic for a given generator state; give each DataLoader worker its own g
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -115,6 +116,15 @@ class PasteConfig:
             raise ConfigError(f"PasteConfig.min_inside must be in (0, 1], got {self.min_inside}")
         if not self.source_cache_mb >= 0:
             raise ConfigError(f"PasteConfig.source_cache_mb must be >= 0, got {self.source_cache_mb}")
+        for name, lo, hi, finite in _NUMERIC_RANGES:
+            v = getattr(self, name)
+            try:
+                ok = lo <= v <= hi and (not finite or math.isfinite(v))
+            except TypeError:
+                ok = False
+            if not ok:  # NaN, a negative angle or a probability above 1 would silently change what is pasted
+                what = f"in [{lo}, {hi}]" if hi != math.inf else f">= {lo}" + (" and finite" if finite else "")
+                raise ConfigError(f"PasteConfig.{name} must be {what}, got {v!r}")
         _count_spec(self.n)  # validates
 
     def sample_count(self, rng: np.random.Generator) -> int:
@@ -132,6 +142,18 @@ class PasteConfig:
             self.min_visible_fraction, self.min_remaining_area, self.max_box_shift,
             self.box_min_visible_fraction, self.polygon_parts,
         )
+
+
+# (field, low, high, must be finite) of the numeric PasteConfig fields checked in __post_init__
+_NUMERIC_RANGES = (
+    ("hflip", 0, 1, True), ("colour_jitter_p", 0, 1, True), ("harmonize_strength", 0, 1, True),
+    ("min_visible_fraction", 0, 1, True), ("box_min_visible_fraction", 0, 1, True),
+    ("rotation", 0, math.inf, True), ("aspect_jitter", 0, math.inf, True), ("brightness", 0, math.inf, True),
+    ("contrast", 0, math.inf, True), ("saturation", 0, math.inf, True), ("hue", 0, 0.5, True),
+    ("feather_sigma", 0, math.inf, True), ("harmonize_chroma", 0, math.inf, True),
+    ("harmonize_context", 0, math.inf, True), ("harmonize_max_gain", 1, math.inf, True),
+    ("max_ioa", 0, math.inf, False), ("max_box_shift", 0, math.inf, False), ("min_remaining_area", 0, math.inf, False),
+)
 
 
 def _count_spec(n: Any) -> tuple[str, Any]:
@@ -192,8 +214,12 @@ class Targets:
         if len(classes) != n:
             raise TargetsError(f"Targets.classes has {len(classes)} entries but Targets.boxes has {n}")
         if n and not np.issubdtype(classes.dtype, np.integer):
-            if not np.all(np.equal(np.mod(classes, 1), 0)):
-                raise TargetsError("Targets.classes must be integers")
+            try:
+                whole = bool(np.all(np.equal(np.mod(classes, 1), 0)))
+            except TypeError:  # strings, None: not numbers at all
+                whole = False
+            if not whole:
+                raise TargetsError(f"Targets.classes must be integers, got {classes.dtype}")
         classes = classes.astype(np.int64)
         if not np.isfinite(boxes).all():
             bad = int(np.flatnonzero(~np.isfinite(boxes).all(1))[0])
@@ -358,7 +384,20 @@ class PasteEngine:
                 matrix = A.to_channel_order(
                     A.colour_matrix(rng, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, luma), bgr
                 )
-        return A.split_patch(patch, bgr), matrix, (samples[:, ::-1] if bgr else samples)
+        patch = A.split_patch(patch, bgr)
+        ph, pw = patch.shape
+        if not cfg.allow_truncation and (ph > image_hw[0] or pw > image_hw[1]):
+            # the size fits the image before rotation (and the anti-aliased resize may add a pixel): shrink the
+            # rotated patch so that the object can lie fully inside, as allow_truncation=False promises
+            f = min(image_hw[0] / ph, image_hw[1] / pw)
+            fit = (max(int(pw * f), 1), max(int(ph * f), 1))
+            patch = A.ObjectPatch(rgb=cv2.resize(patch.rgb, fit, interpolation=cv2.INTER_AREA),
+                                  alpha=cv2.resize(patch.alpha, fit, interpolation=cv2.INTER_AREA))
+            patch = A.split_patch(cv2.merge([*cv2.split(patch.rgb), patch.alpha]), False)
+        if patch.alpha.size == 0:  # the resize left no visible pixel (sparse or thin instance, small image)
+            logger.debug("instance %s vanished when resized to %s; not pasted", key, size)
+            return None
+        return patch, matrix, (samples[:, ::-1] if bgr else samples)
 
     def _colour(
         self, patch: A.ObjectPatch, jitter: np.ndarray | None, samples: np.ndarray, label: np.ndarray,
@@ -409,6 +448,8 @@ class PasteEngine:
         img = np.asarray(image)
         if img.dtype != np.uint8:
             raise TargetsError(f"image must be uint8, got {img.dtype}")
+        if img.ndim in (2, 3) and 0 in img.shape[:2]:
+            raise TargetsError(f"image must have a positive height and width, got shape {img.shape}")
         if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
             gray = img.reshape(img.shape[:2])
             res = self(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), targets, rng, "rgb")

@@ -115,7 +115,9 @@ def mask_to_polygon(
     contours = [c.reshape(-1, 2) for c in contours if len(c)]
     if not contours:
         return np.zeros((0, 2), np.float32)
-    sizes = np.array([cv2.contourArea(c) + 0.5 * len(c) for c in contours])  # ~ pixel area incl. boundary
+    # ~ pixel count incl. boundary (Pick: area + boundary / 2 + 1); the boundary is the contour's length, not its
+    # vertex count (CHAIN_APPROX_SIMPLE keeps 2 vertices of a 1-px-thin part of any length)
+    sizes = np.array([cv2.contourArea(c) + 0.5 * cv2.arcLength(c, True) + 1.0 for c in contours])
     order = np.argsort(sizes)[::-1]
     if parts != "all":
         return contours[order[0]].astype(np.float32)
