@@ -195,11 +195,11 @@ class GenValPaste(v2.Transform):
     or box area without masks); ``iscrowd`` is 0 for pasted objects.
 
     Images: uint8 or float in [0, 1]; 3 channels (RGB), 1 (stays grayscale, pasted objects become gray) or
-    4 (RGBA: objects go into the colour channels, their label masks become opaque in alpha). A box partly outside the canvas is returned unchanged while
-    its object is untouched (clipped once it is occluded); zero-area boxes (left by a crop) pass through unchanged;
-    boxes with their area entirely outside the canvas, mismatched
-    lengths, rotated box formats, semantic (H, W) masks, key points, batches and RGBA images raise
-    :class:`~genval_aug.errors.TargetsError` naming the field.
+    4 (RGBA: objects go into the colour channels, their label masks become opaque in alpha). A box partly
+    outside the canvas is returned unchanged while its object is untouched (clipped once it is occluded);
+    zero-area boxes (left by a crop) pass through unchanged; boxes with their area entirely outside the
+    canvas, mismatched lengths, rotated box formats, semantic (H, W) masks, key points, batches and images
+    with other channel counts raise :class:`~genval_aug.errors.TargetsError` naming the field.
     """
 
     def __init__(

@@ -33,6 +33,8 @@ from genval_aug.bank import InstanceBank
 from genval_aug.bank.cache import DEFAULT_CACHE_MB, CachedInstanceBank, with_cache
 from genval_aug.class_map import build_class_map, format_unmapped, load_synonyms, normalize_name
 from genval_aug.errors import ConfigError
+from genval_aug.lazy_engine import make_config
+from genval_aug.paste import PasteConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class YoloPaste:
     def __init__(
         self,
         bank: Any,
-        options: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | PasteConfig | None = None,
         class_map: Mapping[str, int] | None = None,
         *,
         polygons: bool = False,
@@ -116,7 +118,7 @@ class YoloPaste:
     ) -> None:
         self.bank = bank
         self.cache_mb = cache_mb
-        self.options = dict(options or {})
+        self.options = options if isinstance(options, PasteConfig) else dict(options or {})
         self.class_map = dict(class_map or {})
         self.polygons = bool(polygons)
         self.seed = seed
@@ -209,11 +211,11 @@ def _bank_repr(bank: Any) -> str:
     return str(path or bank)
 
 
-def _engine_config(options: Mapping[str, Any], class_map: Mapping[str, int]):
+def _engine_config(options: Mapping[str, Any] | PasteConfig, class_map: Mapping[str, int]):
     """The user's ``PasteConfig`` restricted to the mapped categories (unmapped ones are never drawn)."""
     from dataclasses import replace
 
-    cfg = make_config(options)
+    cfg = make_config(options)  # a PasteConfig, or a mapping of its fields
     allowed = sorted(class_map)
     if cfg.sampler_classes is not None:
         allowed = [c for c in allowed if c in set(cfg.sampler_classes)]
@@ -238,18 +240,6 @@ class _ClassLookup:
 
     def __call__(self, name: str) -> int | None:
         return self.mapping.get(name)
-
-
-def make_config(options: Mapping[str, Any]):
-    """``PasteConfig(**options)`` with a clear error naming the bad option."""
-    from genval_aug.paste import PasteConfig
-
-    if isinstance(options, PasteConfig):
-        return options
-    try:
-        return PasteConfig(**dict(options))
-    except TypeError as e:
-        raise ConfigError(f"paste options {sorted(options)}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -326,7 +316,7 @@ class PasteSpec:
         self.seed = seed
         self.cache_mb = float(cache_mb)
         self.options = options
-        make_config(options)  # validate early, in the user's process
+        make_config(None, options)  # validate early, in the user's process
         self._reported = False
 
     @classmethod

@@ -27,6 +27,7 @@ from yolo_fixtures import BANK_CLASS_IDS, make_bank, make_dataset  # noqa: E402
 from genval_aug.errors import ConfigError  # noqa: E402
 from genval_aug.ultralytics import (  # noqa: E402
     PasteSpec,
+    YoloPaste,
     _AttachCallback,
     _polygons_to_segments,
     attach,
@@ -182,6 +183,19 @@ def test_hook_before_mixup_survives_close_mosaic_and_dataset_rebuilds(seg_yaml, 
     pickle.loads(pickle.dumps(t))  # picklable without an engine (spawned workers, DDP state)
     pose = types.SimpleNamespace(data={"names": {0: "person"}}, use_keypoints=True, use_segments=False)
     assert PasteSpec(bank).make_transform(pose).class_map == {}  # pose/OBB: passed through unpasted
+
+
+def test_yolopaste_takes_a_pasteconfig_or_a_mapping(bank):
+    from genval_aug.paste import PasteConfig
+
+    for options in (PasteConfig(n=2, harmonize="none"), {"n": 2, "harmonize": "none"}):
+        t = YoloPaste(bank, options, BANK_CLASS_IDS, polygons=True)
+        t = pickle.loads(pickle.dumps(t))  # as a spawned worker gets it
+        t._setup()
+        cfg = t._engine.config
+        assert (cfg.n, cfg.harmonize, cfg.sampler_classes) == (2, "none", sorted(BANK_CLASS_IDS))
+    with pytest.raises(ConfigError, match="PasteConfig fields"):
+        YoloPaste(bank, {"nn": 2}, BANK_CLASS_IDS)._setup()
 
 
 def test_trainer_spec_reaches_ddp_workers(seg_yaml, bank, tmp_path, monkeypatch):
