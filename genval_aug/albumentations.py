@@ -81,6 +81,9 @@ class GenValPaste(DualTransform):
             the bank's ``category_id``. For string label fields pasted objects get the bank category name.
         label_field: which ``bbox_params.label_fields`` entry holds the class (default: the first).
         label_defaults: values for pasted objects in the other label fields (``{"iscrowd": 0}``).
+        class_names: on images without objects, whose empty label list cannot show whether the class field
+            holds names or ids: True gives pasted objects names, False ids, None what this process last saw
+            (ids before any labels were seen). With objects the labels decide.
         cache_mb: size of each process' LRU of decoded instances (``genval_aug.bank.CachedInstanceBank``);
             0 disables it.
         p: probability of applying the transform (like every albumentations transform; the engine's own
@@ -104,6 +107,7 @@ class GenValPaste(DualTransform):
         label_defaults: Mapping[str, Any] | None = None,
         p: float = 0.5,
         cache_mb: float = DEFAULT_CACHE_MB,
+        class_names: bool | None = None,
     ) -> None:
         super().__init__(p=p)
         if config is not None and dataclasses.is_dataclass(config):
@@ -115,6 +119,8 @@ class GenValPaste(DualTransform):
         self.class_map = dict(class_map) if class_map else None
         self.label_field = label_field
         self.label_defaults = dict(label_defaults) if label_defaults else None
+        self.class_names = class_names
+        self._string_fields: set[str] = set()  # label fields seen holding strings in this process
         self._worker_gen: np.random.Generator | None = None
         self._worker_key: tuple | None = None
 
@@ -123,7 +129,7 @@ class GenValPaste(DualTransform):
         return {"image": self.apply, "masks": self.apply_to_masks, "bboxes": self.apply_to_bboxes}
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("bank", "config", "class_map", "label_field", "label_defaults", "cache_mb")
+        return ("bank", "config", "class_map", "label_field", "label_defaults", "cache_mb", "class_names")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -228,6 +234,10 @@ class GenValPaste(DualTransform):
                     md = meta.get(f)
                     enc = md.encoder if md is not None and not md.is_numerical else None
                     encoders[first + j] = enc if enc is not None and not enc.is_numerical else None
+                if encoders[class_col] is not None:
+                    self._string_fields.add(field)
+                else:
+                    self._string_fields.discard(field)
             return class_col, encoders
         if self.label_field is not None:
             raise ConfigError(f"label_field={self.label_field!r} given but bbox_params has no label_fields")
@@ -235,6 +245,10 @@ class GenValPaste(DualTransform):
             raise TargetsError(f"bboxes: without bbox_params.label_fields each box needs exactly one extra column "
                               f"(the class), got {n_extra}")
         return 0, [None]
+
+    def _names_wanted(self, field: str) -> bool:
+        """Whether pasted objects get names in the class field when the labels cannot tell (no objects)."""
+        return self.class_names if self.class_names is not None else field in self._string_fields
 
     def _names_by_id(self) -> dict[int, str]:
         if self.class_map is not None:
@@ -258,7 +272,7 @@ class GenValPaste(DualTransform):
             col = first + j
             if col == class_col:
                 values: list[Any] = [int(c) for c in classes]
-                if encoders[col] is not None:
+                if encoders[col] is not None or (n == 0 and self._names_wanted(f)):
                     names = names or self._names_by_id()
                     values = [names.get(int(c), str(int(c))) for c in classes]
             elif f in defaults:

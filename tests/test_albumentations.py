@@ -125,6 +125,16 @@ def test_string_labels_extra_fields_and_empty_inputs(bank_path, samples, names):
     assert n >= 1 and len(out["class_labels"]) == len(out["iscrowd"]) == len(out["masks"]) == n
     boxes = from_format(out["bboxes"], "coco", (H, W))
     check_output_objects(boxes, np.zeros(n, np.int64), np.asarray(out["masks"]).astype(bool), (H, W), 1)
+    assert all(isinstance(c, str) for c in out["class_labels"])  # string labels seen before in this process
+
+    # an empty first image cannot show that labels are names: class_names=True says so, None gives ids there
+    # (numbers: albumentations hands list labels back as floats)
+    for class_names, kind in ((True, str), (None, float)):
+        tf = A.Compose([GenValPaste(bank_path, class_map=class_map_from_names(names, bank_path), p=1.0,
+                                    class_names=class_names, config={"n": 2})],
+                       bbox_params=A.BboxParams(format="coco", label_fields=["class_labels"]), seed=3)
+        out = tf(image=s.image, bboxes=[], class_labels=[])
+        assert len(out["class_labels"]) >= 1 and all(isinstance(c, kind) for c in out["class_labels"]), class_names
 
 
 def test_downstream_filters_float_and_gray_images(bank_path, samples, names):
