@@ -66,12 +66,13 @@ def _polygons_to_segments(polygons: list[np.ndarray], boxes: np.ndarray, n_point
     where: list[int] = []
     for i, p in enumerate(polygons):
         p = np.asarray(p, dtype=np.float32).reshape(-1, 2)
-        if len(p) < 3:  # degenerate outline: fall back to the box outline, keeps len(segments) == len(boxes)
+        if len(p) == 0:  # no outline: the box's pixels, keeps len(segments) == len(boxes)
             x1, y1, x2, y2 = boxes[i]
-            # such outlines come from the core (a pixel or a 1-px line), whose boxes are pixel extents
-            # (x_max + 1, y_max + 1) while outline vertices are pixel coordinates: outline the box's pixels
+            # boxes are pixel extents (x_max + 1, y_max + 1), outline vertices pixel coordinates
             x2, y2 = max(x2 - 1, x1), max(y2 - 1, y1)
             p = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float32)
+        # a 1- or 2-vertex outline (a visible pixel or 1-px line, also diagonal) is resampled as it is:
+        # cv2.fillPoly of the resampled points draws exactly those pixels
         if len(p) == n_points:  # kept originals: already resampled by Ultralytics
             out[i] = p
         else:

@@ -47,8 +47,10 @@ def test_outlines_are_resampled_exactly_like_ultralytics():
     polys = [rng.uniform(0, 640, (m, 2)).astype(np.float32) for m in (3, 120, 999, 1000, 1001, 1500, 2)]
     boxes = np.tile(np.float32([[1, 2, 30, 40]]), (len(polys), 1))
     ours = _polygons_to_segments(polys, boxes, 1000)
-    theirs = [p if len(p) >= 3 else np.float32([[1, 2], [29, 2], [29, 39], [1, 39]]) for p in polys]  # box pixels
-    np.testing.assert_array_equal(ours, np.stack(resample_segments([p.copy() for p in theirs], 1000)))
+    np.testing.assert_array_equal(ours, np.stack(resample_segments([p.copy() for p in polys], 1000)))
+    empty = _polygons_to_segments([np.zeros((0, 2), np.float32)], boxes[:1], 1000)  # no outline: box pixels
+    box_outline = np.float32([[1, 2], [29, 2], [29, 39], [1, 39]])
+    np.testing.assert_array_equal(empty[0], resample_segments([box_outline], 1000)[0])
 
 
 def test_degenerate_outlines_cover_the_object_pixels():
@@ -57,11 +59,13 @@ def test_degenerate_outlines_cover_the_object_pixels():
     one pixel larger rectangle (a 6 px line used to become a 7 x 2 px segment)."""
     line = np.float32([[0, 268], [5, 268]])
     dot = np.float32([[7, 9]])
-    boxes = np.float32([[0, 268, 6, 269], [7, 9, 8, 10]])
-    segs = _polygons_to_segments([line, dot], boxes, 100)
-    for seg, poly in zip(segs, (line, dot), strict=True):
+    diagonal = np.float32([[3, 3], [5, 5]])  # a 3-px diagonal line, not its 3 x 3 box
+    boxes = np.float32([[0, 268, 6, 269], [7, 9, 8, 10], [3, 3, 6, 6]])
+    segs = _polygons_to_segments([line, dot, diagonal], boxes, 100)
+    for seg, poly, box in zip(segs, (line, dot, diagonal), boxes, strict=True):
         np.testing.assert_array_equal(rasterize(seg, 300, 20), rasterize(poly, 300, 20))
-        np.testing.assert_array_equal(extent_box(rasterize(seg, 300, 20)), boxes[int(len(poly) == 1)])
+        np.testing.assert_array_equal(extent_box(rasterize(seg, 300, 20)), box)
+    assert rasterize(segs[2], 300, 20).sum() == 3
 
 
 @pytest.fixture(scope="module")
