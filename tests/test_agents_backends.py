@@ -216,6 +216,63 @@ def test_completion_with_content_parts_is_joined():
         assert _backend(srv).chat(USER) == "abc"
 
 
+@pytest.mark.parametrize("retry_after", ["nan", "NaN", "inf", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_unusable_retry_after_falls_back_to_backoff(retry_after):
+    # "nan" parses as a float and time.sleep(nan) raised ValueError instead of retrying
+    script = [("status", 429, {"error": {"message": "slow down"}}, {"Retry-After": retry_after}), ("ok", "done")]
+    with ChatServer(script) as srv:
+        assert _backend(srv, max_backoff=0.05).chat(USER) == "done"
+    assert len(srv.requests) == 2
+
+
+def test_key_echoed_by_the_server_is_redacted_from_errors_and_logs(monkeypatch, caplog):
+    monkeypatch.setenv("MY_TEST_KEY", "sk-secret-echo-42")
+    echo = {"error": {"message": "bad header Authorization: Bearer sk-secret-echo-42"}}
+    caplog.set_level("DEBUG")
+    for script in ([("status", 500, echo)], [("status", 400, echo)], [("raw", "hdr=Bearer sk-secret-echo-42")],
+                   [("raw", '{"echo": "sk-secret-echo-42"}')]):
+        with ChatServer(script) as srv:
+            b = OpenAICompatibleBackend("m", srv.base_url, api_key_env="MY_TEST_KEY", backoff=0.01, max_retries=1)
+            with pytest.raises(BackendError) as ei:
+                b.chat(USER)
+        assert "sk-secret" not in str(ei.value) and "***" in str(ei.value), str(ei.value)
+    assert "sk-secret" not in caplog.text and "retry 1/1" in caplog.text
+
+
+def test_trickling_body_times_out_as_a_whole():
+    # each chunk arrives well within the read timeout, but the whole body takes far longer than `timeout`
+    def slow_body():
+        data = httpx.Response(200, json=completion_body("slow")).content
+        for i in range(0, len(data), 8):
+            time.sleep(0.05)
+            yield data[i:i + 8]
+
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        return httpx.Response(200, headers={"Content-Type": "application/json"}, content=slow_body())
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, timeout=0.3, max_retries=1,
+                                backoff=0.01, transport=httpx.MockTransport(handler))
+    t = time.perf_counter()
+    with pytest.raises(BackendError, match=r"model 'm'.*timed out after 0.3 s"):
+        b.chat(USER)
+    assert time.perf_counter() - t < 3 and len(calls) == 2
+
+
+def test_malformed_2xx_bodies_name_the_model_and_bad_parts_do_not_crash():
+    import json
+
+    body = completion_body("x")
+    body["choices"][0]["message"]["content"] = [{"type": "text", "text": 5}, "junk", None, {"text": "ok"}]
+    with ChatServer([("raw", json.dumps(body))]) as srv:
+        assert _backend(srv).chat(USER) == "ok"
+    with ChatServer([("raw", '{"error": {"message": "overloaded"}}')]) as srv:
+        with pytest.raises(BackendError, match=r"model 'test-model'.*no choices.*overloaded"):
+            _backend(srv).chat(USER)
+
+
 # --- local transformers backends -------------------------------------------------------------------
 
 

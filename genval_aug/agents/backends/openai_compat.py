@@ -6,6 +6,7 @@ itself lives only in this process' request headers (never in ``repr``, the cache
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -71,6 +72,7 @@ class OpenAICompatibleBackend:
         self.default_params = dict(default_params or {})
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         key = os.environ.get(api_key_env) if api_key_env else None
+        self._secret = key or None  # redacted from every error and log line (a server may echo it back)
         if key:
             hdrs["Authorization"] = f"Bearer {key}"
         elif (urlsplit(self.base_url).hostname or "").lower() == OPENAI_HOST:
@@ -102,54 +104,76 @@ class OpenAICompatibleBackend:
             ra = response.headers.get("retry-after")
             if ra:
                 try:
-                    return min(max(float(ra), 0.0), self.max_backoff)
-                except ValueError:
-                    pass
+                    seconds = float(ra)
+                except ValueError:  # an HTTP date: fall back to the backoff
+                    seconds = math.nan
+                if math.isfinite(seconds):  # "nan" / "inf" parse as floats but time.sleep refuses NaN
+                    return min(max(seconds, 0.0), self.max_backoff)
         base = min(self.backoff * (2 ** attempt), self.max_backoff)
         return base * (0.5 + random.random() / 2)
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key (servers and proxies sometimes echo request headers)."""
+        return text.replace(self._secret, "***") if self._secret else text
 
     def chat(self, messages: list[Message], **params: Any) -> str:
         body = {**self.default_params, **params, "model": self.model, "messages": messages, "stream": False}
         url = f"{self.base_url}/chat/completions"
+        where = f"POST {url} (model {self.model!r})"
         last = ""
         for attempt in range(self.max_retries + 1):
             response = None
             try:
-                response = self._client.post("/chat/completions", json=body)
+                response = self._post(body)
             except httpx.TimeoutException as e:
                 last = f"timed out after {self.timeout:g} s ({type(e).__name__})"
             except httpx.TransportError as e:
-                last = f"connection failed: {e}"
+                last = self._redact(f"connection failed: {e}")
             else:
                 if response.status_code < 400:
-                    return self._parse(response, url)
-                detail = _error_detail(response)
+                    return self._parse(response, where)
+                detail = self._redact(_error_detail(response))
                 if response.status_code not in RETRY_STATUS:
                     hint = ""
                     if response.status_code in (401, 403):
                         hint = f" (check the API key in ${self.api_key_env})" if self.api_key_env else " (no API key sent)"
-                    raise BackendError(f"POST {url} (model {self.model!r}) -> HTTP {response.status_code}: "
-                                       f"{detail}{hint}")
+                    raise BackendError(f"{where} -> HTTP {response.status_code}: {detail}{hint}")
                 last = f"HTTP {response.status_code}: {detail}"
             if attempt < self.max_retries:
                 delay = self._delay(attempt, response)
-                logger.warning("POST %s %s; retry %d/%d in %.1f s", url, last, attempt + 1, self.max_retries, delay)
+                logger.warning("%s %s; retry %d/%d in %.1f s", where, last, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
-        raise BackendError(f"POST {url} (model {self.model!r}) failed after {self.max_retries + 1} attempts: {last}")
+        raise BackendError(f"{where} failed after {self.max_retries + 1} attempts: {last}")
 
-    def _parse(self, response: httpx.Response, url: str) -> str:
+    def _post(self, body: dict[str, Any]) -> httpx.Response:
+        """One request whose whole exchange (not only each read) ends within ``timeout`` seconds: a server
+        that trickles its body byte by byte would otherwise hold the build forever."""
+        deadline = time.monotonic() + self.timeout
+        with self._client.stream("POST", "/chat/completions", json=body) as response:
+            chunks = []
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("response body not complete within the timeout",
+                                            request=response.request)
+            return httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks),
+                                  request=response.request)
+
+    def _parse(self, response: httpx.Response, where: str) -> str:
         try:
             data = response.json()
         except ValueError as e:
-            raise BackendError(f"POST {url}: response body is not JSON: {response.text[:200]!r}") from e
+            raise BackendError(f"{where}: response body is not JSON: "
+                               f"{self._redact(response.text[:200])!r}") from e
         try:
             content = data["choices"][0]["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError) as e:
-            raise BackendError(f"POST {url}: response has no choices[0].message: {str(data)[:200]!r}") from e
+            raise BackendError(f"{where}: response has no choices[0].message: "
+                               f"{self._redact(str(data)[:200])!r}") from e
         if content is None:
             return ""
         if isinstance(content, list):  # some servers return content parts
-            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         return str(content)
 
     def chat_batch(self, batch: list[list[Message]], **params: Any) -> list[str]:
