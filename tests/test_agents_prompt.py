@@ -33,6 +33,11 @@ def test_parse_prompts_strict():
             parse_prompts(bad)
 
 
+def test_parse_prompts_huge_integer_is_a_parse_error():
+    with pytest.raises(OutputParseError, match="invalid JSON"):
+        parse_prompts('{"prompts": ["a mug"], "n": ' + "9" * 5000 + "}")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_parse_prompts_fuzz_garbage_is_error_or_list_of_strings(text):

@@ -63,6 +63,24 @@ def test_all_pass_but_keep_false_is_contradictory():
         parse_verdict(verdict_json(keep=False))
 
 
+def test_huge_integer_literal_is_a_parse_error_not_a_crash():
+    # json.loads raises a plain ValueError (not JSONDecodeError) past sys.get_int_max_str_digits()
+    huge = verdict_json().replace("0.9", "1" + "0" * 5000)
+    with pytest.raises(OutputParseError, match="invalid JSON"):
+        parse_verdict(huge)
+    replies = {"dog": huge, "cat": verdict_json()}
+    agent = ValidationAgent(ScriptedBackend(lambda m, p: replies["dog" if "dog" in m[1]["content"][1]["text"]
+                                                                 else "cat"]), max_retries=0)
+    bad, good = agent.validate([blob(), blob()], ["dog", "cat"])   # one bad reply spoils only its own verdict
+    assert bad.status == "invalid" and not bad.keep and "digits" in bad.reasons["error"]
+    assert good.status == "judged" and good.keep
+
+
+def test_crlf_code_fence_is_accepted():
+    keep, *_ = parse_verdict("```json\r\n" + verdict_json() + "\r\n```")
+    assert keep is True
+
+
 def _agent_on(reply, **kw):
     return ValidationAgent(ScriptedBackend(lambda m, p: reply), max_retries=0, **kw)
 

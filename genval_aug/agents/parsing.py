@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n(.*?)\r?\n?[ \t]*```", re.DOTALL)
 
 
 class OutputParseError(ValueError):
@@ -33,7 +33,9 @@ def _no_constants(name: str):
 def loads_strict(text: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_dupes, parse_constant=_no_constants)
-    except json.JSONDecodeError as e:
+    except OutputParseError:
+        raise
+    except ValueError as e:  # JSONDecodeError, and integers longer than sys.get_int_max_str_digits()
         raise OutputParseError(f"invalid JSON: {e}") from None
     except RecursionError:
         raise OutputParseError("JSON nested too deeply") from None
