@@ -427,6 +427,27 @@ def test_validator_server_down_stops_the_run_and_settles_nothing(tmp_path):
     assert scan_units(InstanceBank(bank), "t") == {}            # a later run retries every unit
 
 
+@pytest.mark.parametrize("bad", [
+    {"keep": "false", "score": 0.1}, {"keep": "no"}, {"keep": 1}, {"score": 1.0}, None, True, "keep",
+    {"keep": True, "score": "high"}, {"keep": True, "score": float("nan")}, {"keep": True, "criteria": ["intact"]},
+    {"keep": True, "score": 1.0, "extra": object()}, {"error": 5},
+], ids=lambda b: repr(b)[:30])
+def test_malformed_verdicts_are_errors_never_keeps_nor_crashes(tmp_path, bad):
+    # keep="false" is truthy and was kept silently; None, a bool or a string crashed the writer
+    class Odd:
+        name = "odd"
+
+        def validate(self, rgbas, categories):
+            return [bad for _ in rgbas]
+
+    cfg = load_config(write_cfg(tmp_path, prefilter=None, classes={"names": ["mug"], "target": 3}))
+    bank = tmp_path / "odd.lmdb"
+    r = BankBuilder(cfg, bank=bank, components={"validator": Odd()}).run()
+    assert r.total_added == 0 and r.units > 0 and r.rejected_units == r.units
+    reasons = InstanceBank(bank).get_status("unstored:t:mug")["reasons"]
+    assert len(reasons) == r.units and all(x.startswith(("validator_error:bad_verdict", "5")) for x in reasons)
+
+
 # ----------------------------------------------------------------------------- folder units keyed by file name
 
 

@@ -117,6 +117,38 @@ def scan_units(bank: InstanceBank, build: str) -> dict[str, set[int]]:
     return out
 
 
+def _check_verdict(v: Any) -> dict[str, Any]:
+    """A validator's verdict as a dict the bank can store, or an ``{"error": ...}`` verdict saying what is
+    wrong with it: ``keep`` must be a real boolean (the string ``"false"`` is truthy and used to keep the
+    instance), ``score`` a finite number or absent, ``criteria`` a mapping, everything JSON-encodable."""
+    import numbers
+
+    from genval_aug.bank.record import dumps
+
+    try:
+        d = v.to_dict() if hasattr(v, "to_dict") else v
+        if not isinstance(d, dict):
+            return {"error": f"validator_error:bad_verdict: expected a dict, got {type(d).__name__}"}
+        d = dict(d)
+        if "error" in d:
+            d["error"] = str(d["error"])
+            return d
+        keep = d.get("keep")
+        if not isinstance(keep, (bool, np.bool_)):
+            return {"error": f"validator_error:bad_verdict: 'keep' must be true or false, got {keep!r:.40}"}
+        d["keep"] = bool(keep)
+        score = d.get("score")
+        if score is not None and (isinstance(score, (bool, np.bool_)) or not isinstance(score, numbers.Real)
+                                  or not math.isfinite(float(score))):
+            return {"error": f"validator_error:bad_verdict: 'score' must be a finite number, got {score!r:.40}"}
+        if not isinstance(d.get("criteria") or {}, dict):
+            return {"error": "validator_error:bad_verdict: 'criteria' must be a mapping"}
+        dumps(d)
+    except Exception as e:  # noqa: BLE001 - a broken verdict object: reported per unit, the build goes on
+        return {"error": f"validator_error:bad_verdict: {type(e).__name__}: {e}"[:300]}
+    return d
+
+
 def _keep(v: Any) -> bool:
     if v is None:
         return False
@@ -594,7 +626,7 @@ class BankBuilder:
                             log.warning("validator failed on %d instances: %s", len(idx), e)
                             vs = [{"error": f"validator_error:{type(e).__name__}"}] * len(idx)
                         for i, v in zip(idx, vs, strict=True):
-                            verdicts[i] = v
+                            verdicts[i] = _check_verdict(v)
                     st_v = report.stages["validate"]
                     st_v.busy_s += time.monotonic() - t0
                     st_v.items += len(todo)
