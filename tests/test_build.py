@@ -88,6 +88,48 @@ def test_config_errors_name_the_field(tmp_path):
         BankBuilder(cfg)._component("source")
 
 
+def test_config_rejects_nan_strings_as_bools_typos_and_names_the_file_on_component_errors(tmp_path):
+    # NaN/inf passed `value < lo` and crashed the run (math.ceil(nan)); "no" was bool("no") = True; a typo in
+    # an inline class entry or in prefilter was ignored or failed only at build time; component errors
+    # (unknown kind, bad params, backend spec) did not name the config file
+    base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    agent = {"kind": "agent", "params": {"backend": {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}}
+    cases = [
+        ({"pipeline": {"overgenerate": float("nan")}}, "pipeline.overgenerate"),
+        ({"pipeline": {"max_attempts_factor": float("inf")}}, "pipeline.max_attempts_factor"),
+        ({"worker": {"poll_interval": float("nan")}}, "worker.poll_interval"),
+        ({"pipeline": {"progress": "no"}}, "pipeline.progress"),
+        ({"classes": {"names": [{"name": "mug", "targt": 5}], "target": 2}}, "classes.names[0].targt"),
+        ({"classes": {"names": [{"name": "mug", "definition": 5}], "target": 2}}, "classes.names.mug.definition"),
+        ({"prefilter": {"min_aera": 5}}, "prefilter.min_aera"),
+        ({"prefilter": {"min_area": "big"}}, "prefilter.min_area"),
+        ({"prefilter": {"coverage": [0.1]}}, "prefilter.coverage"),
+        ({"prefilter": {"reject_border": "yes"}}, "prefilter.reject_border"),
+    ]
+    for over, fld in cases:
+        with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ":"):
+            parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
+    ok = parse_config({**base, "prefilter": {"min_area": None, "coverage": [0.1, 0.9], "reject_border": True}},
+                      where="b.yaml", base_dir=tmp_path)
+    assert ok.prefilter == {"min_area": None, "coverage": (0.1, 0.9), "reject_border": True}
+    build_cases = [
+        ({"source": {"kind": "shapes", "params": {"sise": 48}}}, "source", r"source\.params: 'shapes' rejected"),
+        ({"validator": {"kind": "nope"}}, "validator", r"validator\.kind: unknown kind"),
+        ({"validator": {**agent, "params": {"backend": "openai"}}}, "validator",
+         r"validator\.params\.backend: expected a mapping"),
+        ({"validator": {**agent, "params": {"backend": {**agent["params"]["backend"], "timeout": "fast"}}}},
+         "validator", r"validator\.params\.backend: backend 'openai' rejected its parameters"),
+        ({"validator": {**agent, "params": {"backend": {**agent["params"]["backend"], "max_retries": -1}}}},
+         "validator", r"validator\.params\.backend: max_retries must be >= 0"),
+        ({"validator": {**agent, "params": {"backend": {"kind": "nope", "model": "m"}}}}, "validator",
+         r"validator\.params\.backend: backend kind must be one of"),
+    ]
+    for over, comp, pat in build_cases:
+        cfg = parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
+        with pytest.raises(ConfigError, match="^b\\.yaml: " + pat):
+            BankBuilder(cfg)._component(comp)
+
+
 def test_lvis_table_with_frequency_groups(shared_data, tmp_path):
     table = shared_data / "lvis_v1_categories.json"
     cfg = parse_config({

@@ -68,6 +68,12 @@ class OpenAICompatibleBackend:
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if self.max_retries < 0:   # range(0) attempts: every call failed "after 0 attempts" without a request
+            raise ConfigError(f"max_retries must be >= 0, got {max_retries!r}")
+        if not (self.backoff >= 0 and self.max_backoff >= 0):
+            raise ConfigError(f"backoff and max_backoff must be >= 0, got {backoff!r}, {max_backoff!r}")
         self.concurrency = max(1, int(concurrency))
         self.default_params = dict(default_params or {})
         hdrs = {"Content-Type": "application/json", **(headers or {})}
