@@ -785,9 +785,12 @@ class BankBuilder:
                 continue
             if not vd.get("keep", False):
                 failed = [k for k, ok in (vd.get("criteria") or {}).items() if not ok]
-                batch_reasons.update(f"validator:{k}" for k in (failed or ["rejected"]))
+                # an unparseable judge reply (ValidationAgent status "invalid") is counted as such, not as an
+                # anonymous rejection; its reason is in the audited verdict
+                failed = failed or ["invalid" if vd.get("status") == "invalid" else "rejected"]
+                batch_reasons.update(f"validator:{k}" for k in failed)
                 if not self._reject(writer, c, src, vd):
-                    unstored.setdefault(u.category, {})[u.index] = "validator:" + ",".join(failed or ["rejected"])
+                    unstored.setdefault(u.category, {})[u.index] = "validator:" + ",".join(failed)
                 continue
             writer.add(c.rgba, category=u.category, category_id=st.category_id, source=src, verdict=vd)
         if batch_reasons:
