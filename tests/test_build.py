@@ -467,6 +467,8 @@ def test_validator_server_down_stops_the_run_and_settles_nothing(tmp_path):
     with pytest.raises(BackendError, match="failed after 5 attempts"):
         BankBuilder(cfg, bank=bank, components={"validator": Down()}).run()
     assert scan_units(InstanceBank(bank), "t") == {}            # a later run retries every unit
+    st = InstanceBank(bank).get_status("build:t")                # it said "done" after the failed run
+    assert st["state"] == "failed" and "failed after 5 attempts" in st["error"] and st["missing"] == 4
 
 
 @pytest.mark.parametrize("bad", [

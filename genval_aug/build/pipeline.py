@@ -645,6 +645,7 @@ class BankBuilder:
         pending: list[WorkUnit] = []
         inflight_batches = 0
         sent_stop = False
+        failure: str | None = None
         try:
             while True:
                 if errors:
@@ -705,6 +706,9 @@ class BankBuilder:
                 self._write(item, writer, bank, states, report, bars, extra_status)
             if not stop.is_set() and not report.stopped:
                 sent_stop = put(q_units, _STOP)
+        except BaseException as e:   # a server down, a crash in a stage: the status must not say "done"
+            failure = f"{type(e).__name__}: {e}"[:500]
+            raise
         finally:
             if not sent_stop:
                 abort.set()
@@ -719,8 +723,11 @@ class BankBuilder:
             report.gave_up = sorted(n for n, st in states.items() if st.gave_up and report.deficits[n] > 0)
             report.wall_s = time.monotonic() - t_start
             try:
-                writer.set_status(self.status_name, self._status(states, report, extra_status,
-                                                                 state="stopped" if report.stopped else "done"))
+                state = "failed" if failure else "stopped" if report.stopped else "done"
+                final = self._status(states, report, extra_status, state=state)
+                if failure:
+                    final["error"] = failure
+                writer.set_status(self.status_name, final)
             finally:
                 writer.close()
                 for b in bars.values():
