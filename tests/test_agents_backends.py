@@ -261,6 +261,25 @@ def test_trickling_body_times_out_as_a_whole():
     assert time.perf_counter() - t < 3 and len(calls) == 2
 
 
+def test_endless_body_is_cut_at_max_response_bytes_not_buffered():
+    # an endless body arriving fast was buffered whole: a runaway server could exhaust the build's memory
+    sent = []
+
+    def endless():
+        while True:
+            sent.append(1)
+            yield b"x" * 65536
+
+    def handler(request):
+        return httpx.Response(200, headers={"Content-Type": "application/json"}, content=endless())
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, timeout=30, max_retries=3,
+                                max_response_bytes=1 << 20, transport=httpx.MockTransport(handler))
+    with pytest.raises(BackendError, match=r"model 'm'.*larger than 1048576 bytes"):
+        b.chat(USER)
+    assert len(sent) <= 17   # read up to the limit, once (the same request would get the same answer)
+
+
 def test_malformed_2xx_bodies_name_the_model_and_bad_parts_do_not_crash():
     import json
 

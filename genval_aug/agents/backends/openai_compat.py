@@ -53,6 +53,7 @@ class OpenAICompatibleBackend:
         max_retries: retries after the first attempt for retryable failures.
         backoff: first retry delay in seconds (doubles per retry, capped by ``max_backoff``).
         concurrency: parallel requests in ``chat_batch``.
+        max_response_bytes: a larger response body is an error (a runaway server must not exhaust memory).
         default_params: sent with every request (e.g. ``{"temperature": 0.7, "max_tokens": 512}``),
             overridden by per-call params.
     """
@@ -60,7 +61,8 @@ class OpenAICompatibleBackend:
     def __init__(self, model: str, base_url: str | None = None, *, api_key_env: str | None = AUTO_KEY,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
                  concurrency: int = 4, default_params: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None, transport: httpx.BaseTransport | None = None):
+                 headers: dict[str, str] | None = None, transport: httpx.BaseTransport | None = None,
+                 max_response_bytes: int = 32 << 20):
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
         self.api_key_env = api_key_env = resolve_api_key_env(api_key_env, self.base_url)
@@ -75,6 +77,7 @@ class OpenAICompatibleBackend:
         if not (self.backoff >= 0 and self.max_backoff >= 0):
             raise ConfigError(f"backoff and max_backoff must be >= 0, got {backoff!r}, {max_backoff!r}")
         self.concurrency = max(1, int(concurrency))
+        self.max_response_bytes = int(max_response_bytes)
         self.default_params = dict(default_params or {})
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         key = os.environ.get(api_key_env) if api_key_env else None
@@ -135,6 +138,8 @@ class OpenAICompatibleBackend:
                 last = f"timed out after {self.timeout:g} s ({type(e).__name__})"
             except httpx.TransportError as e:
                 last = self._redact(f"connection failed: {e}")
+            except _TooLarge as e:   # not retried: the same request would get the same answer
+                raise BackendError(f"{where}: {e}") from None
             else:
                 if response.status_code < 400:
                     return self._parse(response, where)
@@ -156,9 +161,13 @@ class OpenAICompatibleBackend:
         that trickles its body byte by byte would otherwise hold the build forever."""
         deadline = time.monotonic() + self.timeout
         with self._client.stream("POST", "/chat/completions", json=body) as response:
-            chunks = []
+            chunks, size = [], 0
             for chunk in response.iter_bytes():
                 chunks.append(chunk)
+                size += len(chunk)
+                if size > self.max_response_bytes:
+                    raise _TooLarge(f"response body larger than {self.max_response_bytes} bytes (max_response_bytes); "
+                                    f"HTTP {response.status_code}, {response.headers.get('content-type', '?')}")
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout("response body not complete within the timeout",
                                             request=response.request)
@@ -187,6 +196,10 @@ class OpenAICompatibleBackend:
             return [self.chat(m, **params) for m in batch]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batch))) as pool:
             return list(pool.map(lambda m: self.chat(m, **params), batch))
+
+
+class _TooLarge(Exception):
+    """A response body over ``max_response_bytes``."""
 
 
 def _error_detail(response: httpx.Response) -> str:
