@@ -280,6 +280,17 @@ def test_endless_body_is_cut_at_max_response_bytes_not_buffered():
     assert len(sent) <= 17   # read up to the limit, once (the same request would get the same answer)
 
 
+@pytest.mark.parametrize("code", [301, 307, 308])
+def test_redirect_is_reported_not_parsed_as_an_empty_body(code):
+    # a redirect (http -> https, a missing /v1) used to surface as "response body is not JSON: ''"
+    def handler(request):
+        return httpx.Response(code, headers={"Location": "https://llm.example/v1/chat/completions"})
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, transport=httpx.MockTransport(handler))
+    with pytest.raises(BackendError, match=rf"HTTP {code} redirect to https://llm\.example/v1/chat/completions"):
+        b.chat(USER)
+
+
 def test_malformed_2xx_bodies_name_the_model_and_bad_parts_do_not_crash():
     import json
 

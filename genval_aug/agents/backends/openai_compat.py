@@ -141,7 +141,11 @@ class OpenAICompatibleBackend:
             except _TooLarge as e:   # not retried: the same request would get the same answer
                 raise BackendError(f"{where}: {e}") from None
             else:
-                if response.status_code < 400:
+                if 300 <= response.status_code < 400:   # not followed: the key must not go where it was not sent
+                    target = self._redact(response.headers.get("location", "?"))
+                    raise BackendError(f"{where} -> HTTP {response.status_code} redirect to {target} (not followed; "
+                                       f"set base_url to the server's real address, including /v1)")
+                if response.status_code < 300:
                     return self._parse(response, where)
                 detail = self._redact(_error_detail(response))
                 if response.status_code not in RETRY_STATUS:
@@ -178,7 +182,7 @@ class OpenAICompatibleBackend:
         try:
             data = response.json()
         except ValueError as e:
-            raise BackendError(f"{where}: response body is not JSON: "
+            raise BackendError(f"{where}: HTTP {response.status_code} response body is not JSON: "
                                f"{self._redact(response.text[:200])!r}") from e
         try:
             content = data["choices"][0]["message"].get("content")
