@@ -198,6 +198,14 @@ def test_cache_can_be_turned_off(tmp_path):
     assert not (tmp_path / "c.sqlite").exists()
 
 
+def test_empty_replies_are_not_cached(tmp_path):
+    # a null/empty content (content filter, reasoning model out of tokens) was cached and replayed forever
+    with ChatServer([("ok", ""), ("ok", "   "), ("ok", "real answer")]) as srv:
+        b = CachedBackend(_backend(srv), ResponseCache(tmp_path / "c.sqlite"))
+        assert [b.chat(USER) for _ in range(4)] == ["", "   ", "real answer", "real answer"]
+    assert len(srv.requests) == 3 and len(b.cache) == 1
+
+
 def test_cache_keys_distinguish_models(tmp_path):
     with ChatServer([lambda body: body["model"]]) as srv:
         c = ResponseCache(tmp_path / "c.sqlite")

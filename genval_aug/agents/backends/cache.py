@@ -125,6 +125,7 @@ class CachedBackend:
             fresh = self.backend.chat_batch([batch[i] for i in todo], **params)
             for i, r in zip(todo, fresh, strict=True):
                 out[i] = r
-                self.cache.put(keys[i], r, ident)
+                if isinstance(r, str) and r.strip():   # an empty reply (content null: filtered, or a reasoning
+                    self.cache.put(keys[i], r, ident)  # model out of tokens) is asked again, not replayed forever
         logger.debug("response cache: %d hits, %d misses", len(batch) - len(todo), len(todo))
         return [r for r in out if r is not None]
