@@ -76,6 +76,18 @@ def test_huge_integer_literal_is_a_parse_error_not_a_crash():
     assert good.status == "judged" and good.keep
 
 
+def test_leading_think_block_of_a_reasoning_model_is_dropped():
+    # Qwen3 / DeepSeek-R1 style replies put <think>...</think> before the answer: every verdict was invalid
+    think = "<think>\nThe mug has a handle {\"keep\": false} so...\n</think>\n\n"
+    keep, *_ = parse_verdict(think + verdict_json())
+    assert keep is True
+    assert parse_verdict(think + verdict_json(fail=("intact",), fence=True))[0] is False
+    with pytest.raises(OutputParseError):       # only a leading block; the answer itself stays strict
+        parse_verdict(verdict_json() + "\n<think>x</think>")
+    with pytest.raises(OutputParseError, match="empty reply"):
+        parse_verdict("<think>I could not decide</think>")
+
+
 def test_crlf_code_fence_is_accepted():
     keep, *_ = parse_verdict("```json\r\n" + verdict_json() + "\r\n```")
     assert keep is True
