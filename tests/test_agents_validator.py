@@ -263,6 +263,18 @@ def test_verdict_dataclass_roundtrip():
     assert v.to_dict()["criteria"]["intact"] is True and v.to_dict()["status"] == "judged"
 
 
+def test_labels_csv_with_a_utf8_bom(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM: the first header became "\ufeffimage" and the file was refused
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), cv2.cvtColor(blob(), cv2.COLOR_RGBA2BGRA))
+    (tmp_path / "labels.csv").write_bytes(b"\xef\xbb\xbfimage,category,keep\na.png,dog,1\n")
+    from genval_aug.agents.evaluation import load_labels
+
+    (lab,) = load_labels(tmp_path / "labels.csv")
+    assert lab.image.name == "a.png" and lab.category == "dog" and lab.keep is True
+
+
 def test_eval_validator_cli_on_real_cutouts(rgba_objects, tmp_path, capsys):
     from genval_aug.cli import main
 

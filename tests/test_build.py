@@ -347,6 +347,10 @@ def test_class_rows_from_csv_and_names_are_coerced_or_named_in_errors(tmp_path):
     by = {c.name: c for c in cfg.classes}
     assert (by["dog"].target, by["dog"].category_id, by["dog"].synonyms) == (5, 1, ("hound", "pup"))
     assert (by["cat"].target, by["cat"].category_id, by["cat"].synonyms) == (3, None, ())
+    # a UTF-8 BOM (Excel's "CSV UTF-8") turned the first header into "\ufeffname": "entry 0 has no 'name'"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfname,target\nmug,4\n")
+    assert [(c.name, c.target) for c in parse_config({**base, "classes": {"table": "bom.csv"}}, where="b.yaml",
+                                                     base_dir=tmp_path).classes] == [("mug", 4)]
     (tmp_path / "bad.csv").write_text("name,id,target\ndog,1,lots\n")
     with pytest.raises(ConfigError, match=r"b\.yaml: classes\.table\.dog\.target: "):
         parse_config({**base, "classes": {"table": "bad.csv"}}, where="b.yaml", base_dir=tmp_path)

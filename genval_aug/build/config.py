@@ -228,7 +228,7 @@ def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
         raise ctx.fail(fld, f"category table {p} not found")
     try:
         if p.suffix.lower() == ".csv":
-            with p.open(newline="", encoding="utf-8") as f:
+            with p.open(newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) must not rename column 1
                 rows = list(csv.DictReader(f))
             for r in rows:
                 if isinstance(r.get("synonyms"), str):
