@@ -247,6 +247,22 @@ def test_key_echoed_by_the_server_is_redacted_from_errors_and_logs(monkeypatch, 
     assert "sk-secret" not in caplog.text and "retry 1/1" in caplog.text
 
 
+def test_password_in_base_url_stays_out_of_errors_repr_and_logs(caplog):
+    # http://user:password@host/v1 (a proxy with basic auth) was shown in errors and repr, and httpx logged it
+    caplog.set_level("DEBUG")
+    with ChatServer([("status", 500, {"error": {"message": "no"}}), ("ok", "fine")]) as srv:
+        url = srv.base_url.replace("http://", "http://bob:pw-s3cret-x@")
+        b = OpenAICompatibleBackend("m", url, api_key_env=None, max_retries=1, backoff=0.01)
+        assert b.chat(USER) == "fine" and "pw-s3cret" not in repr(b) and "bob:***@" in repr(b)
+    assert srv.headers[0]["Authorization"] == "Basic " + base64.b64encode(b"bob:pw-s3cret-x").decode()
+    with ChatServer([("status", 500, {"error": {"message": "echo http://bob:pw-s3cret-x@x"}})]) as srv:
+        url = srv.base_url.replace("http://", "http://bob:pw-s3cret-x@")
+        with pytest.raises(BackendError) as ei:
+            OpenAICompatibleBackend("m", url, api_key_env=None, max_retries=1, backoff=0.01).chat(USER)
+    assert "pw-s3cret" not in str(ei.value) and "bob:***@" in str(ei.value)
+    assert "pw-s3cret" not in caplog.text and "HTTP Request" in caplog.text
+
+
 def test_trickling_body_times_out_as_a_whole():
     # each chunk arrives well within the read timeout, but the whole body takes far longer than `timeout`
     def slow_body():

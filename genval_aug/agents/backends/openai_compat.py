@@ -12,7 +12,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
@@ -82,16 +82,20 @@ class OpenAICompatibleBackend:
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         key = os.environ.get(api_key_env) if api_key_env else None
         self._secret = key or None  # redacted from every error and log line (a server may echo it back)
+        self._shown_url = _without_password(self.base_url)  # the URL in messages, repr and logs
+        self._url_secret = urlsplit(self.base_url).password or None
         if key:
             hdrs["Authorization"] = f"Bearer {key}"
         elif (urlsplit(self.base_url).hostname or "").lower() == OPENAI_HOST:
             raise ConfigError(f"no API key: set the environment variable {api_key_env or 'OPENAI_API_KEY'} "
-                              f"to use {self.base_url}")
-        self._client = httpx.Client(base_url=self.base_url, headers=hdrs, timeout=self.timeout,
-                                    transport=transport)
+                              f"to use {_without_password(self.base_url)}")
+        # user:password@ in the URL becomes Basic auth on a URL without it: httpx logs request URLs (INFO)
+        client_url, auth = _split_userinfo(self.base_url)
+        self._client = httpx.Client(base_url=client_url, headers=hdrs, timeout=self.timeout, transport=transport,
+                                    auth=auth)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, "
+        return (f"{type(self).__name__}(model={self.model!r}, base_url={self._shown_url!r}, "
                 f"api_key_env={self.api_key_env!r})")
 
     def cache_identity(self) -> dict[str, Any]:
@@ -122,12 +126,19 @@ class OpenAICompatibleBackend:
         return base * (0.5 + random.random() / 2)
 
     def _redact(self, text: str) -> str:
-        """``text`` without the API key (servers and proxies sometimes echo request headers)."""
-        return text.replace(self._secret, "***") if self._secret else text
+        """``text`` without the API key (servers and proxies sometimes echo request headers) and without a
+        password given in the base URL."""
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        if self._shown_url != self.base_url:
+            text = text.replace(self.base_url, self._shown_url)
+        if self._url_secret and len(self._url_secret) >= 4:
+            text = text.replace(self._url_secret, "***")
+        return text
 
     def chat(self, messages: list[Message], **params: Any) -> str:
         body = {**self.default_params, **params, "model": self.model, "messages": messages, "stream": False}
-        url = f"{self.base_url}/chat/completions"
+        url = f"{self._shown_url}/chat/completions"
         where = f"POST {url} (model {self.model!r})"
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -200,6 +211,24 @@ class OpenAICompatibleBackend:
             return [self.chat(m, **params) for m in batch]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(batch))) as pool:
             return list(pool.map(lambda m: self.chat(m, **params), batch))
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of a ``user:password@host`` part replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
+def _split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """``(url without user:password@, (user, password) or None)``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=host).geturl(), (unquote(parts.username or ""), unquote(parts.password or ""))
 
 
 class _TooLarge(Exception):
