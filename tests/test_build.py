@@ -339,6 +339,25 @@ def test_prompt_failure_gives_one_class_up_not_the_build(tmp_path):
     assert InstanceBank(tmp_path / "p.lmdb").get_status("prompts:t:kite") is None
 
 
+def test_prompt_maker_returning_one_string_gives_one_prompt_not_its_characters(tmp_path):
+    # list("a photo of a mug") made twelve one-letter prompts, cached in the bank for good
+    class OneString:
+        def prompts(self, cls, n):
+            return f"a photo of a {cls.name}"
+
+    class ManyStrings:
+        def prompts_many(self, classes, n):
+            return {c.name: f"a drawing of a {c.name}" for c in classes}
+
+    for maker, want in ((OneString(), "a photo of a mug"), (ManyStrings(), "a drawing of a mug")):
+        bank = tmp_path / f"{type(maker).__name__}.lmdb"
+        cfg = load_config(write_cfg(tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "params": {"size": 48}},
+                                    validator="none", prefilter=None, classes={"names": ["mug"], "target": 2}))
+        BankBuilder(cfg, bank=bank, components={"prompts": maker}).run()
+        assert InstanceBank(bank).get_status("prompts:t:mug")["prompts"] == [want]
+        assert [m["source"]["prompt"] for m in InstanceBank(bank).iter_meta()] == [want, want]
+
+
 def test_class_rows_from_csv_and_names_are_coerced_or_named_in_errors(tmp_path):
     """CSV cells are strings: a `target`/`id` column must work; a bad id or synonyms value is a ConfigError."""
     base = yaml.safe_load(write_cfg(tmp_path).read_text())

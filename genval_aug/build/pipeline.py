@@ -361,13 +361,17 @@ class BankBuilder:
                 if made.get(spec.name):
                     continue
                 try:
-                    made[spec.name] = list(maker.prompts(spec, pc.n))
+                    got = maker.prompts(spec, pc.n)
+                    made[spec.name] = [got] if isinstance(got, str) else list(got)
                 except (ConfigError, BackendError):
                     raise
                 except Exception as e:
                     log.warning("prompt maker %s produced no prompt for %r: %s", pc.kind, spec.name, e)
             for spec in missing:
-                prompts = [p for p in made.get(spec.name, []) if isinstance(p, str) and p.strip()]
+                got = made.get(spec.name) or []
+                if isinstance(got, str):   # one prompt, not one prompt per character
+                    got = [got]
+                prompts = [p for p in got if isinstance(p, str) and p.strip()]
                 if not prompts:
                     failed.add(spec.name)
                     report.rejected["prompt_error"] += 1
