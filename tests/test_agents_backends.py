@@ -285,6 +285,23 @@ def test_trickling_body_times_out_as_a_whole():
     assert time.perf_counter() - t < 3 and len(calls) == 2
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_responses_are_decoded_once(encoding):
+    import gzip
+    import json
+    import zlib
+
+    raw = json.dumps(completion_body("zipped")).encode()
+    data = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+
+    def handler(request):
+        return httpx.Response(200, headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+                              content=data)
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, transport=httpx.MockTransport(handler))
+    assert b.chat(USER) == "zipped"
+
+
 def test_endless_body_is_cut_at_max_response_bytes_not_buffered():
     # an endless body arriving fast was buffered whole: a runaway server could exhaust the build's memory
     sent = []

@@ -186,7 +186,10 @@ class OpenAICompatibleBackend:
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout("response body not complete within the timeout",
                                             request=response.request)
-            return httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks),
+            # the chunks are already decoded: without these headers the body would be gunzipped a second time
+            headers = [(k, v) for k, v in response.headers.multi_items()
+                       if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+            return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks),
                                   request=response.request)
 
     def _parse(self, response: httpx.Response, where: str) -> str:
