@@ -302,6 +302,25 @@ def test_compressed_responses_are_decoded_once(encoding):
     assert b.chat(USER) == "zipped"
 
 
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://host/v1", "http://", "127.0.0.1:8000"])
+def test_base_url_without_http_scheme_or_host_is_a_config_error(url):
+    # such URLs were sent, failed as "connection failed: unsupported protocol" and were retried with backoff
+    with pytest.raises(ConfigError, match="base_url must be an http:// or https:// URL"):
+        OpenAICompatibleBackend("m", url, api_key_env=None)
+
+
+def test_corrupt_compressed_body_is_a_backend_error():
+    # httpx.DecodingError is not a TransportError: it escaped chat() as a bare httpx exception
+    def handler(request):
+        return httpx.Response(200, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                              content=b"not gzip at all")
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, max_retries=1, backoff=0.01,
+                                transport=httpx.MockTransport(handler))
+    with pytest.raises(BackendError, match=r"model 'm'.*failed after 2 attempts: undecodable response body"):
+        b.chat(USER)
+
+
 def test_endless_body_is_cut_at_max_response_bytes_not_buffered():
     # an endless body arriving fast was buffered whole: a runaway server could exhaust the build's memory
     sent = []

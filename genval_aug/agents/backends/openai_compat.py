@@ -65,6 +65,10 @@ class OpenAICompatibleBackend:
                  max_response_bytes: int = 32 << 20):
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:  # e.g. "localhost:8000/v1": no retries
+            raise ConfigError(f"base_url must be an http:// or https:// URL with a host (e.g. "
+                              f"http://localhost:8000/v1), got {_without_password(self.base_url)!r}")
         self.api_key_env = api_key_env = resolve_api_key_env(api_key_env, self.base_url)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
@@ -149,6 +153,8 @@ class OpenAICompatibleBackend:
                 last = f"timed out after {self.timeout:g} s ({type(e).__name__})"
             except httpx.TransportError as e:
                 last = self._redact(f"connection failed: {e}")
+            except httpx.DecodingError as e:   # a corrupt gzip/deflate body: was a bare httpx error
+                last = self._redact(f"undecodable response body: {e}")
             except _TooLarge as e:   # not retried: the same request would get the same answer
                 raise BackendError(f"{where}: {e}") from None
             else:
