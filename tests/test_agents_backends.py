@@ -206,6 +206,17 @@ def test_empty_replies_are_not_cached(tmp_path):
     assert len(srv.requests) == 3 and len(b.cache) == 1
 
 
+def test_corrupt_cache_file_is_bypassed_not_fatal(tmp_path, caplog):
+    # sqlite3.DatabaseError escaped chat(): the build then marked every batch validator_error
+    bad = tmp_path / "c.sqlite"
+    bad.write_bytes(b"not a sqlite database " * 50)
+    with ChatServer([("ok", "fresh")]) as srv:
+        b = CachedBackend(_backend(srv), ResponseCache(bad))
+        assert [b.chat(USER), b.chat(USER)] == ["fresh", "fresh"]
+    assert len(srv.requests) == 2 and not b.cache.enabled
+    assert "response cache" in caplog.text and "continuing without it" in caplog.text
+
+
 def test_cache_keys_distinguish_models(tmp_path):
     with ChatServer([lambda body: body["model"]]) as srv:
         c = ResponseCache(tmp_path / "c.sqlite")
