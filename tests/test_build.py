@@ -494,6 +494,30 @@ def test_validator_server_down_stops_the_run_and_settles_nothing(tmp_path):
     assert st["state"] == "failed" and "failed after 5 attempts" in st["error"] and st["missing"] == 4
 
 
+@pytest.mark.parametrize("stage", ["source", "validator"])
+def test_config_error_while_working_stops_the_run_and_settles_nothing(tmp_path, stage):
+    # a ConfigError (a model path that does not load, found lazily) was settled per unit: the run used up all
+    # target * max_attempts_factor units of every class, and after the fix the class stayed given up for good
+    class Broken:
+        def validate(self, rgbas, categories):
+            raise ConfigError("validator.params.model: /models/vlm not found")
+
+        def produce(self, units):
+            raise ConfigError("source.params.base_model: /models/sdxl not found")
+
+        def capacity(self, spec):
+            return None
+
+    comps = {"validator": Broken()} if stage == "validator" else {"source": Broken()}
+    cfg = load_config(write_cfg(tmp_path, prefilter=None, classes={"names": ["mug"], "target": 4}))
+    bank = tmp_path / "cfg.lmdb"
+    with pytest.raises(ConfigError, match="not found"):
+        BankBuilder(cfg, bank=bank, components=comps).run()
+    assert scan_units(InstanceBank(bank), "t") == {}
+    r = BankBuilder(cfg, bank=bank).run()                          # once fixed, the build proceeds
+    assert r.total_added == 4 and r.gave_up == []
+
+
 @pytest.mark.parametrize("bad", [
     {"keep": "false", "score": 0.1}, {"keep": "no"}, {"keep": 1}, {"score": 1.0}, None, True, "keep",
     {"keep": True, "score": "high"}, {"keep": True, "score": float("nan")}, {"keep": True, "criteria": ["intact"]},

@@ -13,8 +13,10 @@ so a killed build restarts where it stopped and a finished one does nothing. Uni
 outcome (a source or validator error on that unit, an alpha the bank refuses) are settled too: their
 indices go to the bank status ``unstored:<build>:<category>`` (written with the batch), so a top-up worker
 does not make them again every poll. A chat server that is down (``BackendError``, after the backend's
-retries) settles nothing: it stops the run and a later run retries. Targets are minimum counts per
-category, measured on what the bank holds.
+retries) or a ``ConfigError`` raised by the source or the validator while working (a model path that
+does not load, ...) settles nothing: it stops the run and a later run retries; settled as failures,
+they would use up every class's attempts. Targets are minimum counts per category, measured on what
+the bank holds.
 
 Scheduling never overshoots (with ``pipeline.overgenerate: 1``): for a category with deficit ``d``
 and no units in flight, the next ``d`` untried indices are scheduled. The kept instances are then
@@ -583,8 +585,8 @@ class BankBuilder:
                         cands = list(source.produce(units))
                         if len(cands) != len(units):
                             raise RuntimeError(f"source returned {len(cands)} candidates for {len(units)} units")
-                    except BackendError:    # a server is down: stop the run, settle nothing
-                        raise
+                    except (BackendError, ConfigError):  # a server is down or the source is misconfigured
+                        raise                               # (it would fail every unit): stop, settle nothing
                     except Exception as e:  # a broken batch is reported per unit, the build goes on
                         log.warning("source %s failed on a batch of %d units: %s", cfg.source.kind, len(units), e)
                         cands = [Candidate(u, None, error=f"source_error:{type(e).__name__}") for u in units]
@@ -624,8 +626,8 @@ class BankBuilder:
                                                          [cands[i].unit.category for i in idx]))
                             if len(vs) != len(idx):
                                 raise RuntimeError(f"validator returned {len(vs)} verdicts for {len(idx)} instances")
-                        except BackendError:    # the VLM server is down: stop the run, settle nothing
-                            raise
+                        except (BackendError, ConfigError):  # the VLM server is down or the validator is
+                            raise                               # misconfigured: stop the run, settle nothing
                         except Exception as e:
                             log.warning("validator failed on %d instances: %s", len(idx), e)
                             vs = [{"error": f"validator_error:{type(e).__name__}"}] * len(idx)
