@@ -198,6 +198,25 @@ def test_cache_can_be_turned_off(tmp_path):
     assert not (tmp_path / "c.sqlite").exists()
 
 
+def test_empty_replies_are_not_cached(tmp_path):
+    # a null/empty content (content filter, reasoning model out of tokens) was cached and replayed forever
+    with ChatServer([("ok", ""), ("ok", "   "), ("ok", "real answer")]) as srv:
+        b = CachedBackend(_backend(srv), ResponseCache(tmp_path / "c.sqlite"))
+        assert [b.chat(USER) for _ in range(4)] == ["", "   ", "real answer", "real answer"]
+    assert len(srv.requests) == 3 and len(b.cache) == 1
+
+
+def test_corrupt_cache_file_is_bypassed_not_fatal(tmp_path, caplog):
+    # sqlite3.DatabaseError escaped chat(): the build then marked every batch validator_error
+    bad = tmp_path / "c.sqlite"
+    bad.write_bytes(b"not a sqlite database " * 50)
+    with ChatServer([("ok", "fresh")]) as srv:
+        b = CachedBackend(_backend(srv), ResponseCache(bad))
+        assert [b.chat(USER), b.chat(USER)] == ["fresh", "fresh"]
+    assert len(srv.requests) == 2 and not b.cache.enabled
+    assert "response cache" in caplog.text and "continuing without it" in caplog.text
+
+
 def test_cache_keys_distinguish_models(tmp_path):
     with ChatServer([lambda body: body["model"]]) as srv:
         c = ResponseCache(tmp_path / "c.sqlite")
@@ -214,6 +233,145 @@ def test_completion_with_content_parts_is_joined():
 
     with ChatServer([("raw", json.dumps(body))]) as srv:
         assert _backend(srv).chat(USER) == "abc"
+
+
+@pytest.mark.parametrize("retry_after", ["nan", "NaN", "inf", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_unusable_retry_after_falls_back_to_backoff(retry_after):
+    # "nan" parses as a float and time.sleep(nan) raised ValueError instead of retrying
+    script = [("status", 429, {"error": {"message": "slow down"}}, {"Retry-After": retry_after}), ("ok", "done")]
+    with ChatServer(script) as srv:
+        assert _backend(srv, max_backoff=0.05).chat(USER) == "done"
+    assert len(srv.requests) == 2
+
+
+def test_key_echoed_by_the_server_is_redacted_from_errors_and_logs(monkeypatch, caplog):
+    monkeypatch.setenv("MY_TEST_KEY", "sk-secret-echo-42")
+    echo = {"error": {"message": "bad header Authorization: Bearer sk-secret-echo-42"}}
+    caplog.set_level("DEBUG")
+    for script in ([("status", 500, echo)], [("status", 400, echo)], [("raw", "hdr=Bearer sk-secret-echo-42")],
+                   [("raw", '{"echo": "sk-secret-echo-42"}')]):
+        with ChatServer(script) as srv:
+            b = OpenAICompatibleBackend("m", srv.base_url, api_key_env="MY_TEST_KEY", backoff=0.01, max_retries=1)
+            with pytest.raises(BackendError) as ei:
+                b.chat(USER)
+        assert "sk-secret" not in str(ei.value) and "***" in str(ei.value), str(ei.value)
+    assert "sk-secret" not in caplog.text and "retry 1/1" in caplog.text
+
+
+def test_password_in_base_url_stays_out_of_errors_repr_and_logs(caplog):
+    # http://user:password@host/v1 (a proxy with basic auth) was shown in errors and repr, and httpx logged it
+    caplog.set_level("DEBUG")
+    with ChatServer([("status", 500, {"error": {"message": "no"}}), ("ok", "fine")]) as srv:
+        url = srv.base_url.replace("http://", "http://bob:pw-s3cret-x@")
+        b = OpenAICompatibleBackend("m", url, api_key_env=None, max_retries=1, backoff=0.01)
+        assert b.chat(USER) == "fine" and "pw-s3cret" not in repr(b) and "bob:***@" in repr(b)
+    assert srv.headers[0]["Authorization"] == "Basic " + base64.b64encode(b"bob:pw-s3cret-x").decode()
+    with ChatServer([("status", 500, {"error": {"message": "echo http://bob:pw-s3cret-x@x"}})]) as srv:
+        url = srv.base_url.replace("http://", "http://bob:pw-s3cret-x@")
+        with pytest.raises(BackendError) as ei:
+            OpenAICompatibleBackend("m", url, api_key_env=None, max_retries=1, backoff=0.01).chat(USER)
+    assert "pw-s3cret" not in str(ei.value) and "bob:***@" in str(ei.value)
+    assert "pw-s3cret" not in caplog.text and "HTTP Request" in caplog.text
+
+
+def test_trickling_body_times_out_as_a_whole():
+    # each chunk arrives well within the read timeout, but the whole body takes far longer than `timeout`
+    def slow_body():
+        data = httpx.Response(200, json=completion_body("slow")).content
+        for i in range(0, len(data), 8):
+            time.sleep(0.05)
+            yield data[i:i + 8]
+
+    calls = []
+
+    def handler(request):
+        calls.append(request)
+        return httpx.Response(200, headers={"Content-Type": "application/json"}, content=slow_body())
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, timeout=0.3, max_retries=1,
+                                backoff=0.01, transport=httpx.MockTransport(handler))
+    t = time.perf_counter()
+    with pytest.raises(BackendError, match=r"model 'm'.*timed out after 0.3 s"):
+        b.chat(USER)
+    assert time.perf_counter() - t < 3 and len(calls) == 2
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_responses_are_decoded_once(encoding):
+    import gzip
+    import json
+    import zlib
+
+    raw = json.dumps(completion_body("zipped")).encode()
+    data = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+
+    def handler(request):
+        return httpx.Response(200, headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+                              content=data)
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, transport=httpx.MockTransport(handler))
+    assert b.chat(USER) == "zipped"
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://host/v1", "http://", "127.0.0.1:8000"])
+def test_base_url_without_http_scheme_or_host_is_a_config_error(url):
+    # such URLs were sent, failed as "connection failed: unsupported protocol" and were retried with backoff
+    with pytest.raises(ConfigError, match="base_url must be an http:// or https:// URL"):
+        OpenAICompatibleBackend("m", url, api_key_env=None)
+
+
+def test_corrupt_compressed_body_is_a_backend_error():
+    # httpx.DecodingError is not a TransportError: it escaped chat() as a bare httpx exception
+    def handler(request):
+        return httpx.Response(200, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                              content=b"not gzip at all")
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, max_retries=1, backoff=0.01,
+                                transport=httpx.MockTransport(handler))
+    with pytest.raises(BackendError, match=r"model 'm'.*failed after 2 attempts: undecodable response body"):
+        b.chat(USER)
+
+
+def test_endless_body_is_cut_at_max_response_bytes_not_buffered():
+    # an endless body arriving fast was buffered whole: a runaway server could exhaust the build's memory
+    sent = []
+
+    def endless():
+        while True:
+            sent.append(1)
+            yield b"x" * 65536
+
+    def handler(request):
+        return httpx.Response(200, headers={"Content-Type": "application/json"}, content=endless())
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, timeout=30, max_retries=3,
+                                max_response_bytes=1 << 20, transport=httpx.MockTransport(handler))
+    with pytest.raises(BackendError, match=r"model 'm'.*larger than 1048576 bytes"):
+        b.chat(USER)
+    assert len(sent) <= 17   # read up to the limit, once (the same request would get the same answer)
+
+
+@pytest.mark.parametrize("code", [301, 307, 308])
+def test_redirect_is_reported_not_parsed_as_an_empty_body(code):
+    # a redirect (http -> https, a missing /v1) used to surface as "response body is not JSON: ''"
+    def handler(request):
+        return httpx.Response(code, headers={"Location": "https://llm.example/v1/chat/completions"})
+
+    b = OpenAICompatibleBackend("m", "http://127.0.0.1:9/v1", api_key_env=None, transport=httpx.MockTransport(handler))
+    with pytest.raises(BackendError, match=rf"HTTP {code} redirect to https://llm\.example/v1/chat/completions"):
+        b.chat(USER)
+
+
+def test_malformed_2xx_bodies_name_the_model_and_bad_parts_do_not_crash():
+    import json
+
+    body = completion_body("x")
+    body["choices"][0]["message"]["content"] = [{"type": "text", "text": 5}, "junk", None, {"text": "ok"}]
+    with ChatServer([("raw", json.dumps(body))]) as srv:
+        assert _backend(srv).chat(USER) == "ok"
+    with ChatServer([("raw", '{"error": {"message": "overloaded"}}')]) as srv:
+        with pytest.raises(BackendError, match=r"model 'test-model'.*no choices.*overloaded"):
+            _backend(srv).chat(USER)
 
 
 # --- local transformers backends -------------------------------------------------------------------

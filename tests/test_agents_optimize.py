@@ -159,6 +159,23 @@ def test_no_improvement_writes_nothing(tmp_path, clip_tok):
     assert not res.changed and res.prompt_file is None and list(tmp_path.iterdir()) == []
 
 
+def test_bad_schedule_and_empty_sets_are_config_errors(tmp_path, clip_tok):
+    # batch_size=0 built empty mini-batches and the empty loss list crashed the step with an IndexError
+    opt = Optimizer(["<IMPROVED_VARIABLE>x</IMPROVED_VARIABLE>"] * 3)
+    task = ScriptedBackend(prompt_llm)
+    for kw, pat in (({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"), ({"steps": -1}, "steps")):
+        with pytest.raises(ConfigError, match=pat):
+            optimize_prompt_agent(task, opt.backend, ["dog"], ["cat"], tokenizer=clip_tok, save=False, **kw)
+    with pytest.raises(ConfigError, match="non-empty"):
+        optimize_prompt_agent(task, opt.backend, ["dog"], [], tokenizer=clip_tok, save=False)
+    labels = load_labels(_labeled_set(tmp_path, 1, 1))
+    with pytest.raises(ConfigError, match="batch_size"):
+        optimize_validation_agent(ScriptedBackend(judge_vlm), opt.backend, labels, labels, batch_size=0, save=False)
+    with pytest.raises(ConfigError, match="non-empty"):
+        optimize_validation_agent(ScriptedBackend(judge_vlm), opt.backend, [], labels, save=False)
+    assert opt.update_prompts == []
+
+
 def _labeled_set(root, n_dogs=3, n_cats=3, name="labels.csv"):
     rows = []
     for i in range(n_dogs + n_cats):

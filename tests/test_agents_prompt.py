@@ -33,6 +33,11 @@ def test_parse_prompts_strict():
             parse_prompts(bad)
 
 
+def test_parse_prompts_huge_integer_is_a_parse_error():
+    with pytest.raises(OutputParseError, match="invalid JSON"):
+        parse_prompts('{"prompts": ["a mug"], "n": ' + "9" * 5000 + "}")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_parse_prompts_fuzz_garbage_is_error_or_list_of_strings(text):
@@ -77,6 +82,24 @@ def test_prompts_counted_with_the_pipeline_tokenizer(clip_tok):
     sys_msg, user_msg = backend.calls[0][0]
     assert sys_msg["role"] == "system" and sys_msg["content"] == agent.prompt_file.system
     assert "An image of a single dog." in user_msg["content"] and '{"prompts"' in user_msg["content"]
+
+
+def test_object_must_be_named_as_a_word_and_list_markers_are_dropped(clip_tok):
+    # substring matching took "smuggler" for a mug and "locate" for a cat; "1. " numbering reached the prompt
+    ps = ["1. Photo of a smuggler at night", "2) Photo of two mugs on a shelf", "- Photo of a single red mug",
+          "* A cupcake on a plate", "3D render of a single teal mug"]
+    assert parse_prompts(_reply(ps))[1:] == ["Photo of two mugs on a shelf", "Photo of a single red mug",
+                                             "A cupcake on a plate", "3D render of a single teal mug"]
+    agent = PromptAgent(ScriptedBackend(lambda m, p: _reply(ps)), tokenizer=clip_tok, max_retries=0,
+                        dedup_threshold=0.99)
+    res = agent.run("mug", 5)
+    assert res.prompts == ["Photo of two mugs on a shelf", "Photo of a single red mug", "3D render of a single teal mug"]
+    assert dict(res.rejected)["Photo of a smuggler at night"].startswith("does not name")
+    assert agent.check_prompt("A single cat, locate it", "cat") is None
+    assert agent.check_prompt("Try to locate the education", "cat").startswith("does not name")
+    assert agent.check_prompt("A cupcake on a plate", "cake").startswith("does not name")
+    assert agent.check_prompt("A single t-shirt, folded", "t-shirt") is None
+    assert agent.check_prompt("Photo of a single teddy bear", "teddy_bear") is None
 
 
 def test_malformed_output_is_retried_then_reported(clip_tok):

@@ -63,6 +63,36 @@ def test_all_pass_but_keep_false_is_contradictory():
         parse_verdict(verdict_json(keep=False))
 
 
+def test_huge_integer_literal_is_a_parse_error_not_a_crash():
+    # json.loads raises a plain ValueError (not JSONDecodeError) past sys.get_int_max_str_digits()
+    huge = verdict_json().replace("0.9", "1" + "0" * 5000)
+    with pytest.raises(OutputParseError, match="invalid JSON"):
+        parse_verdict(huge)
+    replies = {"dog": huge, "cat": verdict_json()}
+    agent = ValidationAgent(ScriptedBackend(lambda m, p: replies["dog" if "dog" in m[1]["content"][1]["text"]
+                                                                 else "cat"]), max_retries=0)
+    bad, good = agent.validate([blob(), blob()], ["dog", "cat"])   # one bad reply spoils only its own verdict
+    assert bad.status == "invalid" and not bad.keep and "digits" in bad.reasons["error"]
+    assert good.status == "judged" and good.keep
+
+
+def test_leading_think_block_of_a_reasoning_model_is_dropped():
+    # Qwen3 / DeepSeek-R1 style replies put <think>...</think> before the answer: every verdict was invalid
+    think = "<think>\nThe mug has a handle {\"keep\": false} so...\n</think>\n\n"
+    keep, *_ = parse_verdict(think + verdict_json())
+    assert keep is True
+    assert parse_verdict(think + verdict_json(fail=("intact",), fence=True))[0] is False
+    with pytest.raises(OutputParseError):       # only a leading block; the answer itself stays strict
+        parse_verdict(verdict_json() + "\n<think>x</think>")
+    with pytest.raises(OutputParseError, match="empty reply"):
+        parse_verdict("<think>I could not decide</think>")
+
+
+def test_crlf_code_fence_is_accepted():
+    keep, *_ = parse_verdict("```json\r\n" + verdict_json() + "\r\n```")
+    assert keep is True
+
+
 def _agent_on(reply, **kw):
     return ValidationAgent(ScriptedBackend(lambda m, p: reply), max_retries=0, **kw)
 
@@ -231,6 +261,18 @@ def test_verdicts_go_into_the_bank(tmp_path):
 def test_verdict_dataclass_roundtrip():
     v = Verdict(True, 1.0, {c: True for c in CRITERIA}, {c: "ok" for c in CRITERIA}, "m", "validation_agent-v1")
     assert v.to_dict()["criteria"]["intact"] is True and v.to_dict()["status"] == "judged"
+
+
+def test_labels_csv_with_a_utf8_bom(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM: the first header became "\ufeffimage" and the file was refused
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), cv2.cvtColor(blob(), cv2.COLOR_RGBA2BGRA))
+    (tmp_path / "labels.csv").write_bytes(b"\xef\xbb\xbfimage,category,keep\na.png,dog,1\n")
+    from genval_aug.agents.evaluation import load_labels
+
+    (lab,) = load_labels(tmp_path / "labels.csv")
+    assert lab.image.name == "a.png" and lab.category == "dog" and lab.keep is True
 
 
 def test_eval_validator_cli_on_real_cutouts(rgba_objects, tmp_path, capsys):

@@ -88,6 +88,48 @@ def test_config_errors_name_the_field(tmp_path):
         BankBuilder(cfg)._component("source")
 
 
+def test_config_rejects_nan_strings_as_bools_typos_and_names_the_file_on_component_errors(tmp_path):
+    # NaN/inf passed `value < lo` and crashed the run (math.ceil(nan)); "no" was bool("no") = True; a typo in
+    # an inline class entry or in prefilter was ignored or failed only at build time; component errors
+    # (unknown kind, bad params, backend spec) did not name the config file
+    base = yaml.safe_load(write_cfg(tmp_path).read_text())
+    agent = {"kind": "agent", "params": {"backend": {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}}}
+    cases = [
+        ({"pipeline": {"overgenerate": float("nan")}}, "pipeline.overgenerate"),
+        ({"pipeline": {"max_attempts_factor": float("inf")}}, "pipeline.max_attempts_factor"),
+        ({"worker": {"poll_interval": float("nan")}}, "worker.poll_interval"),
+        ({"pipeline": {"progress": "no"}}, "pipeline.progress"),
+        ({"classes": {"names": [{"name": "mug", "targt": 5}], "target": 2}}, "classes.names[0].targt"),
+        ({"classes": {"names": [{"name": "mug", "definition": 5}], "target": 2}}, "classes.names.mug.definition"),
+        ({"prefilter": {"min_aera": 5}}, "prefilter.min_aera"),
+        ({"prefilter": {"min_area": "big"}}, "prefilter.min_area"),
+        ({"prefilter": {"coverage": [0.1]}}, "prefilter.coverage"),
+        ({"prefilter": {"reject_border": "yes"}}, "prefilter.reject_border"),
+    ]
+    for over, fld in cases:
+        with pytest.raises(ConfigError, match="b\\.yaml: " + re.escape(fld) + ":"):
+            parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
+    ok = parse_config({**base, "prefilter": {"min_area": None, "coverage": [0.1, 0.9], "reject_border": True}},
+                      where="b.yaml", base_dir=tmp_path)
+    assert ok.prefilter == {"min_area": None, "coverage": (0.1, 0.9), "reject_border": True}
+    build_cases = [
+        ({"source": {"kind": "shapes", "params": {"sise": 48}}}, "source", r"source\.params: 'shapes' rejected"),
+        ({"validator": {"kind": "nope"}}, "validator", r"validator\.kind: unknown kind"),
+        ({"validator": {**agent, "params": {"backend": "openai"}}}, "validator",
+         r"validator\.params\.backend: expected a mapping"),
+        ({"validator": {**agent, "params": {"backend": {**agent["params"]["backend"], "timeout": "fast"}}}},
+         "validator", r"validator\.params\.backend: backend 'openai' rejected its parameters"),
+        ({"validator": {**agent, "params": {"backend": {**agent["params"]["backend"], "max_retries": -1}}}},
+         "validator", r"validator\.params\.backend: max_retries must be >= 0"),
+        ({"validator": {**agent, "params": {"backend": {"kind": "nope", "model": "m"}}}}, "validator",
+         r"validator\.params\.backend: backend kind must be one of"),
+    ]
+    for over, comp, pat in build_cases:
+        cfg = parse_config({**base, **over}, where="b.yaml", base_dir=tmp_path)
+        with pytest.raises(ConfigError, match="^b\\.yaml: " + pat):
+            BankBuilder(cfg)._component(comp)
+
+
 def test_lvis_table_with_frequency_groups(shared_data, tmp_path):
     table = shared_data / "lvis_v1_categories.json"
     cfg = parse_config({
@@ -297,6 +339,25 @@ def test_prompt_failure_gives_one_class_up_not_the_build(tmp_path):
     assert InstanceBank(tmp_path / "p.lmdb").get_status("prompts:t:kite") is None
 
 
+def test_prompt_maker_returning_one_string_gives_one_prompt_not_its_characters(tmp_path):
+    # list("a photo of a mug") made twelve one-letter prompts, cached in the bank for good
+    class OneString:
+        def prompts(self, cls, n):
+            return f"a photo of a {cls.name}"
+
+    class ManyStrings:
+        def prompts_many(self, classes, n):
+            return {c.name: f"a drawing of a {c.name}" for c in classes}
+
+    for maker, want in ((OneString(), "a photo of a mug"), (ManyStrings(), "a drawing of a mug")):
+        bank = tmp_path / f"{type(maker).__name__}.lmdb"
+        cfg = load_config(write_cfg(tmp_path, source={"kind": f"{PLUG}:make_tiny_generator", "params": {"size": 48}},
+                                    validator="none", prefilter=None, classes={"names": ["mug"], "target": 2}))
+        BankBuilder(cfg, bank=bank, components={"prompts": maker}).run()
+        assert InstanceBank(bank).get_status("prompts:t:mug")["prompts"] == [want]
+        assert [m["source"]["prompt"] for m in InstanceBank(bank).iter_meta()] == [want, want]
+
+
 def test_class_rows_from_csv_and_names_are_coerced_or_named_in_errors(tmp_path):
     """CSV cells are strings: a `target`/`id` column must work; a bad id or synonyms value is a ConfigError."""
     base = yaml.safe_load(write_cfg(tmp_path).read_text())
@@ -305,6 +366,10 @@ def test_class_rows_from_csv_and_names_are_coerced_or_named_in_errors(tmp_path):
     by = {c.name: c for c in cfg.classes}
     assert (by["dog"].target, by["dog"].category_id, by["dog"].synonyms) == (5, 1, ("hound", "pup"))
     assert (by["cat"].target, by["cat"].category_id, by["cat"].synonyms) == (3, None, ())
+    # a UTF-8 BOM (Excel's "CSV UTF-8") turned the first header into "\ufeffname": "entry 0 has no 'name'"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfname,target\nmug,4\n")
+    assert [(c.name, c.target) for c in parse_config({**base, "classes": {"table": "bom.csv"}}, where="b.yaml",
+                                                     base_dir=tmp_path).classes] == [("mug", 4)]
     (tmp_path / "bad.csv").write_text("name,id,target\ndog,1,lots\n")
     with pytest.raises(ConfigError, match=r"b\.yaml: classes\.table\.dog\.target: "):
         parse_config({**base, "classes": {"table": "bad.csv"}}, where="b.yaml", base_dir=tmp_path)
@@ -425,6 +490,53 @@ def test_validator_server_down_stops_the_run_and_settles_nothing(tmp_path):
     with pytest.raises(BackendError, match="failed after 5 attempts"):
         BankBuilder(cfg, bank=bank, components={"validator": Down()}).run()
     assert scan_units(InstanceBank(bank), "t") == {}            # a later run retries every unit
+    st = InstanceBank(bank).get_status("build:t")                # it said "done" after the failed run
+    assert st["state"] == "failed" and "failed after 5 attempts" in st["error"] and st["missing"] == 4
+
+
+@pytest.mark.parametrize("stage", ["source", "validator"])
+def test_config_error_while_working_stops_the_run_and_settles_nothing(tmp_path, stage):
+    # a ConfigError (a model path that does not load, found lazily) was settled per unit: the run used up all
+    # target * max_attempts_factor units of every class, and after the fix the class stayed given up for good
+    class Broken:
+        def validate(self, rgbas, categories):
+            raise ConfigError("validator.params.model: /models/vlm not found")
+
+        def produce(self, units):
+            raise ConfigError("source.params.base_model: /models/sdxl not found")
+
+        def capacity(self, spec):
+            return None
+
+    comps = {"validator": Broken()} if stage == "validator" else {"source": Broken()}
+    cfg = load_config(write_cfg(tmp_path, prefilter=None, classes={"names": ["mug"], "target": 4}))
+    bank = tmp_path / "cfg.lmdb"
+    with pytest.raises(ConfigError, match="not found"):
+        BankBuilder(cfg, bank=bank, components=comps).run()
+    assert scan_units(InstanceBank(bank), "t") == {}
+    r = BankBuilder(cfg, bank=bank).run()                          # once fixed, the build proceeds
+    assert r.total_added == 4 and r.gave_up == []
+
+
+@pytest.mark.parametrize("bad", [
+    {"keep": "false", "score": 0.1}, {"keep": "no"}, {"keep": 1}, {"score": 1.0}, None, True, "keep",
+    {"keep": True, "score": "high"}, {"keep": True, "score": float("nan")}, {"keep": True, "criteria": ["intact"]},
+    {"keep": True, "score": 1.0, "extra": object()}, {"error": 5},
+], ids=lambda b: repr(b)[:30])
+def test_malformed_verdicts_are_errors_never_keeps_nor_crashes(tmp_path, bad):
+    # keep="false" is truthy and was kept silently; None, a bool or a string crashed the writer
+    class Odd:
+        name = "odd"
+
+        def validate(self, rgbas, categories):
+            return [bad for _ in rgbas]
+
+    cfg = load_config(write_cfg(tmp_path, prefilter=None, classes={"names": ["mug"], "target": 3}))
+    bank = tmp_path / "odd.lmdb"
+    r = BankBuilder(cfg, bank=bank, components={"validator": Odd()}).run()
+    assert r.total_added == 0 and r.units > 0 and r.rejected_units == r.units
+    reasons = InstanceBank(bank).get_status("unstored:t:mug")["reasons"]
+    assert len(reasons) == r.units and all(x.startswith(("validator_error:bad_verdict", "5")) for x in reasons)
 
 
 # ----------------------------------------------------------------------------- folder units keyed by file name

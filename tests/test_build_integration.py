@@ -110,3 +110,32 @@ def test_prompt_agent_config_error_stops_the_build_instead_of_giving_every_class
         with pytest.raises(ConfigError, match="no-such-tokenizer"):
             BankBuilder(load_config(tmp_path / "b.yaml")).run()
     assert not (tmp_path / "bank.lmdb" / "data.mdb").exists() or not InstanceBank(tmp_path / "bank.lmdb").categories()
+
+
+def test_unparseable_judge_replies_are_counted_as_invalid_and_never_kept(tmp_path):
+    """Garbage, a string keep and keep contradicting a failed criterion from the VLLM are audited rejects
+    counted as `validator:invalid` (they used to be lumped into an anonymous `validator:rejected`)."""
+    import itertools
+
+    bad = ["garbage", '{"keep": "yes"}', verdict_json(keep=True, fail=("intact",)), ""]
+    n = itertools.count()
+
+    def judge(body):   # the first batch of 4 gets bad replies, also on the agent's retry; then good ones
+        i = next(n)
+        return bad[i % len(bad)] if i < 8 else verdict_json()
+
+    with ChatServer([judge]) as srv:
+        backend = {"kind": "openai", "base_url": srv.base_url, "api_key_env": None, "cache": False, "model": "vlm",
+                   "max_retries": 0, "concurrency": 1}
+        cfg = {"name": "inv", "output": {"bank": "bank.lmdb"}, "classes": {"names": ["mug"], "target": 4},
+               "source": {"kind": "shapes", "batch_size": 4, "params": {"size": 48, "bad_fraction": 0.0}},
+               "validator": {"kind": "agent", "batch_size": 4,
+                             "params": {"backend": backend, "prompt_version": None}},
+               "prefilter": None, "pipeline": {"progress": False}}
+        (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+        r = BankBuilder(load_config(tmp_path / "b.yaml")).run()
+    bank = InstanceBank(tmp_path / "bank.lmdb")
+    assert bank.categories() == {"mug": 4} and all(m["verdict"]["status"] == "judged" for m in bank.iter_meta())
+    rejected = [m for m, _ in bank.rejected()]
+    assert r.rejected["validator:invalid"] == len(rejected) == 4 and "validator:rejected" not in r.rejected
+    assert all(m["verdict"]["status"] == "invalid" and m["verdict"]["reasons"]["error"] for m in rejected)

@@ -343,6 +343,19 @@ def test_worker_outlives_a_dead_prompt_server(tmp_path):
     assert status["state"] == "finished" and "failed after 5 attempts" in status["last_error"]
 
 
+@pytest.mark.parametrize("poll", [float("nan"), -1.0])
+def test_bad_poll_interval_is_refused_before_any_work(tmp_path, poll):
+    # --poll nan made stop.wait() return at once: the idle worker spun on the bank instead of waiting
+    from genval_aug.errors import ConfigError
+
+    cfg = write_cfg(tmp_path, target=1)
+    with pytest.raises(ConfigError, match="poll interval"):
+        run_worker(cfg, poll_interval=poll, max_cycles=3)
+    with pytest.raises(ConfigError, match="poll interval"):
+        start_worker(None, cfg, poll_interval=poll)
+    assert not (tmp_path / "bank.lmdb" / "data.mdb").exists()
+
+
 def test_second_builder_on_the_same_bank_is_refused_while_a_worker_runs(tmp_path):
     """Two builders on one bank schedule the same units; with a generator whose pixels depend on its batch
     mates (Layer Diffusion) the ids differ and the unit is banked twice. A worker holds the bank's build lock

@@ -64,7 +64,7 @@ def load_labels(labels_csv: str | os.PathLike, images_dir: str | os.PathLike | N
     path = Path(labels_csv)
     root = Path(images_dir) if images_dir is not None else path.parent
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) must not rename column 1
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise DatasetError(f"{path}: cannot read labels: {e}") from e

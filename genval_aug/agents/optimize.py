@@ -170,6 +170,14 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _check_schedule(steps: int, batch_size: int) -> None:
+    """``batch_size`` 0 made empty mini-batches, whose empty loss list crashed the step with an IndexError."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"steps must be an integer >= 0, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def _batches(items: Sequence[Any], size: int, steps: int, seed: int) -> list[list[Any]]:
     """``steps`` mini-batches cycling over a seeded shuffle of ``items`` (epochs as needed)."""
     import random
@@ -207,6 +215,8 @@ def _save(result: OptimizationResult, out_dir: str | os.PathLike | None, optimiz
 
 def _tgd_step(tg, optimizer, param, losses) -> str | None:
     """backward + TGD step; returns an error note instead of raising when the optimizer reply is unusable."""
+    if not losses:
+        return "no loss to optimize"
     total = tg.sum(losses) if len(losses) > 1 else losses[0]
     try:
         total.backward(optimizer.engine)
@@ -375,6 +385,7 @@ def optimize_prompt_agent(task_backend: ChatBackend, optimizer_backend: ChatBack
     """
     if not train or not val:
         raise ConfigError("optimize_prompt_agent needs non-empty train and val category lists")
+    _check_schedule(steps, batch_size)
     tg = import_textgrad()
     evaluator_backend = evaluator_backend or optimizer_backend
     start = load_prompt("prompt_agent", start_version, prompt_dir)
@@ -505,6 +516,7 @@ def optimize_validation_agent(task_backend: ChatBackend, optimizer_backend: Chat
     """
     if not train or not val:
         raise ConfigError("optimize_validation_agent needs non-empty train and val label sets")
+    _check_schedule(steps, batch_size)
     tg = import_textgrad()
     start = load_prompt("validation_agent", start_version, prompt_dir)
     objective = ValidatorObjective(task_backend, metric=metric, agent_kwargs=agent_kwargs)

@@ -1,8 +1,9 @@
 """Strict JSON extraction from model replies.
 
 Accepted: the whole reply is one JSON object, or the reply holds exactly one fenced code block
-(```json ... ```) whose content is one JSON object. Nothing is guessed from free text; duplicate keys,
-NaN and Infinity are rejected.
+(```json ... ```) whose content is one JSON object. A leading ``<think>...</think>`` block (reasoning
+models served without a reasoning parser) is dropped first. Nothing is guessed from free text; duplicate
+keys, NaN and Infinity are rejected.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 import re
 from typing import Any
 
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+_THINK = re.compile(r"\A\s*<think>.*?</think>", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n(.*?)\r?\n?[ \t]*```", re.DOTALL)
 
 
 class OutputParseError(ValueError):
@@ -33,7 +35,9 @@ def _no_constants(name: str):
 def loads_strict(text: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_no_dupes, parse_constant=_no_constants)
-    except json.JSONDecodeError as e:
+    except OutputParseError:
+        raise
+    except ValueError as e:  # JSONDecodeError, and integers longer than sys.get_int_max_str_digits()
         raise OutputParseError(f"invalid JSON: {e}") from None
     except RecursionError:
         raise OutputParseError("JSON nested too deeply") from None
@@ -43,7 +47,7 @@ def extract_json_object(text: str) -> dict[str, Any]:
     """The JSON object in a model reply (see module doc); raises :class:`OutputParseError`."""
     if not isinstance(text, str):
         raise OutputParseError(f"reply is {type(text).__name__}, not text")
-    s = text.strip()
+    s = _THINK.sub("", text, count=1).strip()
     if not s:
         raise OutputParseError("empty reply")
     if not s.startswith("{"):

@@ -33,6 +33,9 @@ def object_request(category: str, definition: str | None = None) -> str:
     return f"An image of a single {name}, {definition.rstrip('.')}." if definition else f"An image of a single {name}."
 
 
+_LIST_MARKER = re.compile(r"^(?:\d{1,3}[.)]|[-*\u2022])\s+")  # "1. ", "2) ", "- ", "* ", "\u2022 " kept by some LLMs
+
+
 def parse_prompts(text: str) -> list[str]:
     """Strictly parse ``{"prompts": [str, ...]}``; raises :class:`OutputParseError`."""
     obj = extract_json_object(text)
@@ -45,7 +48,7 @@ def parse_prompts(text: str) -> list[str]:
     for i, p in enumerate(items):
         if not isinstance(p, str):
             raise OutputParseError(f"prompts[{i}] is a {type(p).__name__}, not a string")
-        p = " ".join(p.split())
+        p = _LIST_MARKER.sub("", " ".join(p.split()))
         if not p:
             raise OutputParseError(f"prompts[{i}] is empty")
         out.append(p)
@@ -53,6 +56,12 @@ def parse_prompts(text: str) -> list[str]:
 
 
 _WORD = re.compile(r"[a-z0-9]+")
+
+
+def _names_word(word: str, text: str) -> bool:
+    """``word`` (or its plural in -s/-es) occurs in lower-case ``text`` as a whole word: "mug" is not named
+    by "smugglers", nor "cat" by "locate", nor "cake" by "cupcake"."""
+    return re.search(rf"(?<![a-z0-9]){re.escape(word)}(?:s|es)?(?![a-z0-9])", text) is not None
 
 
 def _shingles(text: str) -> set[str]:
@@ -174,7 +183,7 @@ class PromptAgent:
             return f"too long: {n} tokens > {self.max_tokens}"
         names = {head_name(category), *(head_name(s) for s in self.definitions.synonyms(category))}
         low = prompt.lower()
-        if not any(all(w in low for w in nm.split()) for nm in names if nm):
+        if not any(all(_names_word(w, low) for w in nm.split()) for nm in names if nm):
             return f"does not name the object {display_name(category)!r}"
         return None
 

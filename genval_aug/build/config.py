@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +159,8 @@ class _Ctx:
         return value
 
     def float_(self, value: Any, fld: str, lo: float | None = None) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(fld, f"expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(fld, f"expected a finite number{f' >= {lo}' if lo is not None else ''}, got {value!r}")
         if lo is not None and value < lo:
             raise self.fail(fld, f"expected a number >= {lo}, got {value}")
         return float(value)
@@ -178,7 +179,7 @@ class _Ctx:
             if name in paths:
                 kw[name] = self.path(value, where) if value else None
             elif isinstance(default, bool):
-                kw[name] = bool(value)
+                kw[name] = self.bool_(value, where)
             elif isinstance(default, int):
                 kw[name] = self.int_(value, where, lo=int(lo.get(name, 0)))
             elif isinstance(default, float):
@@ -186,6 +187,12 @@ class _Ctx:
             else:
                 kw[name] = value
         return spec(**kw)
+
+    def bool_(self, value: Any, fld: str) -> bool:
+        """true/false (0 and 1 too); a string such as "no" or "false" is an error, not a truthy value."""
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise self.fail(fld, f"expected true or false, got {value!r}")
 
     def str_(self, value: Any, fld: str) -> str:
         if not isinstance(value, str) or not value:
@@ -221,7 +228,7 @@ def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
         raise ctx.fail(fld, f"category table {p} not found")
     try:
         if p.suffix.lower() == ".csv":
-            with p.open(newline="", encoding="utf-8") as f:
+            with p.open(newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) must not rename column 1
                 rows = list(csv.DictReader(f))
             for r in rows:
                 if isinstance(r.get("synonyms"), str):
@@ -238,6 +245,9 @@ def _load_table(ctx: _Ctx, path: str, fld: str) -> list[dict[str, Any]]:
         if not isinstance(r, dict) or not r.get("name"):
             raise ctx.fail(fld, f"category table {p}: entry {i} has no 'name'")
     return rows
+
+
+_CLASS_ENTRY_KEYS = {"name", "target", "category_id", "id", "definition", "def", "synonyms", "group", "frequency"}
 
 
 def _int_cell(value: Any) -> Any:
@@ -270,6 +280,7 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
             if isinstance(n, dict):
                 if not n.get("name"):
                     raise ctx.fail(f"classes.names[{i}]", "entry has no 'name'")
+                ctx.check_keys(n, f"classes.names[{i}]", _CLASS_ENTRY_KEYS)
                 rows.append(dict(n))
             else:
                 rows.append({"name": ctx.str_(n, f"classes.names[{i}]")})
@@ -317,11 +328,14 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
         syn = (syn,) if isinstance(syn, str) else syn
         if not isinstance(syn, (list, tuple)) or not all(isinstance(x, str) for x in syn):
             raise ctx.fail(f"classes.{src}.{name}.synonyms", f"expected a list of strings, got {syn!r}")
+        definition = r.get("def") or r.get("definition")
+        if definition is not None and not isinstance(definition, str):
+            raise ctx.fail(f"classes.{src}.{name}.definition", f"expected a string, got {definition!r}")
         out.append(ClassSpec(
             name=name,
             target=target,
             category_id=cid,
-            definition=r.get("def") or r.get("definition"),
+            definition=definition,
             synonyms=tuple(syn),
             group=str(group) if group is not None else None,
         ))
@@ -332,6 +346,32 @@ def _classes(ctx: _Ctx, raw: Any) -> list[ClassSpec]:
         out = out[: ctx.int_(d["limit"], "classes.limit", lo=1)]
     if not any(c.target > 0 for c in out):
         raise ctx.fail("classes", "every class has target 0; nothing to build")
+    return out
+
+
+def _prefilter(ctx: _Ctx, raw: Any) -> dict[str, Any]:
+    """``QualityRules`` keyword arguments, each key and type checked (``None`` turns a rule off)."""
+    from genval_aug.quality import QualityRules
+
+    d = dict(ctx.mapping(raw, "prefilter"))
+    ctx.check_keys(d, "prefilter", {f.name for f in dataclasses.fields(QualityRules)})
+    out: dict[str, Any] = {}
+    for name, value in d.items():
+        fld = f"prefilter.{name}"
+        if name == "reject_border":
+            out[name] = ctx.bool_(value, fld)
+        elif name == "alpha_threshold":
+            out[name] = ctx.int_(value, fld, lo=0)
+        elif value is None:
+            out[name] = None
+        elif name in ("min_area", "min_side", "max_components"):
+            out[name] = ctx.int_(value, fld, lo=0)
+        elif name == "coverage":
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise ctx.fail(fld, f"expected [low, high] fractions, got {value!r}")
+            out[name] = tuple(ctx.float_(v, f"{fld}[{i}]", lo=0.0) for i, v in enumerate(value))
+        else:
+            out[name] = ctx.float_(value, fld, lo=0.0)
     return out
 
 
@@ -373,7 +413,7 @@ def parse_config(raw: Any, *, where: str = "<config>", base_dir: str | Path = ".
 
     pf = d.get("prefilter", {})
     if pf is not None and pf is not False:
-        pf = dict(ctx.mapping(pf, "prefilter"))
+        pf = _prefilter(ctx, pf)
     else:
         pf = None
 

@@ -13,8 +13,10 @@ so a killed build restarts where it stopped and a finished one does nothing. Uni
 outcome (a source or validator error on that unit, an alpha the bank refuses) are settled too: their
 indices go to the bank status ``unstored:<build>:<category>`` (written with the batch), so a top-up worker
 does not make them again every poll. A chat server that is down (``BackendError``, after the backend's
-retries) settles nothing: it stops the run and a later run retries. Targets are minimum counts per
-category, measured on what the bank holds.
+retries) or a ``ConfigError`` raised by the source or the validator while working (a model path that
+does not load, ...) settles nothing: it stops the run and a later run retries; settled as failures,
+they would use up every class's attempts. Targets are minimum counts per category, measured on what
+the bank holds.
 
 Scheduling never overshoots (with ``pipeline.overgenerate: 1``): for a category with deficit ``d``
 and no units in flight, the next ``d`` untried indices are scheduled. The kept instances are then
@@ -115,6 +117,38 @@ def scan_units(bank: InstanceBank, build: str) -> dict[str, set[int]]:
         units = (value or {}).get("units") or []
         out.setdefault(name[len(prefix):], set()).update(int(i) for i in units)
     return out
+
+
+def _check_verdict(v: Any) -> dict[str, Any]:
+    """A validator's verdict as a dict the bank can store, or an ``{"error": ...}`` verdict saying what is
+    wrong with it: ``keep`` must be a real boolean (the string ``"false"`` is truthy and used to keep the
+    instance), ``score`` a finite number or absent, ``criteria`` a mapping, everything JSON-encodable."""
+    import numbers
+
+    from genval_aug.bank.record import dumps
+
+    try:
+        d = v.to_dict() if hasattr(v, "to_dict") else v
+        if not isinstance(d, dict):
+            return {"error": f"validator_error:bad_verdict: expected a dict, got {type(d).__name__}"}
+        d = dict(d)
+        if "error" in d:
+            d["error"] = str(d["error"])
+            return d
+        keep = d.get("keep")
+        if not isinstance(keep, (bool, np.bool_)):
+            return {"error": f"validator_error:bad_verdict: 'keep' must be true or false, got {keep!r:.40}"}
+        d["keep"] = bool(keep)
+        score = d.get("score")
+        if score is not None and (isinstance(score, (bool, np.bool_)) or not isinstance(score, numbers.Real)
+                                  or not math.isfinite(float(score))):
+            return {"error": f"validator_error:bad_verdict: 'score' must be a finite number, got {score!r:.40}"}
+        if not isinstance(d.get("criteria") or {}, dict):
+            return {"error": "validator_error:bad_verdict: 'criteria' must be a mapping"}
+        dumps(d)
+    except Exception as e:  # noqa: BLE001 - a broken verdict object: reported per unit, the build goes on
+        return {"error": f"validator_error:bad_verdict: {type(e).__name__}: {e}"[:300]}
+    return d
 
 
 def _keep(v: Any) -> bool:
@@ -329,13 +363,17 @@ class BankBuilder:
                 if made.get(spec.name):
                     continue
                 try:
-                    made[spec.name] = list(maker.prompts(spec, pc.n))
+                    got = maker.prompts(spec, pc.n)
+                    made[spec.name] = [got] if isinstance(got, str) else list(got)
                 except (ConfigError, BackendError):
                     raise
                 except Exception as e:
                     log.warning("prompt maker %s produced no prompt for %r: %s", pc.kind, spec.name, e)
             for spec in missing:
-                prompts = [p for p in made.get(spec.name, []) if isinstance(p, str) and p.strip()]
+                got = made.get(spec.name) or []
+                if isinstance(got, str):   # one prompt, not one prompt per character
+                    got = [got]
+                prompts = [p for p in got if isinstance(p, str) and p.strip()]
                 if not prompts:
                     failed.add(spec.name)
                     report.rejected["prompt_error"] += 1
@@ -547,8 +585,8 @@ class BankBuilder:
                         cands = list(source.produce(units))
                         if len(cands) != len(units):
                             raise RuntimeError(f"source returned {len(cands)} candidates for {len(units)} units")
-                    except BackendError:    # a server is down: stop the run, settle nothing
-                        raise
+                    except (BackendError, ConfigError):  # a server is down or the source is misconfigured
+                        raise                               # (it would fail every unit): stop, settle nothing
                     except Exception as e:  # a broken batch is reported per unit, the build goes on
                         log.warning("source %s failed on a batch of %d units: %s", cfg.source.kind, len(units), e)
                         cands = [Candidate(u, None, error=f"source_error:{type(e).__name__}") for u in units]
@@ -588,13 +626,13 @@ class BankBuilder:
                                                          [cands[i].unit.category for i in idx]))
                             if len(vs) != len(idx):
                                 raise RuntimeError(f"validator returned {len(vs)} verdicts for {len(idx)} instances")
-                        except BackendError:    # the VLM server is down: stop the run, settle nothing
-                            raise
+                        except (BackendError, ConfigError):  # the VLM server is down or the validator is
+                            raise                               # misconfigured: stop the run, settle nothing
                         except Exception as e:
                             log.warning("validator failed on %d instances: %s", len(idx), e)
                             vs = [{"error": f"validator_error:{type(e).__name__}"}] * len(idx)
                         for i, v in zip(idx, vs, strict=True):
-                            verdicts[i] = v
+                            verdicts[i] = _check_verdict(v)
                     st_v = report.stages["validate"]
                     st_v.busy_s += time.monotonic() - t0
                     st_v.items += len(todo)
@@ -613,6 +651,7 @@ class BankBuilder:
         pending: list[WorkUnit] = []
         inflight_batches = 0
         sent_stop = False
+        failure: str | None = None
         try:
             while True:
                 if errors:
@@ -673,6 +712,9 @@ class BankBuilder:
                 self._write(item, writer, bank, states, report, bars, extra_status)
             if not stop.is_set() and not report.stopped:
                 sent_stop = put(q_units, _STOP)
+        except BaseException as e:   # a server down, a crash in a stage: the status must not say "done"
+            failure = f"{type(e).__name__}: {e}"[:500]
+            raise
         finally:
             if not sent_stop:
                 abort.set()
@@ -687,8 +729,11 @@ class BankBuilder:
             report.gave_up = sorted(n for n, st in states.items() if st.gave_up and report.deficits[n] > 0)
             report.wall_s = time.monotonic() - t_start
             try:
-                writer.set_status(self.status_name, self._status(states, report, extra_status,
-                                                                 state="stopped" if report.stopped else "done"))
+                state = "failed" if failure else "stopped" if report.stopped else "done"
+                final = self._status(states, report, extra_status, state=state)
+                if failure:
+                    final["error"] = failure
+                writer.set_status(self.status_name, final)
             finally:
                 writer.close()
                 for b in bars.values():
@@ -753,9 +798,12 @@ class BankBuilder:
                 continue
             if not vd.get("keep", False):
                 failed = [k for k, ok in (vd.get("criteria") or {}).items() if not ok]
-                batch_reasons.update(f"validator:{k}" for k in (failed or ["rejected"]))
+                # an unparseable judge reply (ValidationAgent status "invalid") is counted as such, not as an
+                # anonymous rejection; its reason is in the audited verdict
+                failed = failed or ["invalid" if vd.get("status") == "invalid" else "rejected"]
+                batch_reasons.update(f"validator:{k}" for k in failed)
                 if not self._reject(writer, c, src, vd):
-                    unstored.setdefault(u.category, {})[u.index] = "validator:" + ",".join(failed or ["rejected"])
+                    unstored.setdefault(u.category, {})[u.index] = "validator:" + ",".join(failed)
                 continue
             writer.add(c.rgba, category=u.category, category_id=st.category_id, source=src, verdict=vd)
         if batch_reasons:

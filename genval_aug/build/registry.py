@@ -174,10 +174,14 @@ def resolve(table: str, kind: str, field_name: str) -> Factory:
 
 def build_component(table: str, spec: ComponentSpec, config: BuildConfig, field_name: str,
                     device: str | None = None):
-    factory = resolve(table, spec.kind, f"{field_name}.kind")
+    where = f"{config.path}: " if getattr(config, "path", None) else ""
     try:
-        return factory(spec, config, device=device)
-    except ConfigError:
-        raise
-    except TypeError as e:
-        raise ConfigError(f"{field_name}.params: {spec.kind!r} rejected its parameters: {e}") from e
+        factory = resolve(table, spec.kind, f"{field_name}.kind")
+        try:
+            return factory(spec, config, device=device)
+        except TypeError as e:
+            raise ConfigError(f"{field_name}.params: {spec.kind!r} rejected its parameters: {e}") from e
+    except ConfigError as e:  # name the file, like the errors of load_config
+        if not where or str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}{e}") from e

@@ -29,6 +29,9 @@ def _none(spec, config, device=None):  # noqa: ARG001
 def make_backend(params: dict[str, Any], field: str, device: str | None = None):
     """Build a ``ChatBackend`` from ``{kind: openai|transformers|transformers-vision, model: ..., ...}``
     with :func:`genval_aug.agents.backends.load_backend` (API keys come from the environment only)."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{field}: expected a mapping such as {{kind: openai, model: ..., base_url: ...}}, "
+                          f"got {params!r:.60}")
     params = dict(params)
     kind = params.pop("kind", "openai")
     try:
@@ -41,7 +44,9 @@ def make_backend(params: dict[str, Any], field: str, device: str | None = None):
         params.setdefault("device", device)
     try:
         return load_backend(kind, params.pop("model"), **params)
-    except TypeError as e:
+    except ConfigError as e:
+        raise ConfigError(f"{field}: {e}") from e
+    except (TypeError, ValueError) as e:   # an unknown keyword, or e.g. timeout: "fast"
         raise ConfigError(f"{field}: backend {kind!r} rejected its parameters: {e}") from e
 
 

@@ -15,6 +15,7 @@ Progress is stored in the bank (``InstanceBank(path).get_status("worker")``, ``g
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -28,7 +29,7 @@ from genval_aug.build.config import BuildConfig, load_config
 from genval_aug.build.draws import default_draws_dir, read_draws
 from genval_aug.build.lock import build_lock
 from genval_aug.build.pipeline import BankBuilder
-from genval_aug.errors import BackendError, BankError
+from genval_aug.errors import BackendError, BankError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
     wk = cfg.worker
     draws_dir = Path(draws_dir or wk.draws_dir or default_draws_dir(bank_path))
     poll = wk.poll_interval if poll_interval is None else float(poll_interval)
+    if not (math.isfinite(poll) and poll >= 0):   # NaN made stop.wait() return at once: a busy loop on the bank
+        raise ConfigError(f"poll interval must be a number of seconds >= 0, got {poll_interval!r}")
     totals: dict[str, Any] = {"added": 0, "rejected": 0, "units": 0, "reasons": Counter(), "cycles": 0}
     prev = InstanceBank(bank_path).get_status(STATUS_NAME) if (Path(bank_path) / "data.mdb").is_file() else None
     extra: dict[str, int] = {k: int(v) for k, v in ((prev or {}).get("extra") or {}).items()}
@@ -273,6 +276,8 @@ def start_worker(bank: str | os.PathLike | None, config: BuildConfig | str | os.
     no LMDB handle from the caller, and it stops by itself if the caller dies.
     """
     cfg = config if isinstance(config, BuildConfig) else load_config(config)
+    if poll_interval is not None and not (math.isfinite(float(poll_interval)) and float(poll_interval) >= 0):
+        raise ConfigError(f"poll interval must be a number of seconds >= 0, got {poll_interval!r}")
     bank_path = str(Path(bank or cfg.output.bank).expanduser().resolve())
     ctx = mp.get_context("spawn")
     event = ctx.Event()

@@ -55,11 +55,29 @@ class ResponseCache:
             self._conn = conn
         return self._conn
 
+    def _broken(self, e: BaseException) -> None:
+        """A cache that cannot be read or written (corrupt file, full or read-only disk) is turned off with a
+        warning: it must not fail the requests it only speeds up (a build marked every batch as failed)."""
+        if self.enabled:
+            logger.warning("response cache %s unusable (%s: %s); continuing without it", self.path,
+                           type(e).__name__, e)
+        self.enabled = False
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:  # pragma: no cover
+                pass
+            self._conn = None
+
     def get(self, key: str) -> str | None:
         if not self.enabled:
             return None
         with self._lock:
-            row = self._db().execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
+            try:
+                row = self._db().execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
+            except (sqlite3.Error, OSError) as e:
+                self._broken(e)
+                return None
         if row is None:
             self.misses += 1
             return None
@@ -70,10 +88,13 @@ class ResponseCache:
         if not self.enabled:
             return
         with self._lock:
-            db = self._db()
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-                       (key, str(identity.get("backend")), str(identity.get("model")), response, time.time()))
-            db.commit()
+            try:
+                db = self._db()
+                db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                           (key, str(identity.get("backend")), str(identity.get("model")), response, time.time()))
+                db.commit()
+            except (sqlite3.Error, OSError) as e:
+                self._broken(e)
 
     def __len__(self) -> int:
         with self._lock:
@@ -125,6 +146,7 @@ class CachedBackend:
             fresh = self.backend.chat_batch([batch[i] for i in todo], **params)
             for i, r in zip(todo, fresh, strict=True):
                 out[i] = r
-                self.cache.put(keys[i], r, ident)
+                if isinstance(r, str) and r.strip():   # an empty reply (content null: filtered, or a reasoning
+                    self.cache.put(keys[i], r, ident)  # model out of tokens) is asked again, not replayed forever
         logger.debug("response cache: %d hits, %d misses", len(batch) - len(todo), len(todo))
         return [r for r in out if r is not None]
