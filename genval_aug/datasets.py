@@ -261,14 +261,14 @@ def load_names(path: str | os.PathLike, id_key: str | None = None) -> dict[int, 
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
             return normalize_names(data.get("names") if isinstance(data, dict) else data, p)
         if suffix == ".txt":
-            return {i: s.strip() for i, s in enumerate(p.read_text(encoding="utf-8").splitlines()) if s.strip()}
-        if suffix == ".csv":
-            with p.open(newline="", encoding="utf-8") as f:
+            return {i: s.strip() for i, s in enumerate(p.read_text(encoding="utf-8-sig").splitlines()) if s.strip()}
+        if suffix == ".csv":  # utf-8-sig: tables saved by Excel start with a byte-order mark
+            with p.open(newline="", encoding="utf-8-sig") as f:
                 rows = list(csv.DictReader(f))
             key = id_key or ("yolo_index" if rows and "yolo_index" in rows[0] else "id")
             return {int(r[key]): r["name"] for r in rows}
         if suffix == ".json":
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(p.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict) and "categories" in data:
                 cats = data["categories"]
                 key = id_key or ("yolo_index" if cats and "yolo_index" in cats[0] else "id")

@@ -66,6 +66,12 @@ def test_names_tables(shared_data, tmp_path):
     assert voc[0] == "_background_" and "potted plant" in voc.values()
     with pytest.raises(DatasetError, match="not found"):
         load_names(tmp_path / "nope.json")
+    # the same tables saved with a byte-order mark (Excel's "CSV UTF-8", Notepad) read the same
+    for src in (shared_data / "lvis_v1_categories.csv", shared_data / "coco_categories.json",
+                shared_data / "labelme_voc_examples" / "data_dataset_voc" / "class_names.txt"):
+        bom = tmp_path / ("bom" + src.suffix)
+        bom.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+        assert load_names(bom) == load_names(src), src.name
 
 
 def test_parse_issues_name_lines(tmp_path):
