@@ -588,3 +588,30 @@ def test_fork_while_another_parent_thread_reads(bank_path):
         t.join(20)
     assert not errors, f"parent reader failed after {reads} reads: {errors[0]!r}"
     assert reads > 0
+
+
+@pytest.mark.parametrize("bad", [
+    {"category_id": "x"},                                         # int() fails inside the transaction
+    {"category_id": 2.5},
+    {"source": {"kind": "harvest", "file": __import__("pathlib").Path("/x")}},  # not JSON
+    {"source": "harvest"},                                        # not a mapping
+    {"verdict": {"keep": True, "score": "high"}},                 # float(score) fails
+    {"category": "x" * 600},                                      # LMDB keys are at most 511 bytes
+    {"category": 7},
+])
+def test_a_bad_add_is_refused_at_once_and_does_not_poison_the_batch(bank_path, bad):
+    """One invalid add used to be queued, then fail inside every later commit: the good instances queued
+    beside it were never committed and the writer could not commit anything again (close raised too)."""
+    kw = {"category": "a", **bad}
+    with BankWriter(bank_path, batch_size=100) as w:
+        good = w.add(make_rgba(0), category="a")
+        with pytest.raises(ValueError, match="category|source|verdict|score|metadata"):
+            w.add(make_rgba(1), **kw)
+        with pytest.raises(TypeError, match="JSON"):
+            w.set_status("s", {"p": __import__("pathlib").Path("/x")})
+        w.set_size_prior("a", {"n": 3, "aspect_mean": 1.0})
+        w.flush()
+        later = w.add(make_rgba(2), category="b")
+    bank = InstanceBank(bank_path)
+    assert set(bank.ids()) == {good, later} and bank.size_prior("a")["n"] == 3
+    assert verify(bank).ok

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import lmdb
 import numpy as np
 
 from genval_aug.bank.record import (
+    CODECS,
     DEFAULT_CODEC,
     Instance,
     build_meta,
@@ -46,7 +47,7 @@ from genval_aug.bank.record import (
     loads,
     normalize_rgba,
 )
-from genval_aug.errors import BadRecordError, BankError
+from genval_aug.errors import BadInstanceError, BadRecordError, BankError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,37 @@ DB_NAMES = ("meta", "records", "images", "index", "rejected", "rejected_images")
 MAX_READERS = 1024
 READER_MAP_SIZE = 1 << 40  # address space only; the file keeps its own size
 WRITER_MAP_SIZE = 1 << 30
+MAX_KEY_BYTES = 511  # LMDB's default key size limit
+# category names end up in keys: index "<category>\0<seq:4>" and meta "prior/<category>"
+MAX_CATEGORY_BYTES = MAX_KEY_BYTES - len(b"prior/")
+
+
+def check_category(category: Any, what: str = "instance") -> str:
+    """``category`` as a usable bank category name, else ``BadInstanceError`` naming it."""
+    if not isinstance(category, str) or not category:
+        raise BadInstanceError(f"{what}: category must be a non-empty string, got {category!r}")
+    try:
+        n = len(category.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise BadInstanceError(f"{what}: category {category!r} is not encodable as UTF-8 ({e})") from None
+    if n > MAX_CATEGORY_BYTES:
+        raise BadInstanceError(f"{what}: category name is {n} bytes in UTF-8, at most {MAX_CATEGORY_BYTES} "
+                               f"fit in an LMDB key ({category[:40]!r}...)")
+    return category
+
+
+def check_category_id(category_id: Any, what: str = "instance") -> int | None:
+    """``category_id`` as an int (None stays None), else ``BadInstanceError`` naming it."""
+    if category_id is None:
+        return None
+    try:
+        cid = int(category_id)
+        ok = not isinstance(category_id, bool) and float(category_id) == cid
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise BadInstanceError(f"{what}: category_id must be an integer, got {category_id!r}")
+    return cid
 
 
 def _index_key(category: str, seq: int) -> bytes:
@@ -441,9 +473,11 @@ class BankWriter:
                  map_size: int = WRITER_MAP_SIZE):
         self.path = str(Path(path).expanduser().resolve())
         self.batch_size = int(batch_size)
+        if codec not in CODECS:
+            raise ConfigError(f"unknown codec {codec!r}; choose one of {CODECS}")
         self.codec = codec
         self._map_size = int(map_size)
-        self._pending: list[tuple[str, Any]] = []
+        self._pending: list[tuple] = []  # (kind, ...) operations, each checked when queued
         self._pending_ids: set[str] = set()
         self.added = 0
         self.duplicates = 0
@@ -476,44 +510,80 @@ class BankWriter:
         ``category_id`` names a new category's id when that id is free; an existing category keeps its id and
         a taken id is replaced by the next free one (logged), so every bank category has its own id.
         """
-        if not category or not isinstance(category, str):
-            raise ValueError(f"category must be a non-empty string, got {category!r}")
-        rgba = normalize_rgba(rgba, what=f"instance of {category!r}")
+        check_category(category)
+        what = f"instance of {category!r}"
+        category_id = check_category_id(category_id, what)
+        rgba = normalize_rgba(rgba, what=what)
         rid = content_id(category, rgba)
-        self._queue(rid, (rid, rgba, category, category_id, source, verdict, None))
+        # everything that could fail is checked now: a bad add must not sit in the queue and make every
+        # later commit (with the good instances queued beside it) fail
+        meta = self._build_meta(what, rid, rgba, category, source, verdict)
+        self._queue(rid, ("add", rid, rgba, category, category_id, meta))
         return rid
+
+    def _build_meta(self, what: str, rid: str, rgba: np.ndarray, category: str, source: Any,
+                    verdict: Any) -> dict[str, Any]:
+        for name, value in (("source", source), ("verdict", verdict)):
+            if value is not None and not isinstance(value, Mapping):
+                raise BadInstanceError(f"{what}: {name} must be a mapping or None, got {type(value).__name__}")
+        try:
+            meta = build_meta(rid, rgba, category=category, category_id=-1, codec=self.codec,
+                              source=source, verdict=verdict)
+            dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise BadInstanceError(f"{what}: source/verdict metadata is unusable ({e})") from None
+        return meta
 
     def add_encoded(self, meta: dict[str, Any], image: bytes) -> str:
         """Copy a record from another bank as is (merge): same id, same bytes."""
-        rid = meta["id"]
-        self._queue(rid, (rid, None, meta["category"], meta.get("category_id"), None, None, (meta, image)))
+        rid = meta.get("id") if isinstance(meta, dict) else None
+        if not isinstance(rid, str) or not rid:
+            raise BadRecordError(f"record metadata without a usable 'id' field: {str(meta)[:200]}")
+        what = f"record {rid}"
+        try:
+            category = check_category(meta.get("category"), what)
+            category_id = check_category_id(meta.get("category_id"), what)
+            dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise BadRecordError(f"{what}: {e}") from None
+        if not isinstance(image, (bytes, bytearray, memoryview)) or not len(image):
+            raise BadRecordError(f"{what}: image must be non-empty bytes")
+        self._queue(rid, ("add_encoded", rid, dict(meta), category, category_id, bytes(image)))
         return rid
 
     def _queue(self, rid: str, payload: tuple) -> None:
         if rid in self._pending_ids:
             self.duplicates += 1
             return
-        self._pending.append(("add", payload))
+        self._pending.append(payload)
         self._pending_ids.add(rid)
         self._maybe_flush()
 
     def add_rejected(self, rgba: np.ndarray, *, category: str, source: dict[str, Any] | None = None,
                      verdict: dict[str, Any] | None = None) -> str:
         """Keep a rejected instance for audit and prompt optimization; never sampled."""
-        rgba = normalize_rgba(rgba, what=f"rejected instance of {category!r}")
+        check_category(category, "rejected instance")
+        what = f"rejected instance of {category!r}"
+        rgba = normalize_rgba(rgba, what=what)
         rid = content_id(category, rgba)
-        self._pending.append(("reject", (rid, rgba, category, source, verdict)))
+        meta = self._build_meta(what, rid, rgba, category, source, verdict)
+        self._pending.append(("reject", rid, rgba, meta))
         self._maybe_flush()
         return rid
 
     def record_rejections(self, reasons: dict[str, int]) -> None:
         """Add counts of instances rejected before reaching the bank (by reason) to the bank stats."""
-        self._pending.append(("reasons", dict(reasons)))
+        try:
+            counts = {str(k): int(v) for k, v in dict(reasons).items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rejection counts must map reasons to integers: {e}") from None
+        self._pending.append(("reasons", counts))
         self._maybe_flush()
 
     def set_size_prior(self, category: str, prior: dict[str, float]) -> None:
         """Per-category size statistics used for scale priors at paste time."""
-        self._pending.append(("meta", (b"prior/" + category.encode(), prior)))
+        check_category(category, "size prior")
+        self._queue_meta(b"prior/" + category.encode(), prior)
         self._maybe_flush()
 
     def set_status(self, name: str, status: dict[str, Any], *, commit: bool = True) -> None:
@@ -521,9 +591,14 @@ class BankWriter:
 
         Committed at once with everything queued before it; ``commit=False`` leaves it queued (so several
         statuses can share one transaction)."""
-        self._pending.append(("meta", (b"status/" + name.encode(), status)))
+        self._queue_meta(b"status/" + name.encode(), status)
         if commit:
             self.flush()
+
+    def _queue_meta(self, key: bytes, value: Any) -> None:
+        if len(key) > MAX_KEY_BYTES:
+            raise ValueError(f"bank meta key {key[:40]!r}... is {len(key)} bytes, LMDB allows {MAX_KEY_BYTES}")
+        self._pending.append(("meta", key, dumps(value)))  # serialized now: an error names the caller's value
 
     def _maybe_flush(self) -> None:
         if len(self._pending) >= self.batch_size:
@@ -535,18 +610,18 @@ class BankWriter:
             return
         # encode outside the transaction: the writer lock is held only for the puts
         ops = []
-        for kind, payload in self._pending:
-            if kind == "add" and payload[6] is None:
-                rid, rgba, category, category_id, source, verdict, _ = payload
-                ops.append(("add", rid, category, category_id, rgba, source, verdict, encode_rgba(rgba, self.codec)))
-            elif kind == "add":
-                rid, _, category, category_id, _, _, (meta, image) = payload
-                ops.append(("add_encoded", rid, category, category_id, meta, image))
-            elif kind == "reject":
-                rid, rgba, category, source, verdict = payload
-                ops.append(("reject", rid, category, rgba, source, verdict, encode_rgba(rgba, self.codec)))
+        for op in self._pending:
+            if op[0] == "add":
+                _, rid, rgba, category, category_id, meta = op
+                ops.append(("add", rid, category, category_id, meta, encode_rgba(rgba, self.codec)))
+            elif op[0] == "add_encoded":
+                _, rid, meta, category, category_id, image = op
+                ops.append(("add", rid, category, category_id, meta, image))
+            elif op[0] == "reject":
+                _, rid, rgba, meta = op
+                ops.append(("reject", rid, meta, encode_rgba(rgba, self.codec)))
             else:
-                ops.append((kind, payload))
+                ops.append(op)
         while True:
             h = self._handle()
             try:
@@ -569,15 +644,14 @@ class BankWriter:
         added = duplicates = 0
         for op in ops:
             kind = op[0]
-            if kind in ("add", "add_encoded"):
-                rid, category = op[1], op[2]
+            if kind == "add":
+                _, rid, category, cid, meta, image = op
                 key = rid.encode()
                 if txn.get(key, db=dbs["records"]) is not None:
                     duplicates += 1
                     continue
                 c = cats.get(category)
                 if c is None:
-                    cid = op[3]
                     used = {v["id"] for v in cats.values()}
                     if cid is not None and int(cid) in used:  # another dataset's id space: never share an id
                         log.warning("bank %s: category id %s asked for %r is already used by another category; "
@@ -586,13 +660,8 @@ class BankWriter:
                     if cid is None:
                         cid = max(used, default=-1) + 1
                     c = cats[category] = {"id": int(cid), "count": 0, "sources": {}}
-                if kind == "add":
-                    _, _, _, _, rgba, source, verdict, image = op
-                    meta = build_meta(rid, rgba, category=category, category_id=c["id"], codec=self.codec,
-                                      source=source, verdict=verdict)
-                else:
-                    meta, image = dict(op[4]), op[5]
-                    meta["category_id"] = c["id"]
+                meta = dict(meta)
+                meta["category_id"] = c["id"]
                 meta["seq"] = c["count"]
                 txn.put(key, dumps(meta), db=dbs["records"])
                 txn.put(key, image, db=dbs["images"])
@@ -604,12 +673,10 @@ class BankWriter:
                 stats["total"] += 1
                 added += 1
             elif kind == "reject":
-                _, rid, category, rgba, source, verdict, image = op
+                _, rid, meta, image = op
                 key = rid.encode()
                 if txn.get(key, db=dbs["rejected"]) is not None:
                     continue
-                meta = build_meta(rid, rgba, category=category, category_id=-1, codec=self.codec,
-                                  source=source, verdict=verdict)
                 txn.put(key, dumps(meta), db=dbs["rejected"])
                 txn.put(key, image, db=dbs["rejected_images"])
                 stats["rejected"] += 1
@@ -617,7 +684,6 @@ class BankWriter:
                 for reason, n in op[1].items():
                     stats["rejections"][reason] = stats["rejections"].get(reason, 0) + int(n)
             elif kind == "meta":
-                k, value = op[1]
-                txn.put(k, dumps(value), db=dbs["meta"])
+                txn.put(op[1], op[2], db=dbs["meta"])
         txn.put(b"stats", dumps(stats), db=dbs["meta"])
         return added, duplicates
