@@ -452,8 +452,8 @@ def test_filtered_sampler_rescans_only_changed_categories(bank_path):
             w.add(make_rgba(i), category="a" if i < 3 else "b", verdict={"keep": True, "score": 0.9})
     bank = InstanceBank(bank_path, refresh_interval=0)  # every access re-reads the stats
     scanned: list[str] = []
-    orig = bank.iter_meta
-    bank.iter_meta = lambda category=None: (scanned.append(category), orig(category))[1]
+    orig = bank.ids  # a scan lists the category's ids, then reads each record's metadata
+    bank.ids = lambda category=None: (scanned.append(category), orig(category))[1]
     s = BankSampler(bank, min_score=0.5)
     rng = np.random.default_rng(0)
     assert len(s.sample(rng, 20)) == 20
@@ -615,3 +615,24 @@ def test_a_bad_add_is_refused_at_once_and_does_not_poison_the_batch(bank_path, b
     bank = InstanceBank(bank_path)
     assert set(bank.ids()) == {good, later} and bank.size_prior("a")["n"] == 3
     assert verify(bank).ok
+
+
+@pytest.mark.parametrize("corrupt", [b"{not json", b'{"id": "x", "score": "high", "width": null}', b"[1, 2]"])
+def test_filtered_sampler_skips_and_counts_corrupt_metadata(bank_path, caplog, corrupt):
+    """The filtered sampler scanned metadata with ``iter_meta`` and compared fields without checks: one record
+    with bad JSON or a non-numeric score/width raised out of ``sample`` instead of being skipped and counted."""
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="a", verdict={"keep": True, "score": 0.9}) for i in range(4)]
+    env = lmdb.open(bank_path, max_dbs=8)
+    records = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        txn.put(ids[0].encode(), corrupt, db=records)
+    env.close()
+    sampler = BankSampler(bank_path, min_score=0.5, min_side=2)
+    with caplog.at_level("WARNING"):
+        out = sampler.sample(np.random.default_rng(0), 20)
+        sampler.refresh()
+        out += sampler.sample(np.random.default_rng(1), 20)
+    assert len(out) == 40 and {i.id for i in out} <= set(ids[1:])
+    assert sampler.skipped == 2  # once per scan of the category
+    assert sum("corrupt bank record" in r.message for r in caplog.records) == 1

@@ -130,18 +130,42 @@ class BankSampler:
         return self.bank.size_prior(category)
 
     def _accept(self, meta: dict[str, Any]) -> bool:
+        return self._accept_fields(meta) and (self.predicate is None or bool(self.predicate(meta)))
+
+    def _accept_fields(self, meta: dict[str, Any]) -> bool:
+        """The built-in filters (``TypeError`` & co. on a corrupt record whose fields have the wrong types)."""
         if self.min_score is not None and (meta.get("score") is None or meta["score"] < self.min_score):
             return False
         if self.sources is not None and (meta.get("source") or {}).get("kind") not in self.sources:
             return False
         if self.min_side is not None and min(meta.get("width", 0), meta.get("height", 0)) < self.min_side:
             return False
-        return self.predicate is None or bool(self.predicate(meta))
+        return True
+
+    def _skip(self, error: Exception) -> None:
+        self.skipped += 1
+        if not self._warned:
+            log.warning("skipping corrupt bank record (%s); further ones are counted in sampler.skipped", error)
+            self._warned = True
 
     def _eligible_ids(self, category: str) -> list[str]:
         ids = self._eligible.get(category)
         if ids is None:
-            ids = [m["id"] for m in self.bank.iter_meta(category) if self._accept(m)]
+            ids = []
+            for rid in self.bank.ids(category):
+                try:
+                    meta = self.bank.get_meta(rid)
+                    if not isinstance(meta, dict):
+                        raise BadRecordError(f"record {rid}: metadata is a JSON {type(meta).__name__}, not an object")
+                    fields_ok = self._accept_fields(meta)
+                except (BadRecordError, KeyError) as e:
+                    self._skip(e)
+                    continue
+                except (TypeError, AttributeError) as e:
+                    self._skip(BadRecordError(f"record {rid}: metadata field of the wrong type ({e})"))
+                    continue
+                if fields_ok and (self.predicate is None or self.predicate(meta)):
+                    ids.append(rid)
             self._eligible[category] = ids
         return ids
 
@@ -191,11 +215,7 @@ class BankSampler:
                     else:
                         inst = self.bank.random_instance(category, rng)
                 except (BadRecordError, KeyError) as e:
-                    self.skipped += 1
-                    if not self._warned:
-                        log.warning("skipping corrupt bank record (%s); further ones are counted in "
-                                    "sampler.skipped", e)
-                        self._warned = True
+                    self._skip(e)
                     continue
                 out.append(inst)
                 break
