@@ -22,7 +22,7 @@ from genval_aug.bank import (
     verify,
 )
 from genval_aug.bank.record import content_id, normalize_rgba
-from genval_aug.errors import BadInstanceError, BankError, ConfigError
+from genval_aug.errors import BadInstanceError, BadRecordError, BankError, ConfigError
 
 
 @pytest.fixture
@@ -636,3 +636,56 @@ def test_filtered_sampler_skips_and_counts_corrupt_metadata(bank_path, caplog, c
     assert len(out) == 40 and {i.id for i in out} <= set(ids[1:])
     assert sampler.skipped == 2  # once per scan of the category
     assert sum("corrupt bank record" in r.message for r in caplog.records) == 1
+
+
+def _edit(path, db, key, value):
+    env = lmdb.open(path, max_dbs=8)
+    handle = env.open_db(db.encode())
+    with env.begin(write=True) as txn:
+        txn.put(key.encode() if isinstance(key, str) else key, value, db=handle)
+    env.close()
+
+
+@pytest.mark.parametrize("what, edit, needle", [
+    ("category not a string", lambda m: m.update(category=5), "category"),
+    ("category null", lambda m: m.update(category=None), "category"),
+    ("height missing", lambda m: m.pop("height"), "height"),
+    ("width not a number", lambda m: m.update(width="wide"), "width"),
+    ("category_id differs from the bank's", lambda m: m.update(category_id=77), "category_id"),
+])
+def test_verify_reports_bad_metadata_fields_instead_of_crashing(bank_path, what, edit, needle):
+    """verify raised AttributeError/KeyError on a record whose category is not a string or whose height is
+    missing (the whole check died instead of listing the bad record), and did not notice a record whose
+    category_id is not its category's id."""
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="ab"[i % 2]) for i in range(4)]
+    bank = InstanceBank(bank_path)
+    meta = bank.get_meta(ids[0])
+    bank.close()  # _edit opens the environment itself
+    edit(meta)
+    _edit(bank_path, "records", ids[0], __import__("json").dumps(meta).encode())
+    report = verify(bank_path)
+    assert not report.ok and any(ids[0] in e and needle in e for e in report.errors), (what, report.errors)
+
+
+def test_verify_reports_non_rgba8_images_newer_schema_and_shared_category_ids(bank_path):
+    import json
+
+    import cv2
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="ab"[i % 2]) for i in range(4)]
+    deep = np.zeros((24, 32, 4), np.uint16)
+    deep[..., 3] = 65535
+    _edit(bank_path, "images", ids[0], cv2.imencode(".png", deep)[1].tobytes())  # a 16-bit RGBA PNG
+    bank = InstanceBank(bank_path)
+    with pytest.raises(BadRecordError, match=f"{ids[0]}.*uint16"):
+        bank.get(ids[0])  # was returned as a uint16 "RGBA" instance
+    stats = bank.stats(refresh=True)
+    bank.close()
+    stats["categories"]["b"]["id"] = stats["categories"]["a"]["id"]
+    _edit(bank_path, "meta", "stats", json.dumps(stats).encode())
+    _edit(bank_path, "meta", "schema", b'{"version": 99}')
+    errors = verify(bank_path).errors
+    assert any(ids[0] in e and "uint16" in e for e in errors), errors
+    assert any("schema" in e and "99" in e for e in errors), errors
+    assert any("'a'" in e and "'b'" in e and "id" in e for e in errors), errors

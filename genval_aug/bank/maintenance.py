@@ -16,7 +16,7 @@ import numpy as np
 
 from genval_aug.bank.priors import pool_priors
 from genval_aug.bank.record import loads
-from genval_aug.bank.store import BankWriter, InstanceBank
+from genval_aug.bank.store import SCHEMA_VERSION, BankWriter, InstanceBank
 from genval_aug.errors import BadInstanceError, BadRecordError, BankError
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,40 @@ class VerifyReport:
 
 
 def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> VerifyReport:
-    """Check every record decodes, the category index is consistent and the counts match."""
+    """Check every record decodes, the category index is consistent and the counts match.
+
+    Every problem is reported (naming the record, field or category); a corrupt record or stats entry
+    does not stop the check.
+    """
     bank = bank if isinstance(bank, InstanceBank) else InstanceBank(bank)
     report = VerifyReport(bank.path)
-    if bank.schema_version() == 0:
-        report.errors.append("missing schema record")
-    stats = bank.stats(refresh=True)
+    try:
+        version = bank.schema_version()
+        if version == 0:
+            report.errors.append("missing schema record")
+        elif version > SCHEMA_VERSION:
+            report.errors.append(f"bank schema {version} is newer than this genval_aug supports ({SCHEMA_VERSION})")
+    except BadRecordError as e:
+        report.errors.append(str(e))
+    try:
+        stats = bank.stats(refresh=True)
+        if not isinstance(stats.get("categories"), dict) or not isinstance(stats.get("total"), int):
+            raise BadRecordError(f"{bank.path} stats: no 'categories' table or integer 'total'")
+    except (BadRecordError, AttributeError) as e:
+        report.errors.append(str(e) if isinstance(e, BadRecordError) else f"{bank.path} stats: not a JSON object")
+        stats = {"total": None, "categories": {}}
+    categories = {}
+    for name, c in stats["categories"].items():
+        if not isinstance(c, dict) or not isinstance(c.get("count"), int) or not isinstance(c.get("id"), int):
+            report.errors.append(f"category {name!r}: stats entry {c!r} lacks an integer 'count' and 'id'")
+            continue
+        categories[name] = c
+    by_id: dict[int, list[str]] = {}
+    for name, c in categories.items():
+        by_id.setdefault(c["id"], []).append(name)
+    for cid, names in sorted(by_id.items()):
+        if len(names) > 1:
+            report.errors.append(f"categories {', '.join(map(repr, sorted(names)))} share category id {cid}")
 
     def scan(txn, dbs):
         records = {k.decode(): v for k, v in txn.cursor(db=dbs["records"])}
@@ -60,15 +88,22 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
     per_cat: Counter[str] = Counter()
     for rid, raw in records.items():
         try:
-            meta = loads(raw, what=f"record {rid}")
-            per_cat[meta["category"]] += 1
-            if meta.get("id") != rid:
-                report.errors.append(f"record {rid}: metadata id is {meta.get('id')!r}")
-            if bank.id_at(meta["category"], int(meta["seq"])) != rid:
-                report.errors.append(f"record {rid}: index entry {meta['category']}/{meta['seq']} does not point to it")
-        except (BadRecordError, KeyError, TypeError, ValueError) as e:
-            report.errors.append(f"record {rid}: {e}")
+            meta = _checked_meta(rid, raw)
+        except BadRecordError as e:
+            report.errors.append(str(e))
             continue
+        category = meta["category"]
+        per_cat[category] += 1
+        if meta.get("id") != rid:
+            report.errors.append(f"record {rid}: metadata id is {meta.get('id')!r}")
+        if bank.id_at(category, meta["seq"]) != rid:
+            report.errors.append(f"record {rid}: index entry {category}/{meta['seq']} does not point to it")
+        c = categories.get(category)
+        if c is not None and meta["category_id"] != c["id"]:
+            report.errors.append(f"record {rid}: category_id {meta['category_id']} but the bank's id of "
+                                 f"{category!r} is {c['id']}")
+        if category not in stats["categories"]:
+            report.errors.append(f"record {rid}: category {category!r} is missing from the bank stats")
         if rid not in images:
             report.errors.append(f"record {rid}: image missing")
         elif decode:
@@ -85,15 +120,30 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
         if rid not in records:
             report.errors.append(f"index {key!r} points to missing record {rid}")
     per_index = Counter(k[:-5].decode("utf-8", "replace") for k, _ in index)  # key = name \0 seq(4 bytes)
-    for name, c in stats["categories"].items():
+    for name, c in categories.items():
         if c["count"] != per_cat.get(name, 0):
             report.errors.append(f"category {name!r}: stats count {c['count']} != {per_cat.get(name, 0)} records")
         n_index = per_index.get(name, 0)
         if n_index != c["count"]:
             report.errors.append(f"category {name!r}: {n_index} index entries, stats count {c['count']}")
-    if stats["total"] != len(records):
+    if stats["total"] is not None and stats["total"] != len(records):
         report.errors.append(f"stats total {stats['total']} != {len(records)} records")
     return report
+
+
+def _checked_meta(rid: str, raw: bytes) -> dict[str, Any]:
+    """A record's metadata with the fields the bank relies on type-checked; ``BadRecordError`` naming the field."""
+    meta = loads(raw, what=f"record {rid}")
+    if not isinstance(meta, dict):
+        raise BadRecordError(f"record {rid}: metadata is a JSON {type(meta).__name__}, not an object")
+    category = meta.get("category")
+    if not isinstance(category, str) or not category:
+        raise BadRecordError(f"record {rid}: field 'category' is {category!r}, not a category name")
+    for name, lo in (("seq", 0), ("height", 1), ("width", 1), ("category_id", None)):
+        v = meta.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and not lo <= v < 1 << 32):
+            raise BadRecordError(f"record {rid}: field {name!r} is {v!r}, not a valid integer")
+    return meta
 
 
 def bank_identity(bank: InstanceBank) -> str:

@@ -89,6 +89,17 @@ def check_category_id(category_id: Any, what: str = "instance") -> int | None:
     return cid
 
 
+def parse_schema(raw: bytes | None, path: str) -> int:
+    """The version in a bank's ``schema`` record (0 when missing); ``BadRecordError`` when unreadable."""
+    if raw is None:
+        return 0
+    schema = loads(raw, what=f"{path} schema")
+    version = schema.get("version") if isinstance(schema, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BadRecordError(f"{path}: schema record {bytes(raw)[:80]!r} has no integer 'version'")
+    return version
+
+
 def _index_key(category: str, seq: int) -> bytes:
     return category.encode("utf-8") + b"\x00" + int(seq).to_bytes(4, "big")
 
@@ -311,8 +322,7 @@ class InstanceBank:
 
     def schema_version(self) -> int:
         """The bank's schema version (0 when the schema record is missing)."""
-        raw = self._read(lambda txn, dbs: txn.get(b"schema", db=dbs["meta"]))
-        return int(loads(raw)["version"]) if raw else 0
+        return parse_schema(self._read(lambda txn, dbs: txn.get(b"schema", db=dbs["meta"])), self.path)
 
     def uuid(self) -> str | None:
         """The bank's identity, written when it was created (None for banks made before uuids existed)."""
@@ -483,9 +493,9 @@ class BankWriter:
         self.duplicates = 0
         h = self._handle()
         with h.env.begin() as txn:
-            raw = txn.get(b"schema", db=h.dbs["meta"])
-            if loads(raw)["version"] > SCHEMA_VERSION:
-                raise BankError(f"{self.path} has bank schema {loads(raw)['version']}, newer than this "
+            version = parse_schema(txn.get(b"schema", db=h.dbs["meta"]), self.path)
+            if version > SCHEMA_VERSION:
+                raise BankError(f"{self.path} has bank schema {version}, newer than this "
                                 f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
 
     def _handle(self) -> _Handle:
