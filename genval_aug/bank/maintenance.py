@@ -220,12 +220,18 @@ def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.Path
     """Write every instance as ``<category>/<id>.png`` plus ``manifest.json`` (metadata list)."""
     bank = bank if isinstance(bank, InstanceBank) else InstanceBank(bank)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BankError(f"cannot create export folder {out}: {e.strerror or e}") from None
     manifest = []
     for rid in bank.ids():
         inst = bank.get(rid)
         rel = Path(_safe_name(inst.category)) / f"{rid}.png"
-        (out / rel.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            (out / rel.parent).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BankError(f"cannot create export folder {out / rel.parent}: {e.strerror or e}") from None
         if not cv2.imwrite(str(out / rel), cv2.cvtColor(inst.rgba, cv2.COLOR_RGBA2BGRA)):
             raise BankError(f"could not write {out / rel}")
         manifest.append({**inst.meta, "file": rel.as_posix()})
@@ -234,7 +240,9 @@ def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.Path
 
 
 def _safe_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip() or "_"
+    """A folder name for a category: never a path separator, never ``.``/``..`` (export stays in its folder)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip()
+    return "_" + safe if not safe.strip(".") else safe
 
 
 def read_rgba_file(path: str | os.PathLike) -> np.ndarray:
@@ -265,11 +273,15 @@ def import_folder(out: str | os.PathLike, folder: str | os.PathLike, *, source_k
     if manifest.is_file():
         try:
             entries = json.loads(manifest.read_text())["instances"]
-        except (ValueError, KeyError) as e:
+            if not isinstance(entries, list):
+                raise TypeError("'instances' is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise BankError(f"{manifest}: not a genval_aug manifest ({e})") from None
         for i, m in enumerate(entries):
+            if not isinstance(m, dict):
+                raise BankError(f"{manifest}: instance {i} is a JSON {type(m).__name__}, not an object")
             try:
-                items.append((folder / m["file"], m["category"], m.get("source"), m.get("verdict"),
+                items.append((folder / str(m["file"]), m["category"], m.get("source"), m.get("verdict"),
                               m.get("category_id")))
             except KeyError as e:
                 raise BankError(f"{manifest}: instance {i} lacks field {e}") from None

@@ -163,7 +163,10 @@ class _Registry:
             raise BankError(f"no instance bank at {path} (missing {os.path.join(path, 'data.mdb')})")
         try:
             if write:
-                os.makedirs(path, exist_ok=True)
+                try:
+                    os.makedirs(path, exist_ok=True)
+                except OSError as e:
+                    raise BankError(f"cannot create instance bank at {path}: {e.strerror or e}") from None
                 env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 1,
                                 max_readers=MAX_READERS, meminit=False)
             else:
