@@ -689,3 +689,25 @@ def test_verify_reports_non_rgba8_images_newer_schema_and_shared_category_ids(ba
     assert any(ids[0] in e and "uint16" in e for e in errors), errors
     assert any("schema" in e and "99" in e for e in errors), errors
     assert any("'a'" in e and "'b'" in e and "id" in e for e in errors), errors
+
+
+def test_verify_catches_a_bit_flip_that_still_decodes(bank_path):
+    """LZ4 (the default codec) has no checksum: a flipped bit in a literal decodes to different pixels
+    without error, and verify said OK. The record id is the content hash of category + pixels, so verify
+    now recomputes it."""
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="a") for i in range(3)]
+    bank = InstanceBank(bank_path)
+    before = bank.get(ids[0]).rgba.copy()
+    bank.close()
+    env = lmdb.open(bank_path, max_dbs=8)
+    images = env.open_db(b"images")
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(ids[0].encode(), db=images))
+        raw[40] ^= 0x01
+        txn.put(ids[0].encode(), bytes(raw), db=images)
+    env.close()
+    assert not np.array_equal(InstanceBank(bank_path).get(ids[0]).rgba, before)  # decodes, other pixels
+    report = verify(bank_path)
+    assert not report.ok and any(ids[0] in e and "content id" in e for e in report.errors), report.errors
+    assert verify(bank_path, decode=False).ok  # the cheap check does not decode

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from genval_aug.bank.priors import pool_priors
-from genval_aug.bank.record import loads
+from genval_aug.bank.record import content_id, loads
 from genval_aug.bank.store import SCHEMA_VERSION, BankWriter, InstanceBank
 from genval_aug.errors import BadInstanceError, BadRecordError, BankError
 
@@ -41,7 +41,8 @@ class VerifyReport:
 
 
 def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> VerifyReport:
-    """Check every record decodes, the category index is consistent and the counts match.
+    """Check every record decodes (to the pixels its content id was hashed from), the category index is
+    consistent and the counts match. ``decode=False`` checks only metadata, index and counts.
 
     Every problem is reported (naming the record, field or category); a corrupt record or stats entry
     does not stop the check.
@@ -112,6 +113,9 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
                 if rgba.shape[:2] != (meta["height"], meta["width"]):
                     report.errors.append(f"record {rid}: image is {rgba.shape[:2]}, metadata says "
                                          f"{(meta['height'], meta['width'])}")
+                elif content_id(category, rgba) != rid:  # LZ4/zlib-raw bytes have no checksum of their own
+                    report.errors.append(f"record {rid}: decoded pixels do not match the record's content id "
+                                         f"(the image bytes were altered)")
             except BadRecordError as e:
                 report.errors.append(str(e))
     for rid in images - records.keys():
