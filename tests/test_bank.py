@@ -365,7 +365,7 @@ def test_merge_dedupes_and_pools_priors(tmp_path):
         w.set_size_prior("x", {"rel_sqrt_area_mean": 0.3, "rel_sqrt_area_std": 0.0, "n": 1})
         w.record_rejections({"too_small": 1, "coverage": 4})
     res = merge(out, [a, b])
-    assert res == {"added": 15, "duplicates": 5}
+    assert res == {"added": 15, "duplicates": 5, "skipped": 0}
     bank = InstanceBank(out)
     assert set(bank.ids()) == set(InstanceBank(a).ids()) | set(InstanceBank(b).ids())
     prior = bank.size_prior("x")
@@ -711,3 +711,24 @@ def test_verify_catches_a_bit_flip_that_still_decodes(bank_path):
     report = verify(bank_path)
     assert not report.ok and any(ids[0] in e and "content id" in e for e in report.errors), report.errors
     assert verify(bank_path, decode=False).ok  # the cheap check does not decode
+
+
+def test_merge_skips_and_reports_corrupt_input_records(tmp_path, caplog):
+    """One record with unreadable metadata in an input stopped merge midway: the batches before it were
+    already committed to the output, the rest and the input's bookkeeping (priors, status) were not."""
+    src, out = str(tmp_path / "src.lmdb"), str(tmp_path / "out.lmdb")
+    with BankWriter(src) as w:
+        ids = [w.add(make_rgba(i), category="a") for i in range(40)]
+        w.set_size_prior("a", {"n": 40, "aspect_mean": 1.0, "aspect_std": 0.0})
+    env = lmdb.open(src, max_dbs=8)
+    records = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        txn.put(ids[30].encode(), b"{broken", db=records)
+    env.close()
+    with caplog.at_level("WARNING"):
+        res = merge(out, [src], batch_size=8)
+    assert res["added"] == 39 and res["skipped"] == 1
+    assert any(ids[30] in r.message for r in caplog.records)
+    bank = InstanceBank(out)
+    assert bank.count() == 39 and ids[30] not in bank and bank.size_prior("a")["n"] == 40
+    assert len(bank.statuses("merge/")) == 1 and verify(bank).ok

@@ -166,13 +166,14 @@ def bank_identity(bank: InstanceBank) -> str:
 def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_size: int = 256) -> dict[str, int]:
     """Combine shard banks into ``out`` (created if missing), deduplicating by record id.
 
-    Records are copied byte for byte; size priors are pooled with the output's own; rejection counts are
+    Records are copied byte for byte (a corrupt input record is skipped, logged and counted in ``skipped``;
+    ``verify`` the inputs to find all of them); size priors are pooled with the output's own; rejection counts are
     added. The output keeps what each input contributed (status ``merge/<identity>``, see
     :func:`bank_identity`), so merging the same input (or a copy, or a grown version of it) again replaces
     its earlier contribution instead of counting it twice.
     """
     out_path = Path(out).resolve()
-    added = dup = 0
+    added = dup = skipped = 0
     with BankWriter(out_path, batch_size=batch_size) as w:
         target = InstanceBank(out_path)
         priors: dict[str, dict[str, float] | None] = {}  # output priors changed by this merge
@@ -198,8 +199,14 @@ def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_
             for k in set(new_reasons) | set(old_reasons):
                 reasons[k] += new_reasons.get(k, 0) - int(old_reasons.get(k, 0))
             for rid in bank.ids():
-                meta, image = bank.get_raw(rid)
-                w.add_encoded(meta, image)
+                try:
+                    meta, image = bank.get_raw(rid)
+                    if not isinstance(meta, dict) or meta.get("id") != rid:
+                        raise BadRecordError(f"record {rid}: metadata is not an object with this id")
+                    w.add_encoded(meta, image)
+                except BadRecordError as e:  # a corrupt input record must not stop the merge halfway
+                    skipped += 1
+                    log.warning("merge into %s: skipping %s (input %s)", out_path, e, bank.path)
             statuses[key] = {"input": bank.path, "identity": ident, "records": int(stats["total"]),
                              "size_priors": contributed, "rejections": new_reasons}
             bank.close()
@@ -217,7 +224,7 @@ def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_
         for key, status in statuses.items():
             w.set_status(key, status, commit=False)
         w.flush()  # priors, rejection counts and the bookkeeping commit in one transaction
-    return {"added": added, "duplicates": dup}
+    return {"added": added, "duplicates": dup, "skipped": skipped}
 
 
 def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -326,7 +326,8 @@ def cmd_merge(args) -> int:
         if not (Path(p) / "data.mdb").is_file():
             raise BankError(f"no instance bank at {p}")
     res = merge(args.out, args.inputs)
-    print(f"merged {len(args.inputs)} bank(s) into {args.out}: {res['added']} added, {res['duplicates']} duplicates")
+    print(f"merged {len(args.inputs)} bank(s) into {args.out}: {res['added']} added, {res['duplicates']} duplicates"
+          + (f", {res['skipped']} corrupt input record(s) skipped" if res.get("skipped") else ""))
     return 0
 
 
