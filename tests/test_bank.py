@@ -732,3 +732,18 @@ def test_merge_skips_and_reports_corrupt_input_records(tmp_path, caplog):
     bank = InstanceBank(out)
     assert bank.count() == 39 and ids[30] not in bank and bank.size_prior("a")["n"] == 40
     assert len(bank.statuses("merge/")) == 1 and verify(bank).ok
+
+
+def test_export_import_round_trip_with_long_and_odd_category_names(tmp_path):
+    """A category name the bank accepts (up to 505 UTF-8 bytes) became one folder name of the export; over
+    255 bytes the export failed (ENAMETOOLONG). Folder names are now capped; the manifest keeps the name."""
+    from genval_aug.bank import export_folder, import_folder
+    names = ["é" * 200, "x" * 505, "a/b", "a_b", "ünï ✓", "\x00nul"]
+    with BankWriter(tmp_path / "b.lmdb") as w:
+        ids = {w.add(make_rgba(i), category=c, category_id=10 + i): c for i, c in enumerate(names)}
+    export_folder(tmp_path / "b.lmdb", tmp_path / "exp")
+    import_folder(tmp_path / "back.lmdb", tmp_path / "exp")
+    a, b = InstanceBank(tmp_path / "b.lmdb"), InstanceBank(tmp_path / "back.lmdb")
+    assert set(b.ids()) == set(ids) and b.category_ids() == a.category_ids()
+    for rid in ids:
+        assert np.array_equal(a.get(rid).rgba, b.get(rid).rgba) and b.get_meta(rid)["category"] == ids[rid]

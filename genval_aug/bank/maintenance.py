@@ -253,7 +253,11 @@ def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.Path
 def _safe_name(name: str) -> str:
     """A folder name for a category: never a path separator, never ``.``/``..`` (export stays in its folder)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip()
-    return "_" + safe if not safe.strip(".") else safe
+    safe = "_" + safe if not safe.strip(".") else safe
+    if len(safe.encode("utf-8")) > 120:  # file systems allow 255 bytes; a bank category may have 505
+        short = safe.encode("utf-8")[:100].decode("utf-8", "ignore")
+        safe = f"{short}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:12]}"
+    return safe
 
 
 def read_rgba_file(path: str | os.PathLike) -> np.ndarray:
