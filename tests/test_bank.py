@@ -747,3 +747,16 @@ def test_export_import_round_trip_with_long_and_odd_category_names(tmp_path):
     assert set(b.ids()) == set(ids) and b.category_ids() == a.category_ids()
     for rid in ids:
         assert np.array_equal(a.get(rid).rgba, b.get(rid).rgba) and b.get_meta(rid)["category"] == ids[rid]
+
+
+@pytest.mark.parametrize("mode, kw, needle", [
+    ("weights", {}, "weights"),
+    ("weights", {"weights": {"cat": "heavy"}}, "weights"),
+    ("rare_boost", {}, "dataset_frequencies"),
+])
+def test_sampler_config_errors_surface_at_construction(bank_path, mode, kw, needle):
+    """A 'weights'/'rare_boost' sampler without (or with unusable) weights/frequencies was accepted and only
+    failed at its first draw, i.e. inside a DataLoader worker; a non-numeric weight gave a bare ValueError."""
+    fill(bank_path, 3)
+    with pytest.raises(ConfigError, match=needle):
+        BankSampler(bank_path, mode, **kw)

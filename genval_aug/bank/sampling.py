@@ -60,7 +60,7 @@ def category_weights(
     else:
         if not weights:
             raise ConfigError("mode 'weights' needs a weights mapping (category -> weight)")
-        bad = {k: w for k, w in weights.items() if not (float(w) >= 0 and math.isfinite(float(w)))}
+        bad = {k: w for k, w in weights.items() if not _is_weight(w)}
         if bad:
             raise ConfigError(f"category weights must be finite and >= 0: {bad}")
         raw = {k: float(weights[k]) for k in counts if k in weights}
@@ -68,6 +68,13 @@ def category_weights(
     if total <= 0:
         return {}
     return {k: v / total for k, v in raw.items() if v > 0}
+
+
+def _is_weight(w: Any) -> bool:
+    try:
+        return float(w) >= 0 and math.isfinite(float(w))
+    except (TypeError, ValueError):
+        return False
 
 
 class BankSampler:
@@ -109,7 +116,10 @@ class BankSampler:
         self._eligible: dict[str, list[str]] = {}
         self._stats_seen: Any = None
         self._counts_seen: dict[str, int] = {}
-        category_weights({"_": 1}, mode if mode not in ("rare_boost", "weights") else "balanced")  # validate mode
+        # configuration errors surface here, not at the first draw in a DataLoader worker
+        category_weights({"_": 1}, mode, weights=self.weights or None,
+                         dataset_frequencies={"_": 1.0} if mode == "rare_boost" and self.dataset_frequencies else None,
+                         repeat_threshold=repeat_threshold)
 
     @property
     def filtered(self) -> bool:
