@@ -18,7 +18,9 @@ sub-database       content
 py-lmdb refuses to open one environment twice in a process and an environment inherited over
 ``fork`` is unusable, so every process keeps at most one handle per bank (``_Registry``) and read-only
 handles are closed just before the process forks (``os.register_at_fork``; the fork first waits for reads
-in other threads to finish); they reopen lazily.
+in other threads to finish); they reopen lazily. Resizing the map (a writer's growth, or adopting another
+process's), replacing a read-only handle by a writable one and closing the handle likewise wait for the
+process's other reads: LMDB allows a resize only without open transactions, and a closed env fails them.
 """
 from __future__ import annotations
 
@@ -120,29 +122,59 @@ class _Registry:
 
     def _init_locks(self) -> None:
         self._lock = threading.RLock()  # guards _handles
-        self._idle = threading.Condition(threading.Lock())  # guards _readers / _forking
+        self._idle = threading.Condition(threading.Lock())  # guards _readers / _forking / _resizing
         self._readers = 0
         self._forking = False
+        self._resizing = False
+        self._local = threading.local()  # .reads: read transactions open in this thread
 
     @contextmanager
     def reading(self, path: str, lock: bool) -> Iterator[_Handle]:
         """A read-only handle that no fork closes while the caller reads through it."""
         with self._idle:
-            while self._forking:
+            while self._forking or self._resizing:
                 self._idle.wait()
             self._readers += 1
+        self._local.reads = getattr(self._local, "reads", 0) + 1
         try:
             yield self.get(path, write=False, lock=lock)
         finally:
+            self._local.reads -= 1
             with self._idle:
                 self._readers -= 1
                 if not self._readers:
                     self._idle.notify_all()
 
+    @contextmanager
+    def exclusive(self, path: str, what: str) -> Iterator[None]:
+        """Run a change of this process's handle (resize, close, replace) once no other thread has a read
+        transaction open on it; new reads wait meanwhile. LMDB allows ``set_mapsize`` only while the process
+        has no transaction open, and a closed environment fails every read still running through it."""
+        if getattr(self._local, "reads", 0):
+            raise BankError(f"bank {path}: cannot {what} from inside a read of the bank")
+        with self._idle:
+            while self._forking or self._resizing:
+                self._idle.wait()
+            self._resizing = True
+            while self._readers:
+                self._idle.wait()
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._resizing = False
+                self._idle.notify_all()
+
     def get(self, path: str, *, write: bool, lock: bool = True, map_size: int = WRITER_MAP_SIZE) -> _Handle:
         h = self._handles.get(path)
         if h is not None and h.pid == os.getpid() and (h.writable or not write):
             return h
+        if write:  # may replace a read-only handle other threads are reading through
+            with self.exclusive(path, "open a writer"):
+                return self._get(path, write=write, lock=lock, map_size=map_size)
+        return self._get(path, write=write, lock=lock, map_size=map_size)
+
+    def _get(self, path: str, *, write: bool, lock: bool, map_size: int) -> _Handle:
         with self._lock:
             h = self._handles.get(path)
             if h is not None and h.pid != os.getpid():
@@ -193,12 +225,20 @@ class _Registry:
         return _Handle(env, dbs, write)
 
     def reopen_resized(self, path: str) -> None:
-        h = self._handles.get(path)
-        if h is not None and h.pid == os.getpid():
-            h.env.set_mapsize(0)
+        """Adopt the map size another process grew the file to."""
+        self.set_mapsize(path, 0)
+
+    def set_mapsize(self, path: str, size: int) -> None:
+        """``env.set_mapsize`` of this process's handle, once no other thread is reading through it."""
+        with self.exclusive(path, "resize the LMDB map"):
+            h = self._handles.get(path)
+            if h is not None and h.pid == os.getpid():
+                h.env.set_mapsize(size)
 
     def close(self, path: str) -> None:
-        with self._lock:
+        if path not in self._handles:
+            return
+        with self.exclusive(path, "close the bank"), self._lock:
             h = self._handles.pop(path, None)
             if h is not None and h.pid == os.getpid():
                 h.env.close()
@@ -283,7 +323,7 @@ class InstanceBank:
                 except lmdb.MapResizedError:
                     if attempt:
                         raise
-                    _REGISTRY.reopen_resized(self.path)
+            _REGISTRY.reopen_resized(self.path)  # outside the read: it waits for this process's other reads
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -644,8 +684,11 @@ class BankWriter:
             except lmdb.MapFullError:
                 new = h.env.info()["map_size"] * 2
                 log.info("bank %s: map full, growing to %d MiB", self.path, new >> 20)
-                h.env.set_mapsize(new)
+                _REGISTRY.set_mapsize(self.path, new)
                 self._map_size = new
+            except lmdb.MapResizedError:  # another writer process grew the file past this process's map
+                _REGISTRY.reopen_resized(self.path)
+                self._map_size = h.env.info()["map_size"]
         self.added += added
         self.duplicates += duplicates
         self._pending.clear()
