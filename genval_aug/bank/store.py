@@ -210,12 +210,19 @@ class _Registry:
             if write:
                 # create every sub-database and the schema record in ONE transaction, so a reader
                 # never sees a half-initialized bank
-                with env.begin(write=True) as txn:
-                    dbs = {n: env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
-                    if txn.get(b"schema", db=dbs["meta"]) is None:
-                        txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=dbs["meta"])
-                        txn.put(b"stats", dumps(_empty_stats()), db=dbs["meta"])
-                        txn.put(b"uuid", uuid.uuid4().hex.encode(), db=dbs["meta"])
+                for attempt in range(2):
+                    try:
+                        with env.begin(write=True) as txn:
+                            dbs = {n: env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
+                            if txn.get(b"schema", db=dbs["meta"]) is None:
+                                txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=dbs["meta"])
+                                txn.put(b"stats", dumps(_empty_stats()), db=dbs["meta"])
+                                txn.put(b"uuid", uuid.uuid4().hex.encode(), db=dbs["meta"])
+                        break
+                    except lmdb.MapResizedError:  # another writer grew the file since lmdb.open
+                        if attempt:
+                            raise
+                        env.set_mapsize(0)  # this env is not registered yet: no other transaction uses it
             else:
                 dbs = {n: env.open_db(n.encode(), create=False) for n in DB_NAMES}
         except lmdb.NotFoundError as e:
@@ -534,12 +541,11 @@ class BankWriter:
         self._pending_ids: set[str] = set()
         self.added = 0
         self.duplicates = 0
-        h = self._handle()
-        with h.env.begin() as txn:
-            version = parse_schema(txn.get(b"schema", db=h.dbs["meta"]), self.path)
-            if version > SCHEMA_VERSION:
-                raise BankError(f"{self.path} has bank schema {version}, newer than this "
-                                f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
+        self._handle()
+        version = InstanceBank(self.path).schema_version()  # a read that adopts a map another writer grew
+        if version > SCHEMA_VERSION:
+            raise BankError(f"{self.path} has bank schema {version}, newer than this "
+                            f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
 
     def _handle(self) -> _Handle:
         return _REGISTRY.get(self.path, write=True, map_size=self._map_size)
