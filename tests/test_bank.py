@@ -845,3 +845,22 @@ def test_opening_and_closing_a_writer_does_not_break_reads_in_other_threads(bank
         for t in threads:
             t.join()
     assert errors == [] and InstanceBank(bank_path).count() == 34
+
+
+def test_import_skips_name_the_file_for_every_kind_of_bad_instance(tmp_path):
+    """An RGBA file with an empty alpha channel (or a manifest entry with an unusable category) was skipped
+    with "instance of 'cls': alpha channel is empty": the report did not say which file."""
+    import json
+
+    import cv2
+
+    from genval_aug.bank import import_folder
+    (tmp_path / "in" / "cls").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "in" / "cls" / "clear.png"), np.zeros((5, 5, 4), np.uint8))
+    cv2.imwrite(str(tmp_path / "in" / "cls" / "ok.png"), cv2.cvtColor(make_rgba(0), cv2.COLOR_RGBA2BGRA))
+    res = import_folder(tmp_path / "b.lmdb", tmp_path / "in")
+    assert res["added"] == 1 and res["skipped"] == 1 and "clear.png" in res["errors"][0], res
+    (tmp_path / "in" / "manifest.json").write_text(json.dumps({"instances": [
+        {"file": "cls/ok.png", "category": ""}, {"file": "cls/ok.png", "category": "a", "category_id": "x"}]}))
+    res = import_folder(tmp_path / "b2.lmdb", tmp_path / "in")
+    assert res["added"] == 0 and res["skipped"] == 2 and all("ok.png" in e for e in res["errors"]), res

@@ -318,8 +318,9 @@ def import_folder(out: str | os.PathLike, folder: str | os.PathLike, *, source_k
                 w.add(rgba, category=cat, category_id=cid,
                       source=source or {"kind": source_kind, "file": str(path)}, verdict=verdict)
             except BadInstanceError as e:
-                skipped.append(str(e))
-                log.warning("import: skipping %s", e)
+                msg = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+                skipped.append(msg)
+                log.warning("import: skipping %s", msg)
         w.flush()
         added = w.added - before
     return {"added": added, "skipped": len(skipped), "errors": skipped}
