@@ -864,3 +864,45 @@ def test_import_skips_name_the_file_for_every_kind_of_bad_instance(tmp_path):
         {"file": "cls/ok.png", "category": ""}, {"file": "cls/ok.png", "category": "a", "category_id": "x"}]}))
     res = import_folder(tmp_path / "b2.lmdb", tmp_path / "in")
     assert res["added"] == 0 and res["skipped"] == 2 and all("ok.png" in e for e in res["errors"]), res
+
+
+def test_forked_children_read_a_bank_whose_writer_the_parent_holds(bank_path):
+    """Only read-only handles were closed before a fork: a process holding an open BankWriter forked children
+    that could not read the bank at all (py-lmdb: 'The environment ... is already open in this process'),
+    e.g. DataLoader workers started while a top-up writer runs in the training process. Forks from a thread
+    while another thread commits must not break the commit either."""
+    import threading
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    errors: list[BaseException] = []
+    with BankWriter(bank_path, batch_size=1) as w:
+        for i in range(4):
+            w.add(make_rgba(i), category="cat")
+        stop = threading.Event()
+
+        def write():
+            i = 100
+            try:
+                while not stop.is_set():
+                    w.add(make_rgba(i), category="dog")
+                    i += 1
+            except BaseException as e:  # noqa: BLE001 - the test reports whatever the writer hit
+                errors.append(e)
+
+        t = threading.Thread(target=write)
+        t.start()
+        try:
+            for _ in range(5):
+                p = ctx.Process(target=_read_in_child, args=(bank_path, q))
+                p.start()
+                p.join(20)
+                assert p.exitcode == 0
+                assert q.get(timeout=5) >= 4
+        finally:
+            stop.set()
+            t.join(20)
+        w.add(make_rgba(99), category="cat")
+    assert not errors, repr(errors[0])
+    bank = InstanceBank(bank_path)
+    assert bank.count("cat") == 5 and bank.count("dog") > 0 and verify(bank).ok

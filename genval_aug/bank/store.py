@@ -17,8 +17,8 @@ sub-database       content
 
 py-lmdb refuses to open one environment twice in a process and an environment inherited over
 ``fork`` is unusable, so every process keeps at most one handle per bank (``_Registry``) and read-only
-handles are closed just before the process forks (``os.register_at_fork``; the fork first waits for reads
-in other threads to finish); they reopen lazily. Resizing the map (a writer's growth, or adopting another
+and writable handles are closed just before the process forks (``os.register_at_fork``; the fork first waits
+for reads and commits in other threads to finish); they reopen lazily. Resizing the map (a writer's growth, or adopting another
 process's), replacing a read-only handle by a writable one and closing the handle likewise wait for the
 process's other reads: LMDB allows a resize only without open transactions, and a closed env fails them.
 """
@@ -128,22 +128,43 @@ class _Registry:
         self._resizing = False
         self._local = threading.local()  # .reads: read transactions open in this thread
 
-    @contextmanager
-    def reading(self, path: str, lock: bool) -> Iterator[_Handle]:
-        """A read-only handle that no fork closes while the caller reads through it."""
+    def _enter(self) -> None:
         with self._idle:
             while self._forking or self._resizing:
                 self._idle.wait()
             self._readers += 1
         self._local.reads = getattr(self._local, "reads", 0) + 1
+
+    def _leave(self) -> None:
+        self._local.reads -= 1
+        with self._idle:
+            self._readers -= 1
+            if not self._readers:
+                self._idle.notify_all()
+
+    @contextmanager
+    def reading(self, path: str, lock: bool) -> Iterator[_Handle]:
+        """A handle that no fork, resize or close changes while the caller reads through it."""
+        self._enter()
         try:
             yield self.get(path, write=False, lock=lock)
         finally:
-            self._local.reads -= 1
-            with self._idle:
-                self._readers -= 1
-                if not self._readers:
-                    self._idle.notify_all()
+            self._leave()
+
+    @contextmanager
+    def writing(self, path: str, map_size: int) -> Iterator[_Handle]:
+        """The writable handle, which no fork, resize or close changes while the caller commits through it."""
+        while True:
+            self.get(path, write=True, map_size=map_size)  # opening may need exclusive(): not registered yet
+            self._enter()
+            h = self._handles.get(path)
+            if h is not None and h.writable and h.pid == os.getpid():
+                break
+            self._leave()  # a fork closed it in between: open it again
+        try:
+            yield h
+        finally:
+            self._leave()
 
     @contextmanager
     def exclusive(self, path: str, what: str) -> Iterator[None]:
@@ -251,21 +272,23 @@ class _Registry:
                 h.env.close()
 
     def before_fork(self) -> None:
-        """Wait for reads in other threads to finish (new ones wait), then close read-only handles: an env
-        inherited over fork is unusable and would make the child's open of the same path fail. The handle lock
-        is held across the fork so the child never inherits it mid-update."""
+        """Wait for reads and commits in other threads to finish (new ones wait), then close this process's
+        handles, the writer's too: an env inherited over fork is unusable and would make the child's open of
+        the same path fail. They reopen lazily (a writer's queued instances live in Python, not in the env).
+        The handle lock is held across the fork so the child never inherits it mid-update."""
         with self._idle:
             self._forking = True
             deadline = time.monotonic() + FORK_READ_WAIT
             while self._readers:
                 left = deadline - time.monotonic()
                 if left <= 0:  # e.g. the forking thread itself is reading: old behaviour, close anyway
-                    log.warning("forking while %d bank read(s) are still running; they may fail", self._readers)
+                    log.warning("forking while %d bank read(s)/commit(s) are still running; they may fail",
+                                self._readers)
                     break
                 self._idle.wait(left)
         self._lock.acquire()
         for path, h in list(self._handles.items()):
-            if not h.writable and h.pid == os.getpid():
+            if h.pid == os.getpid():
                 try:
                     h.env.close()
                 finally:
@@ -682,19 +705,25 @@ class BankWriter:
             else:
                 ops.append(op)
         while True:
-            h = self._handle()
-            try:
-                with h.env.begin(write=True) as txn:
-                    added, duplicates = self._apply(txn, h.dbs, ops)
+            grow = None
+            with _REGISTRY.writing(self.path, self._map_size) as h:
+                try:
+                    with h.env.begin(write=True) as txn:
+                        added, duplicates = self._apply(txn, h.dbs, ops)
+                except lmdb.MapFullError:
+                    grow = h.env.info()["map_size"] * 2
+                except lmdb.MapResizedError:  # another writer process grew the file past this process's map
+                    grow = 0
+            if grow is None:
                 break
-            except lmdb.MapFullError:
-                new = h.env.info()["map_size"] * 2
-                log.info("bank %s: map full, growing to %d MiB", self.path, new >> 20)
-                _REGISTRY.set_mapsize(self.path, new)
-                self._map_size = new
-            except lmdb.MapResizedError:  # another writer process grew the file past this process's map
+            # outside the commit: a resize waits until no transaction of this process is open
+            if grow:
+                log.info("bank %s: map full, growing to %d MiB", self.path, grow >> 20)
+                _REGISTRY.set_mapsize(self.path, grow)
+                self._map_size = grow
+            else:
                 _REGISTRY.reopen_resized(self.path)
-                self._map_size = h.env.info()["map_size"]
+                self._map_size = max(self._map_size, self._handle().env.info()["map_size"])
         self.added += added
         self.duplicates += duplicates
         self._pending.clear()
