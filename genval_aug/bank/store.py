@@ -279,7 +279,7 @@ class _Registry:
         with self._idle:
             self._forking = True
             deadline = time.monotonic() + FORK_READ_WAIT
-            while self._readers:
+            while self._readers or self._resizing:  # a resize/close of another thread finishes first
                 left = deadline - time.monotonic()
                 if left <= 0:  # e.g. the forking thread itself is reading: old behaviour, close anyway
                     log.warning("forking while %d bank read(s)/commit(s) are still running; they may fail",
