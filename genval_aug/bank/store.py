@@ -91,6 +91,10 @@ def check_category_id(category_id: Any, what: str = "instance") -> int | None:
     return cid
 
 
+class NewerSchemaError(BankError):
+    """The bank was written with a newer schema than this genval_aug reads."""
+
+
 def parse_schema(raw: bytes | None, path: str) -> int:
     """The version in a bank's ``schema`` record (0 when missing); ``BadRecordError`` when unreadable."""
     if raw is None:
@@ -246,6 +250,16 @@ class _Registry:
                         env.set_mapsize(0)  # this env is not registered yet: no other transaction uses it
             else:
                 dbs = {n: env.open_db(n.encode(), create=False) for n in DB_NAMES}
+                with env.begin() as txn:
+                    raw = txn.get(b"schema", db=dbs["meta"])
+                try:
+                    version = parse_schema(raw, path)
+                except BadRecordError:
+                    version = 0  # verify reports it; readers go on as for a bank without a schema record
+                if version > SCHEMA_VERSION:
+                    env.close()
+                    raise NewerSchemaError(f"{path} has bank schema {version}, newer than this genval_aug "
+                                           f"supports ({SCHEMA_VERSION}); upgrade genval_aug to read it")
         except lmdb.NotFoundError as e:
             env.close()
             raise BankError(f"{path} is not a genval_aug instance bank, or its writer is still creating it "
@@ -567,8 +581,8 @@ class BankWriter:
         self._handle()
         version = InstanceBank(self.path).schema_version()  # a read that adopts a map another writer grew
         if version > SCHEMA_VERSION:
-            raise BankError(f"{self.path} has bank schema {version}, newer than this "
-                            f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
+            raise NewerSchemaError(f"{self.path} has bank schema {version}, newer than this "
+                                   f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
 
     def _handle(self) -> _Handle:
         return _REGISTRY.get(self.path, write=True, map_size=self._map_size)
