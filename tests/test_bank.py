@@ -916,3 +916,23 @@ def test_readers_refuse_a_bank_with_a_newer_schema(bank_path):
         InstanceBank(bank_path).get(rid)
     report = verify(bank_path)
     assert not report.ok and any("schema 99" in e for e in report.errors)
+
+
+def test_export_import_round_trip_keeps_size_priors(tmp_path):
+    """Size priors (paste-time scales) were not exported: a bank rebuilt from its export pasted at other
+    scales. They travel in manifest.json now; an import never overwrites a prior the bank already has."""
+    from genval_aug.bank import export_folder, import_folder
+    prior = {"n": 5, "rel_sqrt_area_mean": 0.2, "rel_sqrt_area_std": 0.05, "aspect_mean": 1.3, "aspect_std": 0.2}
+    with BankWriter(tmp_path / "b.lmdb") as w:
+        w.add(make_rgba(0), category="a")
+        w.add(make_rgba(1), category="b")
+        w.set_size_prior("a", prior)
+    export_folder(tmp_path / "b.lmdb", tmp_path / "exp")
+    import_folder(tmp_path / "back.lmdb", tmp_path / "exp")
+    back = InstanceBank(tmp_path / "back.lmdb")
+    assert back.size_prior("a") == prior and back.size_prior("b") is None
+    mine = {**prior, "n": 9}
+    with BankWriter(tmp_path / "other.lmdb") as w:
+        w.set_size_prior("a", mine)
+    import_folder(tmp_path / "other.lmdb", tmp_path / "exp")
+    assert InstanceBank(tmp_path / "other.lmdb").size_prior("a") == mine

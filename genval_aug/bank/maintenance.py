@@ -247,7 +247,9 @@ def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.Path
         if not cv2.imwrite(str(out / rel), cv2.cvtColor(inst.rgba, cv2.COLOR_RGBA2BGRA)):
             raise BankError(f"could not write {out / rel}")
         manifest.append({**inst.meta, "file": rel.as_posix()})
-    (out / "manifest.json").write_text(json.dumps({"bank": bank.path, "instances": manifest}, indent=1))
+    priors = {name: p for name in bank.category_ids() if (p := bank.size_prior(name))}
+    (out / "manifest.json").write_text(json.dumps({"bank": bank.path, "instances": manifest, "size_priors": priors},
+                                                  indent=1))
     return out
 
 
@@ -285,10 +287,15 @@ def import_folder(out: str | os.PathLike, folder: str | os.PathLike, *, source_k
     if not folder.is_dir():
         raise BankError(f"import folder {folder} does not exist")
     items: list[tuple[Path, str, dict[str, Any] | None, dict[str, Any] | None, int | None]] = []
+    priors: dict[str, Any] = {}
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            entries = json.loads(manifest.read_text())["instances"]
+            doc = json.loads(manifest.read_text())
+            entries = doc["instances"]
+            priors = doc.get("size_priors") or {}
+            if not isinstance(priors, dict):
+                raise TypeError("'size_priors' is not an object")
             if not isinstance(entries, list):
                 raise TypeError("'instances' is not a list")
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -322,6 +329,14 @@ def import_folder(out: str | os.PathLike, folder: str | os.PathLike, *, source_k
                 msg = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
                 skipped.append(msg)
                 log.warning("import: skipping %s", msg)
+        w.flush()
+        target = InstanceBank(out)
+        for name, prior in priors.items():  # the exported bank's paste-time scales; never overwrite the bank's own
+            try:
+                if isinstance(prior, dict) and target.size_prior(name) is None:
+                    w.set_size_prior(name, prior)
+            except (BadInstanceError, TypeError, AttributeError) as e:
+                log.warning("import: ignoring the size prior of %r from %s (%s)", name, manifest, e)
         w.flush()
         added = w.added - before
     return {"added": added, "skipped": len(skipped), "errors": skipped}
