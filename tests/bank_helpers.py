@@ -26,3 +26,16 @@ def writer_process(path: str, categories: list[str], n: int, start: int, batch_s
             w.add(make_rgba(i), category=categories[i % len(categories)], source={"kind": "test", "seed": i})
             if delay:
                 time.sleep(delay)
+
+
+def noise_writer_process(path: str, n: int, side: int, seed: int) -> None:
+    """Add ``n`` incompressible ``side``x``side`` instances (grows the map); used as a subprocess target."""
+    import numpy as np
+
+    from genval_aug.bank import BankWriter
+
+    with BankWriter(path, batch_size=2, map_size=1 << 20) as w:
+        for i in range(seed, seed + n):
+            a = np.random.default_rng(i).integers(0, 256, (side, side, 4), dtype=np.uint8)
+            a[..., 3] = 255
+            w.add(a, category="noise")

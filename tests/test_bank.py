@@ -22,7 +22,7 @@ from genval_aug.bank import (
     verify,
 )
 from genval_aug.bank.record import content_id, normalize_rgba
-from genval_aug.errors import BadInstanceError, BankError, ConfigError
+from genval_aug.errors import BadInstanceError, BadRecordError, BankError, ConfigError
 
 
 @pytest.fixture
@@ -365,7 +365,7 @@ def test_merge_dedupes_and_pools_priors(tmp_path):
         w.set_size_prior("x", {"rel_sqrt_area_mean": 0.3, "rel_sqrt_area_std": 0.0, "n": 1})
         w.record_rejections({"too_small": 1, "coverage": 4})
     res = merge(out, [a, b])
-    assert res == {"added": 15, "duplicates": 5}
+    assert res == {"added": 15, "duplicates": 5, "skipped": 0}
     bank = InstanceBank(out)
     assert set(bank.ids()) == set(InstanceBank(a).ids()) | set(InstanceBank(b).ids())
     prior = bank.size_prior("x")
@@ -452,8 +452,8 @@ def test_filtered_sampler_rescans_only_changed_categories(bank_path):
             w.add(make_rgba(i), category="a" if i < 3 else "b", verdict={"keep": True, "score": 0.9})
     bank = InstanceBank(bank_path, refresh_interval=0)  # every access re-reads the stats
     scanned: list[str] = []
-    orig = bank.iter_meta
-    bank.iter_meta = lambda category=None: (scanned.append(category), orig(category))[1]
+    orig = bank.ids  # a scan lists the category's ids, then reads each record's metadata
+    bank.ids = lambda category=None: (scanned.append(category), orig(category))[1]
     s = BankSampler(bank, min_score=0.5)
     rng = np.random.default_rng(0)
     assert len(s.sample(rng, 20)) == 20
@@ -588,3 +588,351 @@ def test_fork_while_another_parent_thread_reads(bank_path):
         t.join(20)
     assert not errors, f"parent reader failed after {reads} reads: {errors[0]!r}"
     assert reads > 0
+
+
+@pytest.mark.parametrize("bad", [
+    {"category_id": "x"},                                         # int() fails inside the transaction
+    {"category_id": 2.5},
+    {"source": {"kind": "harvest", "file": __import__("pathlib").Path("/x")}},  # not JSON
+    {"source": "harvest"},                                        # not a mapping
+    {"verdict": {"keep": True, "score": "high"}},                 # float(score) fails
+    {"category": "x" * 600},                                      # LMDB keys are at most 511 bytes
+    {"category": 7},
+])
+def test_a_bad_add_is_refused_at_once_and_does_not_poison_the_batch(bank_path, bad):
+    """One invalid add used to be queued, then fail inside every later commit: the good instances queued
+    beside it were never committed and the writer could not commit anything again (close raised too)."""
+    kw = {"category": "a", **bad}
+    with BankWriter(bank_path, batch_size=100) as w:
+        good = w.add(make_rgba(0), category="a")
+        with pytest.raises(ValueError, match="category|source|verdict|score|metadata"):
+            w.add(make_rgba(1), **kw)
+        with pytest.raises(TypeError, match="JSON"):
+            w.set_status("s", {"p": __import__("pathlib").Path("/x")})
+        w.set_size_prior("a", {"n": 3, "aspect_mean": 1.0})
+        w.flush()
+        later = w.add(make_rgba(2), category="b")
+    bank = InstanceBank(bank_path)
+    assert set(bank.ids()) == {good, later} and bank.size_prior("a")["n"] == 3
+    assert verify(bank).ok
+
+
+@pytest.mark.parametrize("corrupt", [b"{not json", b'{"id": "x", "score": "high", "width": null}', b"[1, 2]"])
+def test_filtered_sampler_skips_and_counts_corrupt_metadata(bank_path, caplog, corrupt):
+    """The filtered sampler scanned metadata with ``iter_meta`` and compared fields without checks: one record
+    with bad JSON or a non-numeric score/width raised out of ``sample`` instead of being skipped and counted."""
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="a", verdict={"keep": True, "score": 0.9}) for i in range(4)]
+    env = lmdb.open(bank_path, max_dbs=8)
+    records = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        txn.put(ids[0].encode(), corrupt, db=records)
+    env.close()
+    sampler = BankSampler(bank_path, min_score=0.5, min_side=2)
+    with caplog.at_level("WARNING"):
+        out = sampler.sample(np.random.default_rng(0), 20)
+        sampler.refresh()
+        out += sampler.sample(np.random.default_rng(1), 20)
+    assert len(out) == 40 and {i.id for i in out} <= set(ids[1:])
+    assert sampler.skipped == 2  # once per scan of the category
+    assert sum("corrupt bank record" in r.message for r in caplog.records) == 1
+
+
+def _edit(path, db, key, value):
+    env = lmdb.open(path, max_dbs=8)
+    handle = env.open_db(db.encode())
+    with env.begin(write=True) as txn:
+        txn.put(key.encode() if isinstance(key, str) else key, value, db=handle)
+    env.close()
+
+
+@pytest.mark.parametrize("what, edit, needle", [
+    ("category not a string", lambda m: m.update(category=5), "category"),
+    ("category null", lambda m: m.update(category=None), "category"),
+    ("height missing", lambda m: m.pop("height"), "height"),
+    ("width not a number", lambda m: m.update(width="wide"), "width"),
+    ("category_id differs from the bank's", lambda m: m.update(category_id=77), "category_id"),
+])
+def test_verify_reports_bad_metadata_fields_instead_of_crashing(bank_path, what, edit, needle):
+    """verify raised AttributeError/KeyError on a record whose category is not a string or whose height is
+    missing (the whole check died instead of listing the bad record), and did not notice a record whose
+    category_id is not its category's id."""
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="ab"[i % 2]) for i in range(4)]
+    bank = InstanceBank(bank_path)
+    meta = bank.get_meta(ids[0])
+    bank.close()  # _edit opens the environment itself
+    edit(meta)
+    _edit(bank_path, "records", ids[0], __import__("json").dumps(meta).encode())
+    report = verify(bank_path)
+    assert not report.ok and any(ids[0] in e and needle in e for e in report.errors), (what, report.errors)
+
+
+def test_verify_reports_non_rgba8_images_and_shared_category_ids(bank_path):
+    import json
+
+    import cv2
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="ab"[i % 2]) for i in range(4)]
+    deep = np.zeros((24, 32, 4), np.uint16)
+    deep[..., 3] = 65535
+    _edit(bank_path, "images", ids[0], cv2.imencode(".png", deep)[1].tobytes())  # a 16-bit RGBA PNG
+    bank = InstanceBank(bank_path)
+    with pytest.raises(BadRecordError, match=f"{ids[0]}.*uint16"):
+        bank.get(ids[0])  # was returned as a uint16 "RGBA" instance
+    stats = bank.stats(refresh=True)
+    bank.close()
+    stats["categories"]["b"]["id"] = stats["categories"]["a"]["id"]
+    _edit(bank_path, "meta", "stats", json.dumps(stats).encode())
+    errors = verify(bank_path).errors
+    assert any(ids[0] in e and "uint16" in e for e in errors), errors
+    assert any("'a'" in e and "'b'" in e and "id" in e for e in errors), errors
+
+
+def test_verify_catches_a_bit_flip_that_still_decodes(bank_path):
+    """LZ4 (the default codec) has no checksum: a flipped bit in a literal decodes to different pixels
+    without error, and verify said OK. The record id is the content hash of category + pixels, so verify
+    now recomputes it."""
+    with BankWriter(bank_path) as w:
+        ids = [w.add(make_rgba(i), category="a") for i in range(3)]
+    bank = InstanceBank(bank_path)
+    before = bank.get(ids[0]).rgba.copy()
+    bank.close()
+    env = lmdb.open(bank_path, max_dbs=8)
+    images = env.open_db(b"images")
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(ids[0].encode(), db=images))
+        raw[40] ^= 0x01
+        txn.put(ids[0].encode(), bytes(raw), db=images)
+    env.close()
+    assert not np.array_equal(InstanceBank(bank_path).get(ids[0]).rgba, before)  # decodes, other pixels
+    report = verify(bank_path)
+    assert not report.ok and any(ids[0] in e and "content id" in e for e in report.errors), report.errors
+    assert verify(bank_path, decode=False).ok  # the cheap check does not decode
+
+
+def test_merge_skips_and_reports_corrupt_input_records(tmp_path, caplog):
+    """One record with unreadable metadata in an input stopped merge midway: the batches before it were
+    already committed to the output, the rest and the input's bookkeeping (priors, status) were not."""
+    src, out = str(tmp_path / "src.lmdb"), str(tmp_path / "out.lmdb")
+    with BankWriter(src) as w:
+        ids = [w.add(make_rgba(i), category="a") for i in range(40)]
+        w.set_size_prior("a", {"n": 40, "aspect_mean": 1.0, "aspect_std": 0.0})
+    env = lmdb.open(src, max_dbs=8)
+    records = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        txn.put(ids[30].encode(), b"{broken", db=records)
+    env.close()
+    with caplog.at_level("WARNING"):
+        res = merge(out, [src], batch_size=8)
+    assert res["added"] == 39 and res["skipped"] == 1
+    assert any(ids[30] in r.message for r in caplog.records)
+    bank = InstanceBank(out)
+    assert bank.count() == 39 and ids[30] not in bank and bank.size_prior("a")["n"] == 40
+    assert len(bank.statuses("merge/")) == 1 and verify(bank).ok
+
+
+def test_export_import_round_trip_with_long_and_odd_category_names(tmp_path):
+    """A category name the bank accepts (up to 505 UTF-8 bytes) became one folder name of the export; over
+    255 bytes the export failed (ENAMETOOLONG). Folder names are now capped; the manifest keeps the name."""
+    from genval_aug.bank import export_folder, import_folder
+    names = ["é" * 200, "x" * 505, "a/b", "a_b", "ünï ✓", "\x00nul"]
+    with BankWriter(tmp_path / "b.lmdb") as w:
+        ids = {w.add(make_rgba(i), category=c, category_id=10 + i): c for i, c in enumerate(names)}
+    export_folder(tmp_path / "b.lmdb", tmp_path / "exp")
+    import_folder(tmp_path / "back.lmdb", tmp_path / "exp")
+    a, b = InstanceBank(tmp_path / "b.lmdb"), InstanceBank(tmp_path / "back.lmdb")
+    assert set(b.ids()) == set(ids) and b.category_ids() == a.category_ids()
+    for rid in ids:
+        assert np.array_equal(a.get(rid).rgba, b.get(rid).rgba) and b.get_meta(rid)["category"] == ids[rid]
+
+
+@pytest.mark.parametrize("mode, kw, needle", [
+    ("weights", {}, "weights"),
+    ("weights", {"weights": {"cat": "heavy"}}, "weights"),
+    ("rare_boost", {}, "dataset_frequencies"),
+])
+def test_sampler_config_errors_surface_at_construction(bank_path, mode, kw, needle):
+    """A 'weights'/'rare_boost' sampler without (or with unusable) weights/frequencies was accepted and only
+    failed at its first draw, i.e. inside a DataLoader worker; a non-numeric weight gave a bare ValueError."""
+    fill(bank_path, 3)
+    with pytest.raises(ConfigError, match=needle):
+        BankSampler(bank_path, mode, **kw)
+
+
+def test_writer_adopts_a_map_grown_by_another_writer_process(bank_path):
+    """A second writer process grew the file past this writer's map: the next commit's begin() raised
+    MapResizedError (flush only handled MapFullError), so the queued batch was lost and close() raised."""
+    from bank_helpers import noise_writer_process
+
+    with BankWriter(bank_path, map_size=1 << 20, batch_size=100) as w:
+        first = w.add(make_rgba(0), category="a")
+        w.flush()
+        p = mp.get_context("spawn").Process(target=noise_writer_process, args=(bank_path, 4, 600, 10))
+        p.start()
+        p.join(120)
+        assert p.exitcode == 0
+        BankWriter(bank_path)  # its schema check reads through the same (now too small) map
+        second = w.add(make_rgba(1), category="a")
+    bank = InstanceBank(bank_path)
+    assert first in bank and second in bank and bank.count() == 6 and verify(bank).ok
+
+
+def test_map_growth_waits_for_reads_in_other_threads_of_the_writer_process(bank_path):
+    """Growing the map (set_mapsize) while another thread of the same process had a read transaction open
+    broke that thread's reads (InvalidParameterError from begin()); LMDB allows a resize only while the
+    process has no transaction open."""
+    import threading
+
+    with BankWriter(bank_path, map_size=1 << 16, batch_size=1) as w:
+        w.add(make_rgba(0), category="a")
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def read():
+            bank = InstanceBank(bank_path)
+            while not stop.is_set():
+                try:
+                    for rid in list(bank.ids())[:4]:
+                        bank.get(rid)
+                except Exception as e:  # noqa: BLE001 - any failure is what this test counts
+                    errors.append(repr(e))
+
+        t = threading.Thread(target=read)
+        t.start()
+        try:
+            for i in range(6):
+                a = np.random.default_rng(i).integers(0, 256, (300, 300, 4), dtype=np.uint8)
+                a[..., 3] = 255
+                w.add(a, category="noise")
+        finally:
+            stop.set()
+            t.join()
+    assert w._map_size > 1 << 16 and errors == []
+    assert InstanceBank(bank_path).count() == 7 and verify(bank_path).ok
+
+
+def test_opening_and_closing_a_writer_does_not_break_reads_in_other_threads(bank_path):
+    """The process keeps one LMDB handle per bank: opening a BankWriter replaces a read-only handle (closing
+    it) and BankWriter.close() closes the shared one, both while other threads of the process might be
+    reading through it."""
+    import threading
+
+    fill(bank_path, 4)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def read():
+        bank = InstanceBank(bank_path)
+        while not stop.is_set():
+            try:
+                for rid in list(bank.ids())[:4]:
+                    bank.get(rid)
+            except Exception as e:  # noqa: BLE001 - any failure is what this test counts
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(30):
+            with BankWriter(bank_path) as w:
+                w.add(make_rgba(100 + i), category="cat")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == [] and InstanceBank(bank_path).count() == 34
+
+
+def test_import_skips_name_the_file_for_every_kind_of_bad_instance(tmp_path):
+    """An RGBA file with an empty alpha channel (or a manifest entry with an unusable category) was skipped
+    with "instance of 'cls': alpha channel is empty": the report did not say which file."""
+    import json
+
+    import cv2
+
+    from genval_aug.bank import import_folder
+    (tmp_path / "in" / "cls").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "in" / "cls" / "clear.png"), np.zeros((5, 5, 4), np.uint8))
+    cv2.imwrite(str(tmp_path / "in" / "cls" / "ok.png"), cv2.cvtColor(make_rgba(0), cv2.COLOR_RGBA2BGRA))
+    res = import_folder(tmp_path / "b.lmdb", tmp_path / "in")
+    assert res["added"] == 1 and res["skipped"] == 1 and "clear.png" in res["errors"][0], res
+    (tmp_path / "in" / "manifest.json").write_text(json.dumps({"instances": [
+        {"file": "cls/ok.png", "category": ""}, {"file": "cls/ok.png", "category": "a", "category_id": "x"}]}))
+    res = import_folder(tmp_path / "b2.lmdb", tmp_path / "in")
+    assert res["added"] == 0 and res["skipped"] == 2 and all("ok.png" in e for e in res["errors"]), res
+
+
+def test_forked_children_read_a_bank_whose_writer_the_parent_holds(bank_path):
+    """Only read-only handles were closed before a fork: a process holding an open BankWriter forked children
+    that could not read the bank at all (py-lmdb: 'The environment ... is already open in this process'),
+    e.g. DataLoader workers started while a top-up writer runs in the training process. Forks from a thread
+    while another thread commits must not break the commit either."""
+    import threading
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    errors: list[BaseException] = []
+    with BankWriter(bank_path, batch_size=1) as w:
+        for i in range(4):
+            w.add(make_rgba(i), category="cat")
+        stop = threading.Event()
+
+        def write():
+            i = 100
+            try:
+                while not stop.is_set():
+                    w.add(make_rgba(i), category="dog")
+                    i += 1
+            except BaseException as e:  # noqa: BLE001 - the test reports whatever the writer hit
+                errors.append(e)
+
+        t = threading.Thread(target=write)
+        t.start()
+        try:
+            for _ in range(5):
+                p = ctx.Process(target=_read_in_child, args=(bank_path, q))
+                p.start()
+                p.join(20)
+                assert p.exitcode == 0
+                assert q.get(timeout=5) >= 4
+        finally:
+            stop.set()
+            t.join(20)
+        w.add(make_rgba(99), category="cat")
+    assert not errors, repr(errors[0])
+    bank = InstanceBank(bank_path)
+    assert bank.count("cat") == 5 and bank.count("dog") > 0 and verify(bank).ok
+
+
+def test_readers_refuse_a_bank_with_a_newer_schema(bank_path):
+    """BankWriter refused a bank whose schema is newer than this code, but InstanceBank (and so every sampler
+    and DataLoader worker) read and decoded it as if it had today's format."""
+    with BankWriter(bank_path) as w:
+        rid = w.add(make_rgba(0), category="a")
+    _edit(bank_path, "meta", "schema", b'{"version": 99}')
+    with pytest.raises(BankError, match="schema 99.*newer"):
+        InstanceBank(bank_path).get(rid)
+    report = verify(bank_path)
+    assert not report.ok and any("schema 99" in e for e in report.errors)
+
+
+def test_export_import_round_trip_keeps_size_priors(tmp_path):
+    """Size priors (paste-time scales) were not exported: a bank rebuilt from its export pasted at other
+    scales. They travel in manifest.json now; an import never overwrites a prior the bank already has."""
+    from genval_aug.bank import export_folder, import_folder
+    prior = {"n": 5, "rel_sqrt_area_mean": 0.2, "rel_sqrt_area_std": 0.05, "aspect_mean": 1.3, "aspect_std": 0.2}
+    with BankWriter(tmp_path / "b.lmdb") as w:
+        w.add(make_rgba(0), category="a")
+        w.add(make_rgba(1), category="b")
+        w.set_size_prior("a", prior)
+    export_folder(tmp_path / "b.lmdb", tmp_path / "exp")
+    import_folder(tmp_path / "back.lmdb", tmp_path / "exp")
+    back = InstanceBank(tmp_path / "back.lmdb")
+    assert back.size_prior("a") == prior and back.size_prior("b") is None
+    mine = {**prior, "n": 9}
+    with BankWriter(tmp_path / "other.lmdb") as w:
+        w.set_size_prior("a", mine)
+    import_folder(tmp_path / "other.lmdb", tmp_path / "exp")
+    assert InstanceBank(tmp_path / "other.lmdb").size_prior("a") == mine

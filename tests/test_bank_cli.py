@@ -171,3 +171,70 @@ def test_bank_extension_hook(monkeypatch):
     monkeypatch.setitem(sys.modules, "genval_aug.cli.bank_fake", mod)
     monkeypatch.setattr(bank_cli, "BANK_COMMAND_MODULES", ["bank_fake"])
     assert main(["bank", "fake"]) == 7
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bank", "merge", "--out", "{tmp}/afile", "{tmp}/b.lmdb"], "afile"),           # was FileExistsError
+    (["bank", "merge", "--out", "{tmp}/afile/sub", "{tmp}/b.lmdb"], "afile/sub"),   # NotADirectoryError
+    (["bank", "import", "{tmp}/exp", "--out", "{tmp}/afile"], "afile"),
+    (["bank", "export", "{tmp}/b.lmdb", "{tmp}/afile"], "afile"),
+    (["bank", "show", "{tmp}/b.lmdb", "--out", "{tmp}/afile/sheet.png"], "afile"),
+    (["bank", "import", "{tmp}/listmanifest", "--out", "{tmp}/i.lmdb"], "manifest"),   # TypeError
+    (["bank", "import", "{tmp}/intentry", "--out", "{tmp}/i.lmdb"], "instance 0"),
+])
+def test_bad_output_paths_and_manifests_exit_2_with_one_line(argv, needle, tmp_path):
+    """Output paths that are files (or under one) and malformed manifests ended in a Python traceback with
+    exit code 1 instead of one 'genval-aug: error:' line and exit code 2."""
+    from bank_helpers import make_rgba
+
+    from genval_aug.bank import BankWriter, export_folder
+    (tmp_path / "afile").write_text("x")
+    with BankWriter(tmp_path / "b.lmdb") as w:
+        w.add(make_rgba(0), category="a")
+    export_folder(tmp_path / "b.lmdb", tmp_path / "exp")
+    for name, manifest in (("listmanifest", "[1, 2]"), ("intentry", '{"instances": [3]}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(manifest)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "genval_aug.cli", *argv], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("genval-aug: error:") and needle in lines[0], proc.stderr
+
+
+def test_stats_survives_a_record_with_odd_score_and_verdict(tmp_path, capsys):
+    """A record whose score is not a number made `bank stats` end in a ValueError traceback."""
+    import lmdb
+    from bank_helpers import make_rgba
+
+    from genval_aug.bank import BankWriter
+    with BankWriter(tmp_path / "b.lmdb") as w:
+        ids = [w.add(make_rgba(i), category="a", verdict={"keep": True, "score": 0.5}) for i in range(2)]
+    env = lmdb.open(str(tmp_path / "b.lmdb"), max_dbs=8)
+    records = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        meta = json.loads(txn.get(ids[0].encode(), db=records))
+        txn.put(ids[0].encode(), json.dumps({**meta, "score": "high", "verdict": "keep"}).encode(), db=records)
+    env.close()
+    assert main(["bank", "stats", str(tmp_path / "b.lmdb")]) == 0
+    assert "mean score 0.500" in capsys.readouterr().out
+
+
+def test_export_of_dot_named_categories_stays_inside_the_export_folder(tmp_path):
+    """A category named '..' was exported to <out>/../<id>.png, outside the export folder."""
+    from bank_helpers import make_rgba
+
+    from genval_aug.bank import BankWriter, export_folder, import_folder
+    with BankWriter(tmp_path / "b.lmdb") as w:
+        ids = {w.add(make_rgba(i), category=c): c for i, c in enumerate(["..", ".", "a/../..", "ok"])}
+    out = tmp_path / "nest" / "exp"
+    export_folder(tmp_path / "b.lmdb", out)
+    assert sorted(p.relative_to(out).parts[-1] for p in (tmp_path / "nest").rglob("*.png")) == sorted(
+        f"{rid}.png" for rid in ids)
+    assert all(out in p.parents for p in (tmp_path / "nest").rglob("*.png"))
+    import_folder(tmp_path / "back.lmdb", out)
+    back = InstanceBank(tmp_path / "back.lmdb")
+    assert {rid: back.get_meta(rid)["category"] for rid in back.ids()} == ids

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from genval_aug.bank.priors import pool_priors
-from genval_aug.bank.record import loads
-from genval_aug.bank.store import BankWriter, InstanceBank
+from genval_aug.bank.record import content_id, loads
+from genval_aug.bank.store import BankWriter, InstanceBank, NewerSchemaError
 from genval_aug.errors import BadInstanceError, BadRecordError, BankError
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,42 @@ class VerifyReport:
 
 
 def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> VerifyReport:
-    """Check every record decodes, the category index is consistent and the counts match."""
+    """Check every record decodes (to the pixels its content id was hashed from), the category index is
+    consistent and the counts match. ``decode=False`` checks only metadata, index and counts.
+
+    Every problem is reported (naming the record, field or category); a corrupt record or stats entry
+    does not stop the check.
+    """
     bank = bank if isinstance(bank, InstanceBank) else InstanceBank(bank)
     report = VerifyReport(bank.path)
-    if bank.schema_version() == 0:
-        report.errors.append("missing schema record")
-    stats = bank.stats(refresh=True)
+    try:
+        version = bank.schema_version()
+        if version == 0:
+            report.errors.append("missing schema record")
+    except BadRecordError as e:
+        report.errors.append(str(e))
+    except NewerSchemaError as e:
+        report.errors.append(str(e))  # its records may have another format: nothing more to check
+        return report
+    try:
+        stats = bank.stats(refresh=True)
+        if not isinstance(stats.get("categories"), dict) or not isinstance(stats.get("total"), int):
+            raise BadRecordError(f"{bank.path} stats: no 'categories' table or integer 'total'")
+    except (BadRecordError, AttributeError) as e:
+        report.errors.append(str(e) if isinstance(e, BadRecordError) else f"{bank.path} stats: not a JSON object")
+        stats = {"total": None, "categories": {}}
+    categories = {}
+    for name, c in stats["categories"].items():
+        if not isinstance(c, dict) or not isinstance(c.get("count"), int) or not isinstance(c.get("id"), int):
+            report.errors.append(f"category {name!r}: stats entry {c!r} lacks an integer 'count' and 'id'")
+            continue
+        categories[name] = c
+    by_id: dict[int, list[str]] = {}
+    for name, c in categories.items():
+        by_id.setdefault(c["id"], []).append(name)
+    for cid, names in sorted(by_id.items()):
+        if len(names) > 1:
+            report.errors.append(f"categories {', '.join(map(repr, sorted(names)))} share category id {cid}")
 
     def scan(txn, dbs):
         records = {k.decode(): v for k, v in txn.cursor(db=dbs["records"])}
@@ -60,15 +90,22 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
     per_cat: Counter[str] = Counter()
     for rid, raw in records.items():
         try:
-            meta = loads(raw, what=f"record {rid}")
-            per_cat[meta["category"]] += 1
-            if meta.get("id") != rid:
-                report.errors.append(f"record {rid}: metadata id is {meta.get('id')!r}")
-            if bank.id_at(meta["category"], int(meta["seq"])) != rid:
-                report.errors.append(f"record {rid}: index entry {meta['category']}/{meta['seq']} does not point to it")
-        except (BadRecordError, KeyError, TypeError, ValueError) as e:
-            report.errors.append(f"record {rid}: {e}")
+            meta = _checked_meta(rid, raw)
+        except BadRecordError as e:
+            report.errors.append(str(e))
             continue
+        category = meta["category"]
+        per_cat[category] += 1
+        if meta.get("id") != rid:
+            report.errors.append(f"record {rid}: metadata id is {meta.get('id')!r}")
+        if bank.id_at(category, meta["seq"]) != rid:
+            report.errors.append(f"record {rid}: index entry {category}/{meta['seq']} does not point to it")
+        c = categories.get(category)
+        if c is not None and meta["category_id"] != c["id"]:
+            report.errors.append(f"record {rid}: category_id {meta['category_id']} but the bank's id of "
+                                 f"{category!r} is {c['id']}")
+        if category not in stats["categories"]:
+            report.errors.append(f"record {rid}: category {category!r} is missing from the bank stats")
         if rid not in images:
             report.errors.append(f"record {rid}: image missing")
         elif decode:
@@ -77,6 +114,9 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
                 if rgba.shape[:2] != (meta["height"], meta["width"]):
                     report.errors.append(f"record {rid}: image is {rgba.shape[:2]}, metadata says "
                                          f"{(meta['height'], meta['width'])}")
+                elif content_id(category, rgba) != rid:  # LZ4/zlib-raw bytes have no checksum of their own
+                    report.errors.append(f"record {rid}: decoded pixels do not match the record's content id "
+                                         f"(the image bytes were altered)")
             except BadRecordError as e:
                 report.errors.append(str(e))
     for rid in images - records.keys():
@@ -85,15 +125,30 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
         if rid not in records:
             report.errors.append(f"index {key!r} points to missing record {rid}")
     per_index = Counter(k[:-5].decode("utf-8", "replace") for k, _ in index)  # key = name \0 seq(4 bytes)
-    for name, c in stats["categories"].items():
+    for name, c in categories.items():
         if c["count"] != per_cat.get(name, 0):
             report.errors.append(f"category {name!r}: stats count {c['count']} != {per_cat.get(name, 0)} records")
         n_index = per_index.get(name, 0)
         if n_index != c["count"]:
             report.errors.append(f"category {name!r}: {n_index} index entries, stats count {c['count']}")
-    if stats["total"] != len(records):
+    if stats["total"] is not None and stats["total"] != len(records):
         report.errors.append(f"stats total {stats['total']} != {len(records)} records")
     return report
+
+
+def _checked_meta(rid: str, raw: bytes) -> dict[str, Any]:
+    """A record's metadata with the fields the bank relies on type-checked; ``BadRecordError`` naming the field."""
+    meta = loads(raw, what=f"record {rid}")
+    if not isinstance(meta, dict):
+        raise BadRecordError(f"record {rid}: metadata is a JSON {type(meta).__name__}, not an object")
+    category = meta.get("category")
+    if not isinstance(category, str) or not category:
+        raise BadRecordError(f"record {rid}: field 'category' is {category!r}, not a category name")
+    for name, lo in (("seq", 0), ("height", 1), ("width", 1), ("category_id", None)):
+        v = meta.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and not lo <= v < 1 << 32):
+            raise BadRecordError(f"record {rid}: field {name!r} is {v!r}, not a valid integer")
+    return meta
 
 
 def bank_identity(bank: InstanceBank) -> str:
@@ -112,13 +167,14 @@ def bank_identity(bank: InstanceBank) -> str:
 def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_size: int = 256) -> dict[str, int]:
     """Combine shard banks into ``out`` (created if missing), deduplicating by record id.
 
-    Records are copied byte for byte; size priors are pooled with the output's own; rejection counts are
+    Records are copied byte for byte (a corrupt input record is skipped, logged and counted in ``skipped``;
+    ``verify`` the inputs to find all of them); size priors are pooled with the output's own; rejection counts are
     added. The output keeps what each input contributed (status ``merge/<identity>``, see
     :func:`bank_identity`), so merging the same input (or a copy, or a grown version of it) again replaces
     its earlier contribution instead of counting it twice.
     """
     out_path = Path(out).resolve()
-    added = dup = 0
+    added = dup = skipped = 0
     with BankWriter(out_path, batch_size=batch_size) as w:
         target = InstanceBank(out_path)
         priors: dict[str, dict[str, float] | None] = {}  # output priors changed by this merge
@@ -144,8 +200,14 @@ def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_
             for k in set(new_reasons) | set(old_reasons):
                 reasons[k] += new_reasons.get(k, 0) - int(old_reasons.get(k, 0))
             for rid in bank.ids():
-                meta, image = bank.get_raw(rid)
-                w.add_encoded(meta, image)
+                try:
+                    meta, image = bank.get_raw(rid)
+                    if not isinstance(meta, dict) or meta.get("id") != rid:
+                        raise BadRecordError(f"record {rid}: metadata is not an object with this id")
+                    w.add_encoded(meta, image)
+                except BadRecordError as e:  # a corrupt input record must not stop the merge halfway
+                    skipped += 1
+                    log.warning("merge into %s: skipping %s (input %s)", out_path, e, bank.path)
             statuses[key] = {"input": bank.path, "identity": ident, "records": int(stats["total"]),
                              "size_priors": contributed, "rejections": new_reasons}
             bank.close()
@@ -163,28 +225,42 @@ def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_
         for key, status in statuses.items():
             w.set_status(key, status, commit=False)
         w.flush()  # priors, rejection counts and the bookkeeping commit in one transaction
-    return {"added": added, "duplicates": dup}
+    return {"added": added, "duplicates": dup, "skipped": skipped}
 
 
 def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write every instance as ``<category>/<id>.png`` plus ``manifest.json`` (metadata list)."""
     bank = bank if isinstance(bank, InstanceBank) else InstanceBank(bank)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BankError(f"cannot create export folder {out}: {e.strerror or e}") from None
     manifest = []
     for rid in bank.ids():
         inst = bank.get(rid)
         rel = Path(_safe_name(inst.category)) / f"{rid}.png"
-        (out / rel.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            (out / rel.parent).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BankError(f"cannot create export folder {out / rel.parent}: {e.strerror or e}") from None
         if not cv2.imwrite(str(out / rel), cv2.cvtColor(inst.rgba, cv2.COLOR_RGBA2BGRA)):
             raise BankError(f"could not write {out / rel}")
         manifest.append({**inst.meta, "file": rel.as_posix()})
-    (out / "manifest.json").write_text(json.dumps({"bank": bank.path, "instances": manifest}, indent=1))
+    priors = {name: p for name in bank.category_ids() if (p := bank.size_prior(name))}
+    (out / "manifest.json").write_text(json.dumps({"bank": bank.path, "instances": manifest, "size_priors": priors},
+                                                  indent=1))
     return out
 
 
 def _safe_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip() or "_"
+    """A folder name for a category: never a path separator, never ``.``/``..`` (export stays in its folder)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip()
+    safe = "_" + safe if not safe.strip(".") else safe
+    if len(safe.encode("utf-8")) > 120:  # file systems allow 255 bytes; a bank category may have 505
+        short = safe.encode("utf-8")[:100].decode("utf-8", "ignore")
+        safe = f"{short}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:12]}"
+    return safe
 
 
 def read_rgba_file(path: str | os.PathLike) -> np.ndarray:
@@ -211,15 +287,24 @@ def import_folder(out: str | os.PathLike, folder: str | os.PathLike, *, source_k
     if not folder.is_dir():
         raise BankError(f"import folder {folder} does not exist")
     items: list[tuple[Path, str, dict[str, Any] | None, dict[str, Any] | None, int | None]] = []
+    priors: dict[str, Any] = {}
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            entries = json.loads(manifest.read_text())["instances"]
-        except (ValueError, KeyError) as e:
+            doc = json.loads(manifest.read_text())
+            entries = doc["instances"]
+            priors = doc.get("size_priors") or {}
+            if not isinstance(priors, dict):
+                raise TypeError("'size_priors' is not an object")
+            if not isinstance(entries, list):
+                raise TypeError("'instances' is not a list")
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise BankError(f"{manifest}: not a genval_aug manifest ({e})") from None
         for i, m in enumerate(entries):
+            if not isinstance(m, dict):
+                raise BankError(f"{manifest}: instance {i} is a JSON {type(m).__name__}, not an object")
             try:
-                items.append((folder / m["file"], m["category"], m.get("source"), m.get("verdict"),
+                items.append((folder / str(m["file"]), m["category"], m.get("source"), m.get("verdict"),
                               m.get("category_id")))
             except KeyError as e:
                 raise BankError(f"{manifest}: instance {i} lacks field {e}") from None
@@ -241,8 +326,17 @@ def import_folder(out: str | os.PathLike, folder: str | os.PathLike, *, source_k
                 w.add(rgba, category=cat, category_id=cid,
                       source=source or {"kind": source_kind, "file": str(path)}, verdict=verdict)
             except BadInstanceError as e:
-                skipped.append(str(e))
-                log.warning("import: skipping %s", e)
+                msg = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+                skipped.append(msg)
+                log.warning("import: skipping %s", msg)
+        w.flush()
+        target = InstanceBank(out)
+        for name, prior in priors.items():  # the exported bank's paste-time scales; never overwrite the bank's own
+            try:
+                if isinstance(prior, dict) and target.size_prior(name) is None:
+                    w.set_size_prior(name, prior)
+            except (BadInstanceError, TypeError, AttributeError) as e:
+                log.warning("import: ignoring the size prior of %r from %s (%s)", name, manifest, e)
         w.flush()
         added = w.added - before
     return {"added": added, "skipped": len(skipped), "errors": skipped}

@@ -132,6 +132,8 @@ def decode_rgba(data: bytes, *, record_id: str = "?") -> np.ndarray:
     if arr is None or arr.ndim != 3 or arr.shape[2] != 4:
         shape = None if arr is None else arr.shape
         raise BadRecordError(f"record {record_id}: image bytes do not decode to RGBA (got {shape})")
+    if arr.dtype != np.uint8:
+        raise BadRecordError(f"record {record_id}: image bytes decode to {arr.dtype} RGBA, not uint8")
     rgba = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
     if data[:4] == b"RIFF":  # lossless WebP does not keep colour under alpha == 0: make it canonical
         rgba[rgba[..., 3] == 0, :3] = 0

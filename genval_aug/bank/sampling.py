@@ -60,7 +60,7 @@ def category_weights(
     else:
         if not weights:
             raise ConfigError("mode 'weights' needs a weights mapping (category -> weight)")
-        bad = {k: w for k, w in weights.items() if not (float(w) >= 0 and math.isfinite(float(w)))}
+        bad = {k: w for k, w in weights.items() if not _is_weight(w)}
         if bad:
             raise ConfigError(f"category weights must be finite and >= 0: {bad}")
         raw = {k: float(weights[k]) for k in counts if k in weights}
@@ -68,6 +68,13 @@ def category_weights(
     if total <= 0:
         return {}
     return {k: v / total for k, v in raw.items() if v > 0}
+
+
+def _is_weight(w: Any) -> bool:
+    try:
+        return float(w) >= 0 and math.isfinite(float(w))
+    except (TypeError, ValueError):
+        return False
 
 
 class BankSampler:
@@ -109,7 +116,10 @@ class BankSampler:
         self._eligible: dict[str, list[str]] = {}
         self._stats_seen: Any = None
         self._counts_seen: dict[str, int] = {}
-        category_weights({"_": 1}, mode if mode not in ("rare_boost", "weights") else "balanced")  # validate mode
+        # configuration errors surface here, not at the first draw in a DataLoader worker
+        category_weights({"_": 1}, mode, weights=self.weights or None,
+                         dataset_frequencies={"_": 1.0} if mode == "rare_boost" and self.dataset_frequencies else None,
+                         repeat_threshold=repeat_threshold)
 
     @property
     def filtered(self) -> bool:
@@ -130,18 +140,42 @@ class BankSampler:
         return self.bank.size_prior(category)
 
     def _accept(self, meta: dict[str, Any]) -> bool:
+        return self._accept_fields(meta) and (self.predicate is None or bool(self.predicate(meta)))
+
+    def _accept_fields(self, meta: dict[str, Any]) -> bool:
+        """The built-in filters (``TypeError`` & co. on a corrupt record whose fields have the wrong types)."""
         if self.min_score is not None and (meta.get("score") is None or meta["score"] < self.min_score):
             return False
         if self.sources is not None and (meta.get("source") or {}).get("kind") not in self.sources:
             return False
         if self.min_side is not None and min(meta.get("width", 0), meta.get("height", 0)) < self.min_side:
             return False
-        return self.predicate is None or bool(self.predicate(meta))
+        return True
+
+    def _skip(self, error: Exception) -> None:
+        self.skipped += 1
+        if not self._warned:
+            log.warning("skipping corrupt bank record (%s); further ones are counted in sampler.skipped", error)
+            self._warned = True
 
     def _eligible_ids(self, category: str) -> list[str]:
         ids = self._eligible.get(category)
         if ids is None:
-            ids = [m["id"] for m in self.bank.iter_meta(category) if self._accept(m)]
+            ids = []
+            for rid in self.bank.ids(category):
+                try:
+                    meta = self.bank.get_meta(rid)
+                    if not isinstance(meta, dict):
+                        raise BadRecordError(f"record {rid}: metadata is a JSON {type(meta).__name__}, not an object")
+                    fields_ok = self._accept_fields(meta)
+                except (BadRecordError, KeyError) as e:
+                    self._skip(e)
+                    continue
+                except (TypeError, AttributeError) as e:
+                    self._skip(BadRecordError(f"record {rid}: metadata field of the wrong type ({e})"))
+                    continue
+                if fields_ok and (self.predicate is None or self.predicate(meta)):
+                    ids.append(rid)
             self._eligible[category] = ids
         return ids
 
@@ -191,11 +225,7 @@ class BankSampler:
                     else:
                         inst = self.bank.random_instance(category, rng)
                 except (BadRecordError, KeyError) as e:
-                    self.skipped += 1
-                    if not self._warned:
-                        log.warning("skipping corrupt bank record (%s); further ones are counted in "
-                                    "sampler.skipped", e)
-                        self._warned = True
+                    self._skip(e)
                     continue
                 out.append(inst)
                 break

@@ -17,8 +17,10 @@ sub-database       content
 
 py-lmdb refuses to open one environment twice in a process and an environment inherited over
 ``fork`` is unusable, so every process keeps at most one handle per bank (``_Registry``) and read-only
-handles are closed just before the process forks (``os.register_at_fork``; the fork first waits for reads
-in other threads to finish); they reopen lazily.
+and writable handles are closed just before the process forks (``os.register_at_fork``; the fork first waits
+for reads and commits in other threads to finish); they reopen lazily. Resizing the map (a writer's growth, or adopting another
+process's), replacing a read-only handle by a writable one and closing the handle likewise wait for the
+process's other reads: LMDB allows a resize only without open transactions, and a closed env fails them.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ import lmdb
 import numpy as np
 
 from genval_aug.bank.record import (
+    CODECS,
     DEFAULT_CODEC,
     Instance,
     build_meta,
@@ -46,7 +49,7 @@ from genval_aug.bank.record import (
     loads,
     normalize_rgba,
 )
-from genval_aug.errors import BadRecordError, BankError
+from genval_aug.errors import BadInstanceError, BadRecordError, BankError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,52 @@ DB_NAMES = ("meta", "records", "images", "index", "rejected", "rejected_images")
 MAX_READERS = 1024
 READER_MAP_SIZE = 1 << 40  # address space only; the file keeps its own size
 WRITER_MAP_SIZE = 1 << 30
+MAX_KEY_BYTES = 511  # LMDB's default key size limit
+# category names end up in keys: index "<category>\0<seq:4>" and meta "prior/<category>"
+MAX_CATEGORY_BYTES = MAX_KEY_BYTES - len(b"prior/")
+
+
+def check_category(category: Any, what: str = "instance") -> str:
+    """``category`` as a usable bank category name, else ``BadInstanceError`` naming it."""
+    if not isinstance(category, str) or not category:
+        raise BadInstanceError(f"{what}: category must be a non-empty string, got {category!r}")
+    try:
+        n = len(category.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise BadInstanceError(f"{what}: category {category!r} is not encodable as UTF-8 ({e})") from None
+    if n > MAX_CATEGORY_BYTES:
+        raise BadInstanceError(f"{what}: category name is {n} bytes in UTF-8, at most {MAX_CATEGORY_BYTES} "
+                               f"fit in an LMDB key ({category[:40]!r}...)")
+    return category
+
+
+def check_category_id(category_id: Any, what: str = "instance") -> int | None:
+    """``category_id`` as an int (None stays None), else ``BadInstanceError`` naming it."""
+    if category_id is None:
+        return None
+    try:
+        cid = int(category_id)
+        ok = not isinstance(category_id, bool) and float(category_id) == cid
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise BadInstanceError(f"{what}: category_id must be an integer, got {category_id!r}")
+    return cid
+
+
+class NewerSchemaError(BankError):
+    """The bank was written with a newer schema than this genval_aug reads."""
+
+
+def parse_schema(raw: bytes | None, path: str) -> int:
+    """The version in a bank's ``schema`` record (0 when missing); ``BadRecordError`` when unreadable."""
+    if raw is None:
+        return 0
+    schema = loads(raw, what=f"{path} schema")
+    version = schema.get("version") if isinstance(schema, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BadRecordError(f"{path}: schema record {bytes(raw)[:80]!r} has no integer 'version'")
+    return version
 
 
 def _index_key(category: str, seq: int) -> bytes:
@@ -77,29 +126,80 @@ class _Registry:
 
     def _init_locks(self) -> None:
         self._lock = threading.RLock()  # guards _handles
-        self._idle = threading.Condition(threading.Lock())  # guards _readers / _forking
+        self._idle = threading.Condition(threading.Lock())  # guards _readers / _forking / _resizing
         self._readers = 0
         self._forking = False
+        self._resizing = False
+        self._local = threading.local()  # .reads: read transactions open in this thread
+
+    def _enter(self) -> None:
+        with self._idle:
+            while self._forking or self._resizing:
+                self._idle.wait()
+            self._readers += 1
+        self._local.reads = getattr(self._local, "reads", 0) + 1
+
+    def _leave(self) -> None:
+        self._local.reads -= 1
+        with self._idle:
+            self._readers -= 1
+            if not self._readers:
+                self._idle.notify_all()
 
     @contextmanager
     def reading(self, path: str, lock: bool) -> Iterator[_Handle]:
-        """A read-only handle that no fork closes while the caller reads through it."""
-        with self._idle:
-            while self._forking:
-                self._idle.wait()
-            self._readers += 1
+        """A handle that no fork, resize or close changes while the caller reads through it."""
+        self._enter()
         try:
             yield self.get(path, write=False, lock=lock)
         finally:
+            self._leave()
+
+    @contextmanager
+    def writing(self, path: str, map_size: int) -> Iterator[_Handle]:
+        """The writable handle, which no fork, resize or close changes while the caller commits through it."""
+        while True:
+            self.get(path, write=True, map_size=map_size)  # opening may need exclusive(): not registered yet
+            self._enter()
+            h = self._handles.get(path)
+            if h is not None and h.writable and h.pid == os.getpid():
+                break
+            self._leave()  # a fork closed it in between: open it again
+        try:
+            yield h
+        finally:
+            self._leave()
+
+    @contextmanager
+    def exclusive(self, path: str, what: str) -> Iterator[None]:
+        """Run a change of this process's handle (resize, close, replace) once no other thread has a read
+        transaction open on it; new reads wait meanwhile. LMDB allows ``set_mapsize`` only while the process
+        has no transaction open, and a closed environment fails every read still running through it."""
+        if getattr(self._local, "reads", 0):
+            raise BankError(f"bank {path}: cannot {what} from inside a read of the bank")
+        with self._idle:
+            while self._forking or self._resizing:
+                self._idle.wait()
+            self._resizing = True
+            while self._readers:
+                self._idle.wait()
+        try:
+            yield
+        finally:
             with self._idle:
-                self._readers -= 1
-                if not self._readers:
-                    self._idle.notify_all()
+                self._resizing = False
+                self._idle.notify_all()
 
     def get(self, path: str, *, write: bool, lock: bool = True, map_size: int = WRITER_MAP_SIZE) -> _Handle:
         h = self._handles.get(path)
         if h is not None and h.pid == os.getpid() and (h.writable or not write):
             return h
+        if write:  # may replace a read-only handle other threads are reading through
+            with self.exclusive(path, "open a writer"):
+                return self._get(path, write=write, lock=lock, map_size=map_size)
+        return self._get(path, write=write, lock=lock, map_size=map_size)
+
+    def _get(self, path: str, *, write: bool, lock: bool, map_size: int) -> _Handle:
         with self._lock:
             h = self._handles.get(path)
             if h is not None and h.pid != os.getpid():
@@ -120,7 +220,10 @@ class _Registry:
             raise BankError(f"no instance bank at {path} (missing {os.path.join(path, 'data.mdb')})")
         try:
             if write:
-                os.makedirs(path, exist_ok=True)
+                try:
+                    os.makedirs(path, exist_ok=True)
+                except OSError as e:
+                    raise BankError(f"cannot create instance bank at {path}: {e.strerror or e}") from None
                 env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 1,
                                 max_readers=MAX_READERS, meminit=False)
             else:
@@ -132,14 +235,31 @@ class _Registry:
             if write:
                 # create every sub-database and the schema record in ONE transaction, so a reader
                 # never sees a half-initialized bank
-                with env.begin(write=True) as txn:
-                    dbs = {n: env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
-                    if txn.get(b"schema", db=dbs["meta"]) is None:
-                        txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=dbs["meta"])
-                        txn.put(b"stats", dumps(_empty_stats()), db=dbs["meta"])
-                        txn.put(b"uuid", uuid.uuid4().hex.encode(), db=dbs["meta"])
+                for attempt in range(2):
+                    try:
+                        with env.begin(write=True) as txn:
+                            dbs = {n: env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
+                            if txn.get(b"schema", db=dbs["meta"]) is None:
+                                txn.put(b"schema", dumps({"version": SCHEMA_VERSION}), db=dbs["meta"])
+                                txn.put(b"stats", dumps(_empty_stats()), db=dbs["meta"])
+                                txn.put(b"uuid", uuid.uuid4().hex.encode(), db=dbs["meta"])
+                        break
+                    except lmdb.MapResizedError:  # another writer grew the file since lmdb.open
+                        if attempt:
+                            raise
+                        env.set_mapsize(0)  # this env is not registered yet: no other transaction uses it
             else:
                 dbs = {n: env.open_db(n.encode(), create=False) for n in DB_NAMES}
+                with env.begin() as txn:
+                    raw = txn.get(b"schema", db=dbs["meta"])
+                try:
+                    version = parse_schema(raw, path)
+                except BadRecordError:
+                    version = 0  # verify reports it; readers go on as for a bank without a schema record
+                if version > SCHEMA_VERSION:
+                    env.close()
+                    raise NewerSchemaError(f"{path} has bank schema {version}, newer than this genval_aug "
+                                           f"supports ({SCHEMA_VERSION}); upgrade genval_aug to read it")
         except lmdb.NotFoundError as e:
             env.close()
             raise BankError(f"{path} is not a genval_aug instance bank, or its writer is still creating it "
@@ -147,32 +267,42 @@ class _Registry:
         return _Handle(env, dbs, write)
 
     def reopen_resized(self, path: str) -> None:
-        h = self._handles.get(path)
-        if h is not None and h.pid == os.getpid():
-            h.env.set_mapsize(0)
+        """Adopt the map size another process grew the file to."""
+        self.set_mapsize(path, 0)
+
+    def set_mapsize(self, path: str, size: int) -> None:
+        """``env.set_mapsize`` of this process's handle, once no other thread is reading through it."""
+        with self.exclusive(path, "resize the LMDB map"):
+            h = self._handles.get(path)
+            if h is not None and h.pid == os.getpid():
+                h.env.set_mapsize(size)
 
     def close(self, path: str) -> None:
-        with self._lock:
+        if path not in self._handles:
+            return
+        with self.exclusive(path, "close the bank"), self._lock:
             h = self._handles.pop(path, None)
             if h is not None and h.pid == os.getpid():
                 h.env.close()
 
     def before_fork(self) -> None:
-        """Wait for reads in other threads to finish (new ones wait), then close read-only handles: an env
-        inherited over fork is unusable and would make the child's open of the same path fail. The handle lock
-        is held across the fork so the child never inherits it mid-update."""
+        """Wait for reads and commits in other threads to finish (new ones wait), then close this process's
+        handles, the writer's too: an env inherited over fork is unusable and would make the child's open of
+        the same path fail. They reopen lazily (a writer's queued instances live in Python, not in the env).
+        The handle lock is held across the fork so the child never inherits it mid-update."""
         with self._idle:
             self._forking = True
             deadline = time.monotonic() + FORK_READ_WAIT
-            while self._readers:
+            while self._readers or self._resizing:  # a resize/close of another thread finishes first
                 left = deadline - time.monotonic()
                 if left <= 0:  # e.g. the forking thread itself is reading: old behaviour, close anyway
-                    log.warning("forking while %d bank read(s) are still running; they may fail", self._readers)
+                    log.warning("forking while %d bank read(s)/commit(s) are still running; they may fail",
+                                self._readers)
                     break
                 self._idle.wait(left)
         self._lock.acquire()
         for path, h in list(self._handles.items()):
-            if not h.writable and h.pid == os.getpid():
+            if h.pid == os.getpid():
                 try:
                     h.env.close()
                 finally:
@@ -237,7 +367,7 @@ class InstanceBank:
                 except lmdb.MapResizedError:
                     if attempt:
                         raise
-                    _REGISTRY.reopen_resized(self.path)
+            _REGISTRY.reopen_resized(self.path)  # outside the read: it waits for this process's other reads
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -279,8 +409,7 @@ class InstanceBank:
 
     def schema_version(self) -> int:
         """The bank's schema version (0 when the schema record is missing)."""
-        raw = self._read(lambda txn, dbs: txn.get(b"schema", db=dbs["meta"]))
-        return int(loads(raw)["version"]) if raw else 0
+        return parse_schema(self._read(lambda txn, dbs: txn.get(b"schema", db=dbs["meta"])), self.path)
 
     def uuid(self) -> str | None:
         """The bank's identity, written when it was created (None for banks made before uuids existed)."""
@@ -441,18 +570,19 @@ class BankWriter:
                  map_size: int = WRITER_MAP_SIZE):
         self.path = str(Path(path).expanduser().resolve())
         self.batch_size = int(batch_size)
+        if codec not in CODECS:
+            raise ConfigError(f"unknown codec {codec!r}; choose one of {CODECS}")
         self.codec = codec
         self._map_size = int(map_size)
-        self._pending: list[tuple[str, Any]] = []
+        self._pending: list[tuple] = []  # (kind, ...) operations, each checked when queued
         self._pending_ids: set[str] = set()
         self.added = 0
         self.duplicates = 0
-        h = self._handle()
-        with h.env.begin() as txn:
-            raw = txn.get(b"schema", db=h.dbs["meta"])
-            if loads(raw)["version"] > SCHEMA_VERSION:
-                raise BankError(f"{self.path} has bank schema {loads(raw)['version']}, newer than this "
-                                f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
+        self._handle()
+        version = InstanceBank(self.path).schema_version()  # a read that adopts a map another writer grew
+        if version > SCHEMA_VERSION:
+            raise NewerSchemaError(f"{self.path} has bank schema {version}, newer than this "
+                                   f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
 
     def _handle(self) -> _Handle:
         return _REGISTRY.get(self.path, write=True, map_size=self._map_size)
@@ -476,44 +606,80 @@ class BankWriter:
         ``category_id`` names a new category's id when that id is free; an existing category keeps its id and
         a taken id is replaced by the next free one (logged), so every bank category has its own id.
         """
-        if not category or not isinstance(category, str):
-            raise ValueError(f"category must be a non-empty string, got {category!r}")
-        rgba = normalize_rgba(rgba, what=f"instance of {category!r}")
+        check_category(category)
+        what = f"instance of {category!r}"
+        category_id = check_category_id(category_id, what)
+        rgba = normalize_rgba(rgba, what=what)
         rid = content_id(category, rgba)
-        self._queue(rid, (rid, rgba, category, category_id, source, verdict, None))
+        # everything that could fail is checked now: a bad add must not sit in the queue and make every
+        # later commit (with the good instances queued beside it) fail
+        meta = self._build_meta(what, rid, rgba, category, source, verdict)
+        self._queue(rid, ("add", rid, rgba, category, category_id, meta))
         return rid
+
+    def _build_meta(self, what: str, rid: str, rgba: np.ndarray, category: str, source: Any,
+                    verdict: Any) -> dict[str, Any]:
+        for name, value in (("source", source), ("verdict", verdict)):
+            if value is not None and not isinstance(value, Mapping):
+                raise BadInstanceError(f"{what}: {name} must be a mapping or None, got {type(value).__name__}")
+        try:
+            meta = build_meta(rid, rgba, category=category, category_id=-1, codec=self.codec,
+                              source=source, verdict=verdict)
+            dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise BadInstanceError(f"{what}: source/verdict metadata is unusable ({e})") from None
+        return meta
 
     def add_encoded(self, meta: dict[str, Any], image: bytes) -> str:
         """Copy a record from another bank as is (merge): same id, same bytes."""
-        rid = meta["id"]
-        self._queue(rid, (rid, None, meta["category"], meta.get("category_id"), None, None, (meta, image)))
+        rid = meta.get("id") if isinstance(meta, dict) else None
+        if not isinstance(rid, str) or not rid:
+            raise BadRecordError(f"record metadata without a usable 'id' field: {str(meta)[:200]}")
+        what = f"record {rid}"
+        try:
+            category = check_category(meta.get("category"), what)
+            category_id = check_category_id(meta.get("category_id"), what)
+            dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise BadRecordError(f"{what}: {e}") from None
+        if not isinstance(image, (bytes, bytearray, memoryview)) or not len(image):
+            raise BadRecordError(f"{what}: image must be non-empty bytes")
+        self._queue(rid, ("add_encoded", rid, dict(meta), category, category_id, bytes(image)))
         return rid
 
     def _queue(self, rid: str, payload: tuple) -> None:
         if rid in self._pending_ids:
             self.duplicates += 1
             return
-        self._pending.append(("add", payload))
+        self._pending.append(payload)
         self._pending_ids.add(rid)
         self._maybe_flush()
 
     def add_rejected(self, rgba: np.ndarray, *, category: str, source: dict[str, Any] | None = None,
                      verdict: dict[str, Any] | None = None) -> str:
         """Keep a rejected instance for audit and prompt optimization; never sampled."""
-        rgba = normalize_rgba(rgba, what=f"rejected instance of {category!r}")
+        check_category(category, "rejected instance")
+        what = f"rejected instance of {category!r}"
+        rgba = normalize_rgba(rgba, what=what)
         rid = content_id(category, rgba)
-        self._pending.append(("reject", (rid, rgba, category, source, verdict)))
+        meta = self._build_meta(what, rid, rgba, category, source, verdict)
+        self._pending.append(("reject", rid, rgba, meta))
         self._maybe_flush()
         return rid
 
     def record_rejections(self, reasons: dict[str, int]) -> None:
         """Add counts of instances rejected before reaching the bank (by reason) to the bank stats."""
-        self._pending.append(("reasons", dict(reasons)))
+        try:
+            counts = {str(k): int(v) for k, v in dict(reasons).items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"rejection counts must map reasons to integers: {e}") from None
+        self._pending.append(("reasons", counts))
         self._maybe_flush()
 
     def set_size_prior(self, category: str, prior: dict[str, float]) -> None:
         """Per-category size statistics used for scale priors at paste time."""
-        self._pending.append(("meta", (b"prior/" + category.encode(), prior)))
+        check_category(category, "size prior")
+        self._queue_meta(b"prior/" + category.encode(), prior)
         self._maybe_flush()
 
     def set_status(self, name: str, status: dict[str, Any], *, commit: bool = True) -> None:
@@ -521,9 +687,14 @@ class BankWriter:
 
         Committed at once with everything queued before it; ``commit=False`` leaves it queued (so several
         statuses can share one transaction)."""
-        self._pending.append(("meta", (b"status/" + name.encode(), status)))
+        self._queue_meta(b"status/" + name.encode(), status)
         if commit:
             self.flush()
+
+    def _queue_meta(self, key: bytes, value: Any) -> None:
+        if len(key) > MAX_KEY_BYTES:
+            raise ValueError(f"bank meta key {key[:40]!r}... is {len(key)} bytes, LMDB allows {MAX_KEY_BYTES}")
+        self._pending.append(("meta", key, dumps(value)))  # serialized now: an error names the caller's value
 
     def _maybe_flush(self) -> None:
         if len(self._pending) >= self.batch_size:
@@ -535,29 +706,38 @@ class BankWriter:
             return
         # encode outside the transaction: the writer lock is held only for the puts
         ops = []
-        for kind, payload in self._pending:
-            if kind == "add" and payload[6] is None:
-                rid, rgba, category, category_id, source, verdict, _ = payload
-                ops.append(("add", rid, category, category_id, rgba, source, verdict, encode_rgba(rgba, self.codec)))
-            elif kind == "add":
-                rid, _, category, category_id, _, _, (meta, image) = payload
-                ops.append(("add_encoded", rid, category, category_id, meta, image))
-            elif kind == "reject":
-                rid, rgba, category, source, verdict = payload
-                ops.append(("reject", rid, category, rgba, source, verdict, encode_rgba(rgba, self.codec)))
+        for op in self._pending:
+            if op[0] == "add":
+                _, rid, rgba, category, category_id, meta = op
+                ops.append(("add", rid, category, category_id, meta, encode_rgba(rgba, self.codec)))
+            elif op[0] == "add_encoded":
+                _, rid, meta, category, category_id, image = op
+                ops.append(("add", rid, category, category_id, meta, image))
+            elif op[0] == "reject":
+                _, rid, rgba, meta = op
+                ops.append(("reject", rid, meta, encode_rgba(rgba, self.codec)))
             else:
-                ops.append((kind, payload))
+                ops.append(op)
         while True:
-            h = self._handle()
-            try:
-                with h.env.begin(write=True) as txn:
-                    added, duplicates = self._apply(txn, h.dbs, ops)
+            grow = None
+            with _REGISTRY.writing(self.path, self._map_size) as h:
+                try:
+                    with h.env.begin(write=True) as txn:
+                        added, duplicates = self._apply(txn, h.dbs, ops)
+                except lmdb.MapFullError:
+                    grow = h.env.info()["map_size"] * 2
+                except lmdb.MapResizedError:  # another writer process grew the file past this process's map
+                    grow = 0
+            if grow is None:
                 break
-            except lmdb.MapFullError:
-                new = h.env.info()["map_size"] * 2
-                log.info("bank %s: map full, growing to %d MiB", self.path, new >> 20)
-                h.env.set_mapsize(new)
-                self._map_size = new
+            # outside the commit: a resize waits until no transaction of this process is open
+            if grow:
+                log.info("bank %s: map full, growing to %d MiB", self.path, grow >> 20)
+                _REGISTRY.set_mapsize(self.path, grow)
+                self._map_size = grow
+            else:
+                _REGISTRY.reopen_resized(self.path)
+                self._map_size = max(self._map_size, self._handle().env.info()["map_size"])
         self.added += added
         self.duplicates += duplicates
         self._pending.clear()
@@ -569,15 +749,14 @@ class BankWriter:
         added = duplicates = 0
         for op in ops:
             kind = op[0]
-            if kind in ("add", "add_encoded"):
-                rid, category = op[1], op[2]
+            if kind == "add":
+                _, rid, category, cid, meta, image = op
                 key = rid.encode()
                 if txn.get(key, db=dbs["records"]) is not None:
                     duplicates += 1
                     continue
                 c = cats.get(category)
                 if c is None:
-                    cid = op[3]
                     used = {v["id"] for v in cats.values()}
                     if cid is not None and int(cid) in used:  # another dataset's id space: never share an id
                         log.warning("bank %s: category id %s asked for %r is already used by another category; "
@@ -586,13 +765,8 @@ class BankWriter:
                     if cid is None:
                         cid = max(used, default=-1) + 1
                     c = cats[category] = {"id": int(cid), "count": 0, "sources": {}}
-                if kind == "add":
-                    _, _, _, _, rgba, source, verdict, image = op
-                    meta = build_meta(rid, rgba, category=category, category_id=c["id"], codec=self.codec,
-                                      source=source, verdict=verdict)
-                else:
-                    meta, image = dict(op[4]), op[5]
-                    meta["category_id"] = c["id"]
+                meta = dict(meta)
+                meta["category_id"] = c["id"]
                 meta["seq"] = c["count"]
                 txn.put(key, dumps(meta), db=dbs["records"])
                 txn.put(key, image, db=dbs["images"])
@@ -604,12 +778,10 @@ class BankWriter:
                 stats["total"] += 1
                 added += 1
             elif kind == "reject":
-                _, rid, category, rgba, source, verdict, image = op
+                _, rid, meta, image = op
                 key = rid.encode()
                 if txn.get(key, db=dbs["rejected"]) is not None:
                     continue
-                meta = build_meta(rid, rgba, category=category, category_id=-1, codec=self.codec,
-                                  source=source, verdict=verdict)
                 txn.put(key, dumps(meta), db=dbs["rejected"])
                 txn.put(key, image, db=dbs["rejected_images"])
                 stats["rejected"] += 1
@@ -617,7 +789,6 @@ class BankWriter:
                 for reason, n in op[1].items():
                     stats["rejections"][reason] = stats["rejections"].get(reason, 0) + int(n)
             elif kind == "meta":
-                k, value = op[1]
-                txn.put(k, dumps(value), db=dbs["meta"])
+                txn.put(op[1], op[2], db=dbs["meta"])
         txn.put(b"stats", dumps(stats), db=dbs["meta"])
         return added, duplicates

@@ -192,7 +192,7 @@ def merge_shards(config: BuildConfig, bank: str | os.PathLike | None = None, wor
             log.warning("merge of %s: ignoring shards of another world size than %d: %s", bank, world_size,
                         ", ".join(ignored))
     if not shards:
-        return {"added": 0, "duplicates": 0}
+        return {"added": 0, "duplicates": 0, "skipped": 0}
     out = merge_banks(bank, shards)
     # the prompt caches travel too, so a later single-process run continues with the same prompts;
     # so do the units settled without output (union with what the output bank already lists) and the

@@ -200,12 +200,14 @@ def bank_summary(bank) -> dict:
     verdicts: Counter = Counter()
     scores: list[float] = []
     for meta in bank.scan_meta():
+        if not isinstance(meta, dict):
+            continue  # a corrupt record: `bank verify` names it
         v = meta.get("verdict")
-        if v is None:
+        if not isinstance(v, dict):
             verdicts["none"] += 1
         else:
             verdicts["keep" if v.get("keep", True) else "reject"] += 1
-        if meta.get("score") is not None:
+        if isinstance(meta.get("score"), (int, float)):  # a corrupt record's score is left out, not fatal
             scores.append(float(meta["score"]))
     classes = {}
     for name, c in sorted(stats["categories"].items(), key=lambda kv: (-kv[1]["count"], kv[0])):
@@ -297,8 +299,11 @@ def cmd_show(args) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     bank = InstanceBank(args.bank)
     bank.count()  # a clear error for a missing bank before any drawing
-    sheet = contact_sheet(bank, args.out, per_class=args.per_class, classes=classes,
-                          max_classes=args.max_classes, cell=args.cell, seed=args.seed, sources=args.source)
+    try:
+        sheet = contact_sheet(bank, args.out, per_class=args.per_class, classes=classes,
+                              max_classes=args.max_classes, cell=args.cell, seed=args.seed, sources=args.source)
+    except OSError as e:  # --out under a file, unwritable folder, ...
+        raise ConfigError(f"--out {args.out}: {e.strerror or e}") from None
     print(f"wrote {args.out} ({sheet.shape[1]}x{sheet.shape[0]})")
     return 0
 
@@ -321,7 +326,8 @@ def cmd_merge(args) -> int:
         if not (Path(p) / "data.mdb").is_file():
             raise BankError(f"no instance bank at {p}")
     res = merge(args.out, args.inputs)
-    print(f"merged {len(args.inputs)} bank(s) into {args.out}: {res['added']} added, {res['duplicates']} duplicates")
+    print(f"merged {len(args.inputs)} bank(s) into {args.out}: {res['added']} added, {res['duplicates']} duplicates"
+          + (f", {res['skipped']} corrupt input record(s) skipped" if res.get("skipped") else ""))
     return 0
 
 
