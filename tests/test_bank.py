@@ -1,6 +1,7 @@
 """The LMDB instance bank with real LMDB, real processes and a real DataLoader."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -778,47 +779,11 @@ def test_writer_adopts_a_map_grown_by_another_writer_process(bank_path):
     assert first in bank and second in bank and bank.count() == 6 and verify(bank).ok
 
 
-def test_map_growth_waits_for_reads_in_other_threads_of_the_writer_process(bank_path):
-    """Growing the map (set_mapsize) while another thread of the same process had a read transaction open
-    broke that thread's reads (InvalidParameterError from begin()); LMDB allows a resize only while the
-    process has no transaction open."""
+@contextlib.contextmanager
+def reading_threads(bank_path, n: int = 1):
+    """Threads reading the bank in a loop while the block runs; yields the list their errors go to."""
     import threading
 
-    with BankWriter(bank_path, map_size=1 << 16, batch_size=1) as w:
-        w.add(make_rgba(0), category="a")
-        errors: list[str] = []
-        stop = threading.Event()
-
-        def read():
-            bank = InstanceBank(bank_path)
-            while not stop.is_set():
-                try:
-                    for rid in list(bank.ids())[:4]:
-                        bank.get(rid)
-                except Exception as e:  # noqa: BLE001 - any failure is what this test counts
-                    errors.append(repr(e))
-
-        t = threading.Thread(target=read)
-        t.start()
-        try:
-            for i in range(6):
-                a = np.random.default_rng(i).integers(0, 256, (300, 300, 4), dtype=np.uint8)
-                a[..., 3] = 255
-                w.add(a, category="noise")
-        finally:
-            stop.set()
-            t.join()
-    assert w._map_size > 1 << 16 and errors == []
-    assert InstanceBank(bank_path).count() == 7 and verify(bank_path).ok
-
-
-def test_opening_and_closing_a_writer_does_not_break_reads_in_other_threads(bank_path):
-    """The process keeps one LMDB handle per bank: opening a BankWriter replaces a read-only handle (closing
-    it) and BankWriter.close() closes the shared one, both while other threads of the process might be
-    reading through it."""
-    import threading
-
-    fill(bank_path, 4)
     errors: list[str] = []
     stop = threading.Event()
 
@@ -828,20 +793,44 @@ def test_opening_and_closing_a_writer_does_not_break_reads_in_other_threads(bank
             try:
                 for rid in list(bank.ids())[:4]:
                     bank.get(rid)
-            except Exception as e:  # noqa: BLE001 - any failure is what this test counts
+            except Exception as e:  # noqa: BLE001 - any failure is what the tests count
                 errors.append(repr(e))
 
-    threads = [threading.Thread(target=read) for _ in range(2)]
+    threads = [threading.Thread(target=read) for _ in range(n)]
     for t in threads:
         t.start()
     try:
-        for i in range(30):
-            with BankWriter(bank_path) as w:
-                w.add(make_rgba(100 + i), category="cat")
+        yield errors
     finally:
         stop.set()
         for t in threads:
             t.join()
+
+
+def test_map_growth_waits_for_reads_in_other_threads_of_the_writer_process(bank_path):
+    """Growing the map (set_mapsize) while another thread of the same process had a read transaction open
+    broke that thread's reads (InvalidParameterError from begin()); LMDB allows a resize only while the
+    process has no transaction open."""
+    with BankWriter(bank_path, map_size=1 << 16, batch_size=1) as w:
+        w.add(make_rgba(0), category="a")
+        with reading_threads(bank_path) as errors:
+            for i in range(6):
+                a = np.random.default_rng(i).integers(0, 256, (300, 300, 4), dtype=np.uint8)
+                a[..., 3] = 255
+                w.add(a, category="noise")
+    assert w._map_size > 1 << 16 and errors == []
+    assert InstanceBank(bank_path).count() == 7 and verify(bank_path).ok
+
+
+def test_opening_and_closing_a_writer_does_not_break_reads_in_other_threads(bank_path):
+    """The process keeps one LMDB handle per bank: opening a BankWriter replaces a read-only handle (closing
+    it) and BankWriter.close() closes the shared one, both while other threads of the process might be
+    reading through it."""
+    fill(bank_path, 4)
+    with reading_threads(bank_path, 2) as errors:
+        for i in range(30):
+            with BankWriter(bank_path) as w:
+                w.add(make_rgba(100 + i), category="cat")
     assert errors == [] and InstanceBank(bank_path).count() == 34
 
 

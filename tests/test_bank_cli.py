@@ -26,6 +26,21 @@ def harvested(coco128_seg, tmp_path_factory):
     return root, bank
 
 
+def cli_env() -> dict[str, str]:
+    """Environment for running ``python -m genval_aug.cli`` from this checkout in a subprocess."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def run_cli_expecting_one_error_line(argv: list[str], needle: str, cwd: Path) -> None:
+    """The command exits 2 with exactly one stderr line, ``genval-aug: error: ...``, containing ``needle``."""
+    proc = subprocess.run([sys.executable, "-m", "genval_aug.cli", *argv], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env=cli_env())
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("genval-aug: error:") and needle in lines[0], proc.stderr
+
+
 def test_harvest_report_and_rerun_is_idempotent(harvested, coco128_seg, capsys):
     root, bank = harvested
     report = json.loads((root / "report.json").read_text())
@@ -102,8 +117,7 @@ def test_stats_json_show_verify(harvested, tmp_path, capsys):
 
 def test_output_piped_into_head_and_bad_max_classes(harvested, tmp_path):
     _, bank = harvested
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env = cli_env()
     cli = f"{sys.executable} -m genval_aug.cli"
     # output into a pipe whose reader is gone (as `| head` after its lines): no BrokenPipeError traceback
     r, w = os.pipe()
@@ -143,13 +157,7 @@ def test_export_import_merge(harvested, tmp_path, capsys):
 ])
 def test_bad_input_exits_nonzero_with_one_line(argv, needle, coco128_seg, tmp_path):
     argv = [a.format(tmp=tmp_path, coco=coco128_seg / "coco128-seg.yaml") for a in argv]
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "genval_aug.cli", *argv], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env=env)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("genval-aug: error:") and needle in lines[0], proc.stderr
+    run_cli_expecting_one_error_line(argv, needle, tmp_path)
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
@@ -196,13 +204,7 @@ def test_bad_output_paths_and_manifests_exit_2_with_one_line(argv, needle, tmp_p
         (tmp_path / name).mkdir()
         (tmp_path / name / "manifest.json").write_text(manifest)
     argv = [a.format(tmp=tmp_path) for a in argv]
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "genval_aug.cli", *argv], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env=env)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("genval-aug: error:") and needle in lines[0], proc.stderr
+    run_cli_expecting_one_error_line(argv, needle, tmp_path)
 
 
 def test_stats_survives_a_record_with_odd_score_and_verdict(tmp_path, capsys):
