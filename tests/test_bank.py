@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -126,6 +127,16 @@ def test_sampling_matches_requested_weights(bank_path, mode):
     # instances are uniform within a category and decode
     insts = sampler.sample(rng, 30)
     assert len(insts) == 30 and all(i.rgba.shape == (24, 32, 4) for i in insts)
+
+
+def test_weights_matching_no_category_draw_nothing_and_say_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="genval_aug.bank.sampling"):
+        assert category_weights({"a": 3, "b": 1}, "weights", weights={"a": 0, "zebra": 5}) == {}
+    assert "none of the bank's 2 categories a positive weight" in caplog.text and "zebra" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="genval_aug.bank.sampling"):
+        assert category_weights({}, "weights", weights={"a": 1}) == {}  # an empty bank may still be filling
+    assert caplog.text == ""
 
 
 def test_sampler_filters_and_classes(bank_path):

@@ -66,6 +66,10 @@ def category_weights(
         raw = {k: float(weights[k]) for k in counts if k in weights}
     total = sum(raw.values())
     if total <= 0:
+        if counts:  # an empty bank may still be filling; weights that match nothing are a mistake
+            log.warning("sampling weights give none of the bank's %d categories a positive weight (bank: %s; "
+                        "weights: %s): nothing will be drawn", len(counts), sorted(counts)[:10],
+                        dict(list((weights or {}).items())[:10]))
         return {}
     return {k: v / total for k, v in raw.items() if v > 0}
 
