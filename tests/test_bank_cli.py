@@ -208,21 +208,27 @@ def test_bad_output_paths_and_manifests_exit_2_with_one_line(argv, needle, tmp_p
 
 
 def test_stats_survives_a_record_with_odd_score_and_verdict(tmp_path, capsys):
-    """A record whose score is not a number made `bank stats` end in a ValueError traceback."""
+    """A record whose score is not a number made `bank stats` end in a ValueError traceback; one whose
+    metadata is not JSON at all ended it with BadRecordError: now counted and left out."""
     import lmdb
     from bank_helpers import make_rgba
 
     from genval_aug.bank import BankWriter
     with BankWriter(tmp_path / "b.lmdb") as w:
-        ids = [w.add(make_rgba(i), category="a", verdict={"keep": True, "score": 0.5}) for i in range(2)]
+        ids = [w.add(make_rgba(i), category="a", verdict={"keep": True, "score": 0.5}) for i in range(3)]
     env = lmdb.open(str(tmp_path / "b.lmdb"), max_dbs=8)
     records = env.open_db(b"records")
     with env.begin(write=True) as txn:
         meta = json.loads(txn.get(ids[0].encode(), db=records))
         txn.put(ids[0].encode(), json.dumps({**meta, "score": "high", "verdict": "keep"}).encode(), db=records)
+        txn.put(ids[2].encode(), b"{not json", db=records)
     env.close()
     assert main(["bank", "stats", str(tmp_path / "b.lmdb")]) == 0
-    assert "mean score 0.500" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mean score 0.500" in out
+    assert "WARNING: 1 record(s) with unreadable metadata" in out and "bank verify" in out
+    assert main(["bank", "stats", str(tmp_path / "b.lmdb"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["corrupt_records"] == 1
 
 
 def test_export_of_dot_named_categories_stays_inside_the_export_folder(tmp_path):

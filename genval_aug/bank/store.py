@@ -442,10 +442,13 @@ class InstanceBank:
 
         return self._read(fn)
 
-    def scan_meta(self, tables: tuple[str, ...] = ("records",), *, contains: bytes | None = None) -> list[dict[str, Any]]:
+    def scan_meta(self, tables: tuple[str, ...] = ("records",), *, contains: bytes | None = None,
+                  bad: list[str] | None = None) -> list[dict[str, Any]]:
         """Metadata of every record in ``tables`` ("records", "rejected"), in one read transaction.
 
         ``contains`` is a cheap pre-filter on the raw JSON bytes (records without it are not parsed).
+        A record whose metadata does not parse raises :class:`BadRecordError`, or with ``bad`` given is
+        left out and its error message appended to ``bad``.
         """
 
         def fn(txn, dbs):
@@ -453,7 +456,12 @@ class InstanceBank:
             for table in tables:
                 for k, v in txn.cursor(db=dbs[table]):
                     if contains is None or contains in v:
-                        out.append(loads(v, what=f"{table} {k.decode()}"))
+                        try:
+                            out.append(loads(v, what=f"{table} {k.decode()}"))
+                        except BadRecordError as e:
+                            if bad is None:
+                                raise
+                            bad.append(str(e))
             return out
 
         return self._read(fn)

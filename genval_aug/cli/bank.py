@@ -199,9 +199,11 @@ def bank_summary(bank) -> dict:
     stats = bank.stats(refresh=True)
     verdicts: Counter = Counter()
     scores: list[float] = []
-    for meta in bank.scan_meta():
+    bad: list[str] = []  # records whose metadata does not parse: counted here, `bank verify` names them
+    for meta in bank.scan_meta(bad=bad):
         if not isinstance(meta, dict):
-            continue  # a corrupt record: `bank verify` names it
+            bad.append("metadata is not an object")
+            continue
         v = meta.get("verdict")
         if not isinstance(v, dict):
             verdicts["none"] += 1
@@ -217,6 +219,7 @@ def bank_summary(bank) -> dict:
         "path": bank.path, "total": stats["total"], "classes": classes, "sources": dict(stats.get("sources", {})),
         "rejections": dict(stats.get("rejections", {})), "rejected_audit": stats.get("rejected", 0),
         "verdicts": dict(verdicts), "mean_score": (sum(scores) / len(scores)) if scores else None,
+        "corrupt_records": len(bad),
         "harvests": bank.statuses("harvest/"),
         "builds": {**bank.statuses("build:"), **bank.statuses("worker")},   # bank build / top-up worker
     }
@@ -246,6 +249,9 @@ def cmd_stats(args) -> int:
         asp = f"{p['aspect_mean']:.2f}±{p['aspect_std']:.2f}" if "aspect_mean" in p else "-"
         rows.append([name, c["id"], c["count"], *[c["sources"].get(k, 0) for k in kinds], size, asp])
     print(f"{s['path']}: {s['total']} instances in {len(s['classes'])} classes")
+    if s["corrupt_records"]:
+        print(f"WARNING: {s['corrupt_records']} record(s) with unreadable metadata left out of the verdict counts; "
+              f"`genval-aug bank verify {s['path']}` names them")
     if rows:
         print(_table(rows, ["class", "id", "count", *kinds, "rel size", "aspect w/h"]))
     if args.top is not None and len(s["classes"]) > args.top:
