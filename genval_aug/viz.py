@@ -7,15 +7,19 @@ Label drawing: :func:`draw_labels` (boxes, masks or polygons, class names, paste
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from genval_aug.errors import ConfigError
+from genval_aug.errors import BadRecordError, ConfigError
 from genval_aug.paste.labels import mask_extent, rasterize_polygon
+
+logger = logging.getLogger(__name__)
 
 BG = (255, 255, 255)
 CHECKER = ((205, 205, 205), (245, 245, 245))
@@ -152,22 +156,39 @@ def contact_sheet(bank, out: str | os.PathLike | None = None, *, per_class: int 
     rng = np.random.default_rng(seed)
     head = title if title is not None else f"{Path(bank.path).name}: {bank.count()} instances, {len(counts)} classes"
     put_caption(sheet, head, (pad + 2, header - 9), 0.55, max_width=w - 2 * pad)
+    bad: list[str] = []  # unreadable records: their cells stay empty (`bank verify` names them)
     for r, name in enumerate(names):
         y = header + pad + r * (cell + pad)
         ids = list(bank.ids(name))
         if sources is not None:
-            ids = [i for i in ids if (bank.get_meta(i).get("source") or {}).get("kind") in set(sources)]
+            ids = [i for i in ids if _source_kind(bank, i, bad) in set(sources)]
         pick = rng.choice(len(ids), size=min(per_class, len(ids)), replace=False) if ids else []
         put_caption(sheet, name, (pad + 2, y + cell // 2 - 2), 0.5, max_width=label_width - 2 * pad)
         put_caption(sheet, f"{len(ids)} instance{'s' if len(ids) != 1 else ''}", (pad + 2, y + cell // 2 + 16),
                     0.4, color=(110, 110, 110), max_width=label_width - 2 * pad)
         for k, j in enumerate(sorted(pick)):
-            inst = bank.get(ids[j])
+            try:
+                inst = bank.get(ids[j])
+            except BadRecordError as e:
+                bad.append(str(e))
+                continue
             x = label_width + k * (cell + pad)
             sheet[y:y + cell, x:x + cell] = thumbnail(inst.rgba, cell, square=max(4, cell // 12))
+    if bad:
+        logger.warning("contact sheet of %s: %d unreadable record(s) left out (first: %s); `genval-aug bank "
+                       "verify` names them all", bank.path, len(bad), bad[0])
     if out is not None:
         save_png(sheet, out)
     return sheet
+
+
+def _source_kind(bank: Any, record_id: str, bad: list[str]) -> str | None:
+    """``source.kind`` of a record, None (and the error noted in ``bad``) when its metadata is unreadable."""
+    try:
+        return (bank.get_meta(record_id).get("source") or {}).get("kind")
+    except BadRecordError as e:
+        bad.append(str(e))
+        return None
 
 
 def save_png(rgb: np.ndarray, path: str | os.PathLike, compression: int = 9) -> Path:

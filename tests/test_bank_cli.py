@@ -229,6 +229,10 @@ def test_stats_survives_a_record_with_odd_score_and_verdict(tmp_path, capsys):
     assert "WARNING: 1 record(s) with unreadable metadata" in out and "bank verify" in out
     assert main(["bank", "stats", str(tmp_path / "b.lmdb"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["corrupt_records"] == 1
+    for extra in ([], ["--source", "harvest"]):  # the contact sheet leaves the unreadable record out too
+        png = tmp_path / f"sheet{len(extra)}.png"
+        assert main(["bank", "show", str(tmp_path / "b.lmdb"), "--out", str(png), *extra]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_export_of_dot_named_categories_stays_inside_the_export_folder(tmp_path):
