@@ -561,6 +561,15 @@ def _read_in_child(path, q):
     q.put(InstanceBank(path).count())
 
 
+def _count_in_forked_child(bank_path, ctx, q) -> int:
+    """The bank's instance count as a forked child reads it (the child must exit cleanly)."""
+    p = ctx.Process(target=_read_in_child, args=(bank_path, q))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0
+    return q.get(timeout=5)
+
+
 def test_fork_while_another_parent_thread_reads(bank_path):
     """Forking closes the parent's read-only handle; a parent thread reading at that moment must not fail."""
     import threading
@@ -588,11 +597,7 @@ def test_fork_while_another_parent_thread_reads(bank_path):
     q = ctx.Queue()
     try:
         for _ in range(30):
-            p = ctx.Process(target=_read_in_child, args=(bank_path, q))
-            p.start()
-            p.join(20)
-            assert p.exitcode == 0
-            assert q.get(timeout=5) == 24
+            assert _count_in_forked_child(bank_path, ctx, q) == 24
             if errors:
                 break
     finally:
@@ -892,11 +897,7 @@ def test_forked_children_read_a_bank_whose_writer_the_parent_holds(bank_path):
         t.start()
         try:
             for _ in range(5):
-                p = ctx.Process(target=_read_in_child, args=(bank_path, q))
-                p.start()
-                p.join(20)
-                assert p.exitcode == 0
-                assert q.get(timeout=5) >= 4
+                assert _count_in_forked_child(bank_path, ctx, q) >= 4
         finally:
             stop.set()
             t.join(20)

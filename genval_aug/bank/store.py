@@ -106,6 +106,13 @@ def parse_schema(raw: bytes | None, path: str) -> int:
     return version
 
 
+def check_schema_version(version: int, path: str) -> None:
+    """Raise :class:`NewerSchemaError` for a bank written by a newer genval_aug than this one."""
+    if version > SCHEMA_VERSION:
+        raise NewerSchemaError(f"{path} has bank schema {version}, newer than this genval_aug supports "
+                               f"({SCHEMA_VERSION}); upgrade genval_aug to read it")
+
+
 def _index_key(category: str, seq: int) -> bytes:
     return category.encode("utf-8") + b"\x00" + int(seq).to_bytes(4, "big")
 
@@ -256,10 +263,11 @@ class _Registry:
                     version = parse_schema(raw, path)
                 except BadRecordError:
                     version = 0  # verify reports it; readers go on as for a bank without a schema record
-                if version > SCHEMA_VERSION:
+                try:
+                    check_schema_version(version, path)
+                except NewerSchemaError:
                     env.close()
-                    raise NewerSchemaError(f"{path} has bank schema {version}, newer than this genval_aug "
-                                           f"supports ({SCHEMA_VERSION}); upgrade genval_aug to read it")
+                    raise
         except lmdb.NotFoundError as e:
             env.close()
             raise BankError(f"{path} is not a genval_aug instance bank, or its writer is still creating it "
@@ -587,10 +595,8 @@ class BankWriter:
         self.added = 0
         self.duplicates = 0
         self._handle()
-        version = InstanceBank(self.path).schema_version()  # a read that adopts a map another writer grew
-        if version > SCHEMA_VERSION:
-            raise NewerSchemaError(f"{self.path} has bank schema {version}, newer than this "
-                                   f"genval_aug supports ({SCHEMA_VERSION}); upgrade genval_aug")
+        # a read that adopts a map another writer grew; the writable handle skipped the readers' schema check
+        check_schema_version(InstanceBank(self.path).schema_version(), self.path)
 
     def _handle(self) -> _Handle:
         return _REGISTRY.get(self.path, write=True, map_size=self._map_size)
