@@ -232,18 +232,12 @@ def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.Path
     """Write every instance as ``<category>/<id>.png`` plus ``manifest.json`` (metadata list)."""
     bank = bank if isinstance(bank, InstanceBank) else InstanceBank(bank)
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BankError(f"cannot create export folder {out}: {e.strerror or e}") from None
+    _export_dir(out)
     manifest = []
     for rid in bank.ids():
         inst = bank.get(rid)
         rel = Path(_safe_name(inst.category)) / f"{rid}.png"
-        try:
-            (out / rel.parent).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BankError(f"cannot create export folder {out / rel.parent}: {e.strerror or e}") from None
+        _export_dir(out / rel.parent)
         if not cv2.imwrite(str(out / rel), cv2.cvtColor(inst.rgba, cv2.COLOR_RGBA2BGRA)):
             raise BankError(f"could not write {out / rel}")
         manifest.append({**inst.meta, "file": rel.as_posix()})
@@ -251,6 +245,14 @@ def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.Path
     (out / "manifest.json").write_text(json.dumps({"bank": bank.path, "instances": manifest, "size_priors": priors},
                                                   indent=1))
     return out
+
+
+def _export_dir(path: Path) -> None:
+    """Create an export folder (and its parents); ``BankError`` naming it when that fails."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BankError(f"cannot create export folder {path}: {e.strerror or e}") from None
 
 
 def _safe_name(name: str) -> str:
