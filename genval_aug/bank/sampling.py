@@ -143,9 +143,6 @@ class BankSampler:
     def size_prior(self, category: str) -> dict[str, float] | None:
         return self.bank.size_prior(category)
 
-    def _accept(self, meta: dict[str, Any]) -> bool:
-        return self._accept_fields(meta) and (self.predicate is None or bool(self.predicate(meta)))
-
     def _accept_fields(self, meta: dict[str, Any]) -> bool:
         """The built-in filters (``TypeError`` & co. on a corrupt record whose fields have the wrong types)."""
         if self.min_score is not None and (meta.get("score") is None or meta["score"] < self.min_score):
