@@ -66,9 +66,11 @@ class OpenAICompatibleBackend:
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/")
         parts = urlsplit(self.base_url)
+        self._shown_url = _without_password(self.base_url)  # the URL in messages, repr and logs
+        self._url_secret = parts.password or None
         if parts.scheme not in ("http", "https") or not parts.hostname:  # e.g. "localhost:8000/v1": no retries
             raise ConfigError(f"base_url must be an http:// or https:// URL with a host (e.g. "
-                              f"http://localhost:8000/v1), got {_without_password(self.base_url)!r}")
+                              f"http://localhost:8000/v1), got {self._shown_url!r}")
         self.api_key_env = api_key_env = resolve_api_key_env(api_key_env, self.base_url)
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
@@ -86,13 +88,11 @@ class OpenAICompatibleBackend:
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         key = os.environ.get(api_key_env) if api_key_env else None
         self._secret = key or None  # redacted from every error and log line (a server may echo it back)
-        self._shown_url = _without_password(self.base_url)  # the URL in messages, repr and logs
-        self._url_secret = urlsplit(self.base_url).password or None
         if key:
             hdrs["Authorization"] = f"Bearer {key}"
-        elif (urlsplit(self.base_url).hostname or "").lower() == OPENAI_HOST:
+        elif parts.hostname.lower() == OPENAI_HOST:
             raise ConfigError(f"no API key: set the environment variable {api_key_env or 'OPENAI_API_KEY'} "
-                              f"to use {_without_password(self.base_url)}")
+                              f"to use {self._shown_url}")
         # user:password@ in the URL becomes Basic auth on a URL without it: httpx logs request URLs (INFO)
         client_url, auth = _split_userinfo(self.base_url)
         self._client = httpx.Client(base_url=client_url, headers=hdrs, timeout=self.timeout, transport=transport,
