@@ -329,6 +329,21 @@ def split_patch(rgba: np.ndarray, bgr: bool) -> ObjectPatch:
     return ObjectPatch(rgb=colour, alpha=np.ascontiguousarray(alpha))
 
 
+def shrink_patch(patch: ObjectPatch, max_hw: tuple[int, int]) -> ObjectPatch:
+    """``patch`` shrunk (``INTER_AREA``, aspect kept) to fit inside ``max_hw``, re-cropped to alpha > 0
+    ((0, 0) arrays when nothing stays visible)."""
+    h, w = patch.shape
+    f = min(max_hw[0] / h, max_hw[1] / w)
+    size = (max(int(w * f), 1), max(int(h * f), 1))
+    alpha = cv2.resize(patch.alpha, size, interpolation=cv2.INTER_AREA)
+    x, y, bw, bh = cv2.boundingRect(alpha)
+    if bw == 0 or bh == 0:
+        return ObjectPatch(rgb=np.zeros((0, 0, 3), np.uint8), alpha=np.zeros((0, 0), np.uint8))
+    rgb = cv2.resize(patch.rgb, size, interpolation=cv2.INTER_AREA)
+    return ObjectPatch(rgb=np.ascontiguousarray(rgb[y : y + bh, x : x + bw]),
+                       alpha=np.ascontiguousarray(alpha[y : y + bh, x : x + bw]))
+
+
 def to_channel_order(matrix: np.ndarray, bgr: bool) -> np.ndarray:
     """A 3x4 RGB colour matrix rewritten to act on (and produce) BGR colours when ``bgr``."""
     if not bgr:

@@ -389,11 +389,7 @@ class PasteEngine:
         if not cfg.allow_truncation and (ph > image_hw[0] or pw > image_hw[1]):
             # the size fits the image before rotation (and the anti-aliased resize may add a pixel): shrink the
             # rotated patch so that the object can lie fully inside, as allow_truncation=False promises
-            f = min(image_hw[0] / ph, image_hw[1] / pw)
-            fit = (max(int(pw * f), 1), max(int(ph * f), 1))
-            patch = A.ObjectPatch(rgb=cv2.resize(patch.rgb, fit, interpolation=cv2.INTER_AREA),
-                                  alpha=cv2.resize(patch.alpha, fit, interpolation=cv2.INTER_AREA))
-            patch = A.split_patch(cv2.merge([*cv2.split(patch.rgb), patch.alpha]), False)
+            patch = A.shrink_patch(patch, image_hw)
         if patch.alpha.size == 0:  # the resize left no visible pixel (sparse or thin instance, small image)
             logger.debug("instance %s vanished when resized to %s; not pasted", key, size)
             return None
