@@ -284,6 +284,8 @@ class _Registry:
             h = self._handles.get(path)
             if h is not None and h.pid == os.getpid():
                 h.env.set_mapsize(size)
+                # lmdb 2.2 no longer accepts the old database handles after a resize: reopen them (a lookup)
+                h.dbs = {n: h.env.open_db(n.encode(), create=False) for n in h.dbs}
 
     def close(self, path: str) -> None:
         if path not in self._handles:
@@ -369,12 +371,15 @@ class InstanceBank:
         """Run ``fn(txn, dbs)`` in a fresh read transaction; adopt a grown map once if needed."""
         for attempt in range(2):
             with _REGISTRY.reading(self.path, self.lock) as h:
+                txn = None
                 try:
                     with h.env.begin(buffers=False) as txn:
                         return fn(txn, h.dbs)
                 except lmdb.MapResizedError:
                     if attempt:
                         raise
+                finally:
+                    del txn  # freed inside the read: lmdb 1.x crashes if a close() runs into its dealloc
             _REGISTRY.reopen_resized(self.path)  # outside the read: it waits for this process's other reads
         raise AssertionError("unreachable")
 
