@@ -217,9 +217,9 @@ VL_TEMPLATE = (
 
 def tiny_qwen25_vl(seed: int = 0):
     """Tiny random Qwen2.5-VL with an offline processor (shared/docs/tiny-models.md section 5)."""
-    import torch
     import inspect
 
+    import torch
     import transformers
     from transformers import (
         Qwen2_5_VLConfig,
