@@ -937,3 +937,53 @@ def test_export_import_round_trip_keeps_size_priors(tmp_path):
         w.set_size_prior("a", mine)
     import_folder(tmp_path / "other.lmdb", tmp_path / "exp")
     assert InstanceBank(tmp_path / "other.lmdb").size_prior("a") == mine
+
+
+def _flip_image(path, rid, edit):
+    """Apply ``edit`` (bytearray -> None) to the stored image bytes of record ``rid``."""
+    env = lmdb.open(path, max_dbs=8)
+    images = env.open_db(b"images")
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(rid.encode(), db=images))
+        edit(raw)
+        txn.put(rid.encode(), bytes(raw), db=images)
+    env.close()
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zlib"])
+@pytest.mark.parametrize("h, w", [(16000, 16000), (100000, 100000), (0, 7)])
+def test_a_header_claiming_huge_dimensions_fails_without_allocating(bank_path, codec, h, w):
+    """The raw codecs' 12-byte header gives height and width; a corrupt one claiming 16000x16000 made the LZ4
+    decoder reserve 1 GB (np.empty) before failing, 100000x100000 got as far as numpy refusing 37 GiB. The
+    declared size is now checked against the stored byte length first."""
+    import struct
+    import tracemalloc
+
+    with BankWriter(bank_path, codec=codec) as w_:
+        rid = w_.add(make_rgba(0), category="a")
+        good = w_.add(make_rgba(1), category="a")
+    _flip_image(bank_path, rid, lambda raw: struct.pack_into("<II", raw, 4, h, w))
+    bank = InstanceBank(bank_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadRecordError) as err:
+            bank.get(rid)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"decoding the corrupt header allocated {peak / 2**20:.0f} MiB"
+    assert rid in str(err.value) and f"declares {h}x{w}" in str(err.value), err.value
+    assert bank.get(good).rgba.shape == (24, 32, 4)
+    assert any(rid in e for e in verify(bank_path).errors)
+
+
+def test_instances_over_the_pixel_limit_are_refused_on_write(bank_path, monkeypatch):
+    """What the reader refuses as implausibly large must never be written in the first place."""
+    from genval_aug.bank import record
+
+    monkeypatch.setattr(record, "MAX_PIXELS", 24 * 32 - 1)
+    with BankWriter(bank_path) as w:
+        with pytest.raises(BadInstanceError, match="limit"):
+            w.add(make_rgba(0), category="a")
+        w.add(make_rgba(0, h=23), category="a")
+    assert InstanceBank(bank_path).count() == 1
