@@ -377,7 +377,7 @@ def test_merge_dedupes_and_pools_priors(tmp_path):
         w.set_size_prior("x", {"rel_sqrt_area_mean": 0.3, "rel_sqrt_area_std": 0.0, "n": 1})
         w.record_rejections({"too_small": 1, "coverage": 4})
     res = merge(out, [a, b])
-    assert res == {"added": 15, "duplicates": 5, "skipped": 0}
+    assert res == {"added": 15, "duplicates": 5, "skipped": 0, "errors": []}
     bank = InstanceBank(out)
     assert set(bank.ids()) == set(InstanceBank(a).ids()) | set(InstanceBank(b).ids())
     prior = bank.size_prior("x")
@@ -987,3 +987,28 @@ def test_instances_over_the_pixel_limit_are_refused_on_write(bank_path, monkeypa
             w.add(make_rgba(0), category="a")
         w.add(make_rgba(0, h=23), category="a")
     assert InstanceBank(bank_path).count() == 1
+
+
+def test_merge_does_not_spread_corrupt_images(tmp_path, caplog):
+    """merge copied image bytes without decoding them: an input record whose LZ4 bytes had a flipped bit (still
+    decodes, to other pixels than its content id was hashed from) ended up in the output, where only verify
+    caught it. Each copied record is now checked like verify does; bad ones are skipped, counted, listed."""
+    import struct
+
+    src, out = str(tmp_path / "src.lmdb"), str(tmp_path / "out.lmdb")
+    with BankWriter(src) as w:
+        ids = [w.add(make_rgba(i), category="a") for i in range(12)]
+    _flip_image(src, ids[3], lambda raw: raw.__setitem__(40, raw[40] ^ 0x01))  # decodes, other pixels
+    _flip_image(src, ids[7], lambda raw: struct.pack_into("<II", raw, 4, 32, 24))  # transposed header
+    assert InstanceBank(src).get(ids[3]).rgba.shape == (24, 32, 4)  # the reader cannot tell
+    with caplog.at_level("WARNING", logger="genval_aug.bank.maintenance"):
+        res = merge(out, [src], batch_size=4)
+    assert (res["added"], res["skipped"]) == (10, 2)
+    assert [e for e in res["errors"] if ids[3] in e and "content id" in e]
+    assert [e for e in res["errors"] if ids[7] in e and "metadata says" in e]
+    assert len([r for r in caplog.records if "skipped 2 corrupt" in r.message]) == 1  # logged once
+    bank = InstanceBank(out)
+    assert ids[3] not in bank and ids[7] not in bank and bank.count() == 10
+    assert verify(bank).ok
+    res = merge(str(tmp_path / "unchecked.lmdb"), [src], check=False)  # the old byte copy, for trusted inputs
+    assert res["skipped"] == 0 and not verify(str(tmp_path / "unchecked.lmdb")).ok

@@ -88,8 +88,21 @@ def content_id(category: str, rgba: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(category.encode("utf-8"))
     h.update(np.asarray(rgba.shape, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(rgba).tobytes())
+    h.update(np.ascontiguousarray(rgba))  # hashed through the buffer protocol: no copy of the pixels
     return h.hexdigest()[:32]
+
+
+def check_image(record_id: str, category: str, data: bytes, *, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a stored image and check it is the one its record names: the (H, W) ``shape`` of the metadata when
+    given, and the content id (category + pixels), the only integrity check LZ4/zlib-raw bytes have.
+    Returns the pixels; ``BadRecordError`` naming the record otherwise."""
+    rgba = decode_rgba(data, record_id=record_id)
+    if shape is not None and rgba.shape[:2] != tuple(shape):
+        raise BadRecordError(f"record {record_id}: image is {rgba.shape[:2]}, metadata says {tuple(shape)}")
+    if content_id(category, rgba) != record_id:
+        raise BadRecordError(f"record {record_id}: decoded pixels do not match the record's content id "
+                             f"(the image bytes were altered)")
+    return rgba
 
 
 def encode_rgba(rgba: np.ndarray, codec: str = DEFAULT_CODEC) -> bytes:
