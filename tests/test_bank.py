@@ -1012,3 +1012,43 @@ def test_merge_does_not_spread_corrupt_images(tmp_path, caplog):
     assert verify(bank).ok
     res = merge(str(tmp_path / "unchecked.lmdb"), [src], check=False)  # the old byte copy, for trusted inputs
     assert res["skipped"] == 0 and not verify(str(tmp_path / "unchecked.lmdb")).ok
+
+
+def test_a_read_longer_than_the_fork_wait_starts_again_after_the_fork(bank_path, monkeypatch):
+    """A fork waits FORK_READ_WAIT s for other threads' reads, then closes the handle anyway: a read still running
+    (a long scan of a big bank) failed with lmdb.Error ('closed/deleted/dropped object'). It now starts again
+    once through a fresh handle."""
+    import threading
+
+    from genval_aug.bank import store
+
+    monkeypatch.setattr(store, "FORK_READ_WAIT", 0.2)
+    fill(bank_path, 6)
+    bank = InstanceBank(bank_path)
+    ids = sorted(bank.ids())
+    inside, go, calls, got = threading.Event(), threading.Event(), [], []
+
+    def slow_scan(txn, dbs):  # reads, waits past the fork, reads again in the same transaction
+        calls.append(1)
+        first = txn.get(ids[0].encode(), db=dbs["records"])
+        inside.set()
+        go.wait(10)
+        return first, [k.decode() for k in txn.cursor(db=dbs["records"]).iternext(values=False)]
+
+    def reader():
+        try:
+            got.append(bank._read(slow_scan))
+        except BaseException as e:  # noqa: BLE001 - the test reports whatever the reader hit
+            got.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert inside.wait(10)
+    ctx = mp.get_context("fork")
+    try:
+        assert _count_in_forked_child(bank_path, ctx, ctx.Queue()) == 6
+    finally:
+        go.set()
+        t.join(20)
+    assert not isinstance(got[0], BaseException), f"the parent's read failed: {got[0]!r}"
+    assert got[0][1] == ids and len(calls) == 2 and bank.count() == 6
