@@ -1,0 +1,104 @@
+"""Robustness of the bank build and the top-up worker against failing servers and plug-ins (agentfix):
+transient vs permanent backend errors, short cached prompt sets, stages failing batch after batch."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))  # agents_support, genval_build_testplugins
+
+from agents_support import ChatServer, verdict_json  # noqa: E402
+
+from genval_aug.bank import InstanceBank  # noqa: E402
+from genval_aug.build.worker import run_worker  # noqa: E402
+from genval_aug.errors import BackendError, BackendUnavailableError  # noqa: E402
+
+
+def judge_cfg(tmp: Path, base_url: str, target: int = 2, **over) -> Path:
+    """One class of shapes judged by the real ValidationAgent over the loopback server (no retries, no cache)."""
+    backend = {"kind": "openai", "model": "judge-vlm", "base_url": base_url, "api_key_env": "NONE",
+               "max_retries": 0, "backoff": 0, "concurrency": 1, "cache": False}
+    cfg = {"name": "r", "seed": 5, "output": {"bank": "bank.lmdb"},
+           "classes": {"names": ["mug"], "target": target},
+           "source": {"kind": "shapes", "batch_size": 2, "params": {"size": 48}},
+           "validator": {"kind": "agent", "batch_size": 2, "params": {"backend": backend}},
+           "prefilter": None, "pipeline": {"progress": False}, "worker": {"poll_interval": 0.01}, **over}
+    p = tmp / "r.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def keep_all(body):
+    return verdict_json()
+
+
+# ----------------------------------------------------------------------------- 1. transient vs permanent
+
+
+def test_wrong_model_name_stops_the_worker_instead_of_retrying_forever(tmp_path):
+    # every BackendError used to count as "server down": the worker retried a 404 every poll, forever
+    missing = ("status", 404, {"error": {"message": "The model `judge-vlm` does not exist."}})
+    with ChatServer([missing]) as srv:
+        cfg = judge_cfg(tmp_path, srv.base_url)
+        with pytest.raises(BackendError, match=r"model 'judge-vlm'.*HTTP 404.*does not exist") as info:
+            run_worker(cfg, max_cycles=5)
+        assert not isinstance(info.value, BackendUnavailableError)
+        assert len(srv.requests) == 1                      # not asked again
+    st = InstanceBank(tmp_path / "bank.lmdb").get_status("worker")
+    assert st["state"] == "failed" and st["worker_state"] == "failed" and st["cycles"] == 0
+    assert "HTTP 404" in st["error"] and "judge-vlm" in st["error"] and "HTTP 404" in st["last_error"]
+
+
+def test_wrong_model_name_makes_the_worker_cli_exit_non_zero(tmp_path, capsys):
+    from genval_aug.cli import main
+
+    with ChatServer([("status", 404, {"error": {"message": "no such model"}})]) as srv:
+        rc = main(["worker", "--config", str(judge_cfg(tmp_path, srv.base_url))])   # no --once: would loop
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "judge-vlm" in err and "HTTP 404: no such model" in err
+
+
+def test_unavailable_server_is_retried_by_the_worker_until_it_recovers(tmp_path):
+    loading = ("status", 503, {"error": {"message": "model is loading"}})
+    with ChatServer([loading, keep_all]) as srv:
+        status = run_worker(judge_cfg(tmp_path, srv.base_url, target=2), max_cycles=2)
+    assert status["state"] == "finished" and status["cycles"] == 2
+    assert status["total_added"] == 2 and status["last_error"] is None and "error" not in status
+    assert InstanceBank(tmp_path / "bank.lmdb").categories() == {"mug": 2}
+
+
+@pytest.mark.parametrize(("script", "transient"), [
+    ([("status", 503, {"error": {"message": "busy"}})], True),
+    ([("status", 425, {"error": {"message": "too early"}})], True),
+    ([("status", 429, {"error": {"message": "slow down"}})], True),
+    ([("status", 400, {"error": {"message": "bad request"}})], False),
+    ([("status", 401, {"error": {"message": "bad key"}})], False),
+    ([("status", 501, {"error": {"message": "no such endpoint"}})], False),
+    ([("raw", "<html>proxy page</html>")], False),
+])
+def test_backend_tells_transient_from_permanent_failures(script, transient):
+    from genval_aug.agents.backends import OpenAICompatibleBackend
+
+    with ChatServer(script) as srv:
+        b = OpenAICompatibleBackend("m", srv.base_url, api_key_env=None, max_retries=1, backoff=0)
+        with pytest.raises(BackendError) as info:
+            b.chat([{"role": "user", "content": "hi"}])
+        assert isinstance(info.value, BackendUnavailableError) is transient, info.value
+        assert len(srv.requests) == (2 if transient else 1)
+
+
+def test_unreachable_server_is_transient():
+    import socket
+
+    from genval_aug.agents.backends import OpenAICompatibleBackend
+
+    with socket.socket() as s:          # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = OpenAICompatibleBackend("m", f"http://127.0.0.1:{port}/v1", api_key_env=None, max_retries=0, backoff=0)
+    with pytest.raises(BackendUnavailableError, match="connection failed"):
+        b.chat([{"role": "user", "content": "hi"}])
