@@ -32,7 +32,7 @@ from typing import Any
 from genval_aug.agents.backends.base import ChatBackend, text_part
 from genval_aug.agents.categories import CategoryDefinitions, display_name
 from genval_aug.agents.evaluation import LabeledInstance, evaluate
-from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object
+from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object, truncation_note
 from genval_aug.agents.prompt_agent import PromptAgent, PromptResult, object_request
 from genval_aug.agents.prompt_files import PromptFile, load_prompt, next_version, user_prompt_dir, utc_now
 from genval_aug.agents.validation_agent import CRITERIA, ValidationAgent, Verdict
@@ -89,7 +89,8 @@ def textgrad_engine(backend: ChatBackend, **params: Any):
                 messages = [{"role": "system", "content": system_prompt or self.system_prompt},
                             {"role": "user", "content": parts}]
                 self.calls += 1
-                return self.backend.chat(messages, **{**self.params, **kwargs})
+                # a plain str: TextGrad's Variable accepts exactly str/int/bytes, not our ChatReply subclass
+                return str(self.backend.chat(messages, **{**self.params, **kwargs}))
 
             def __call__(self, content, system_prompt: str | None = None, **kwargs: Any) -> str:
                 return self.generate(content, system_prompt=system_prompt, **kwargs)
@@ -358,7 +359,9 @@ class PromptAgentObjective:
                     raise OutputParseError(f"score {s!r} not in 0..10")
                 out.append(float(s) / 10.0)
             except OutputParseError as e:
-                logger.info("evaluator rating for %r unusable (%s): %r", r.category, e, excerpt(reply))
+                cut = truncation_note(reply, self.evaluator_backend.model)
+                (logger.warning if cut else logger.info)("evaluator rating for %r unusable (%s): %r", r.category,
+                                                         f"{cut} ({e})" if cut else e, excerpt(reply))
                 out.append(0.0)
         return out
 

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from genval_aug.agents.backends.base import Message
+from genval_aug.agents.backends.base import ChatReply, Message
 from genval_aug.errors import BackendError, BackendUnavailableError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class OpenAICompatibleBackend:
                     raise BackendError(f"{where} -> HTTP {response.status_code} redirect to {target} (not followed; "
                                        f"set base_url to the server's real address, including /v1)")
                 if response.status_code < 300:
-                    return self._parse(response, where)
+                    return self._parse(response, where, body)
                 detail = self._redact(_error_detail(response))
                 if not is_transient_status(response.status_code):
                     hint = ""
@@ -212,22 +212,24 @@ class OpenAICompatibleBackend:
             return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks),
                                   request=response.request)
 
-    def _parse(self, response: httpx.Response, where: str) -> str:
+    def _parse(self, response: httpx.Response, where: str, body: dict[str, Any]) -> ChatReply:
         try:
             data = response.json()
         except ValueError as e:
             raise BackendError(f"{where}: HTTP {response.status_code} response body is not JSON: "
                                f"{self._redact(response.text[:200])!r}") from e
         try:
-            content = data["choices"][0]["message"].get("content")
+            choice = data["choices"][0]
+            content = choice["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise BackendError(f"{where}: response has no choices[0].message: "
                                f"{self._redact(str(data)[:200])!r}") from e
         if content is None:
-            return ""
-        if isinstance(content, list):  # some servers return content parts
-            return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-        return str(content)
+            content = ""
+        elif isinstance(content, list):  # some servers return content parts
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
+        return ChatReply(str(content), choice.get("finish_reason"), limit)
 
     def chat_batch(self, batch: list[list[Message]], **params: Any) -> list[str]:
         if len(batch) <= 1 or self.concurrency == 1:
