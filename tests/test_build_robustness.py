@@ -102,3 +102,129 @@ def test_unreachable_server_is_transient():
     b = OpenAICompatibleBackend("m", f"http://127.0.0.1:{port}/v1", api_key_env=None, max_retries=0, backoff=0)
     with pytest.raises(BackendUnavailableError, match="connection failed"):
         b.chat([{"role": "user", "content": "hi"}])
+
+
+# ----------------------------------------------------------------------------- 3. short cached prompt sets
+
+
+class PromptSource:
+    """Shapes that need prompts; records the prompt of every unit it makes."""
+
+    name = "prompted-shapes"
+    needs_prompts = True
+
+    def __init__(self):
+        from genval_aug.build.sources import ShapesSource
+
+        self.shapes = ShapesSource(size=48)
+        self.used: list[tuple[int, str]] = []
+
+    def capacity(self, cls):  # noqa: ARG002
+        return None
+
+    def produce(self, units):
+        self.used += [(u.index, u.prompt) for u in units]
+        return self.shapes.produce(units)
+
+
+class StingyPrompts:
+    """A prompt maker (plain ``prompts(cls, n)``) that returns 3 prompts the first time, then ``n``."""
+
+    def __init__(self, first: int = 3):
+        self.first = first
+        self.calls: list[int] = []
+
+    def prompts(self, cls, n):
+        self.calls.append(n)
+        k = self.first if len(self.calls) == 1 else n
+        return [f"a {cls.name}, variant {i}" for i in range(k)]
+
+
+def prompt_cfg(tmp: Path, target: int, n: int = 8):
+    from genval_aug.build import load_config
+
+    p = tmp / "p.yaml"
+    p.write_text(yaml.safe_dump({
+        "name": "p", "seed": 1, "output": {"bank": "bank.lmdb"}, "classes": {"names": ["mug"], "target": target},
+        "source": {"kind": "shapes", "batch_size": 4}, "validator": "none", "prefilter": None,
+        "prompts": {"kind": "template", "n": n}, "pipeline": {"progress": False}}))
+    return load_config(p)
+
+
+def test_short_cached_prompt_set_is_completed_at_the_next_run_keeping_the_cached_ones(tmp_path):
+    # a cached set was reused whenever its fingerprint matched: 3 of 8 prompts, for ever
+    from genval_aug.build import BankBuilder
+
+    maker, src = StingyPrompts(), PromptSource()
+    b1 = BankBuilder(prompt_cfg(tmp_path, 6), components={"prompts": maker, "source": src})
+    b1.run()
+    st = InstanceBank(tmp_path / "bank.lmdb").get_status("prompts:p:mug")
+    assert st["prompts"] == [f"a mug, variant {i}" for i in range(3)]
+    assert {p for _, p in src.used} == set(st["prompts"])
+    b1.run(targets={"mug": 6})                              # nothing to do: the maker is not asked
+    assert maker.calls == [8]
+    src.used.clear()
+    b1.run(targets={"mug": 14})                            # same builder (a worker's next cycle): asks again
+    assert maker.calls == [8, 8]
+    st = InstanceBank(tmp_path / "bank.lmdb").get_status("prompts:p:mug")
+    assert st["prompts"] == [f"a mug, variant {i}" for i in range(8)]     # cached three first, then the new
+    assert [p for _, p in src.used] == [st["prompts"][i % 8] for i, _ in src.used]
+    b2 = BankBuilder(prompt_cfg(tmp_path, 20), components={"prompts": maker, "source": src})
+    b2.run()
+    assert maker.calls == [8, 8]                            # a complete set is reused as before
+
+
+def test_short_prompt_set_is_kept_when_the_maker_fails_to_complete_it(tmp_path):
+    from genval_aug.build import BankBuilder
+
+    class Fails(StingyPrompts):
+        def prompts(self, cls, n):
+            if self.calls:
+                self.calls.append(n)
+                raise RuntimeError("model returned nothing")
+            return super().prompts(cls, n)
+
+    maker, src = Fails(), PromptSource()
+    BankBuilder(prompt_cfg(tmp_path, 4), components={"prompts": maker, "source": src}).run()
+    r = BankBuilder(prompt_cfg(tmp_path, 8), components={"prompts": maker, "source": src}).run()
+    assert maker.calls == [8, 8] and r.total_added == 4 and r.gave_up == []
+    assert InstanceBank(tmp_path / "bank.lmdb").get_status("prompts:p:mug")["prompts"] == \
+        [f"a mug, variant {i}" for i in range(3)]
+
+
+def test_prompt_agent_is_asked_only_for_the_missing_prompts(tmp_path):
+    """The LLM prompt maker (real PromptAgent over the loopback server) gets the cached prompts as ones not to
+    repeat and is asked for the missing number only."""
+    import json
+    import re
+
+    from agents_support import tiny_clip_tokenizer
+
+    from genval_aug.build import BankBuilder
+
+    tiny_clip_tokenizer().save_pretrained(tmp_path / "tok")
+    asked: list[int] = []
+
+    def llm(body):
+        user = body["messages"][-1]["content"]
+        k = int(re.search(r"Write (\d+) different prompts", user).group(1))
+        asked.append(k)
+        start = 0 if len(asked) == 1 else 3
+        k = min(k, 3) if len(asked) == 1 else k
+        views = ["front", "side", "top", "back", "low angle", "close-up", "far", "tilted"]
+        return json.dumps({"prompts": [f"A single mug, {views[start + i]} view" for i in range(k)]})
+
+    with ChatServer([llm]) as srv:
+        backend = {"kind": "openai", "model": "llm", "base_url": srv.base_url, "api_key_env": "NONE",
+                   "cache": False, "backoff": 0}
+        cfg = prompt_cfg(tmp_path, 4, n=6)
+        cfg.prompts.kind = "agent"
+        cfg.prompts.params = {"backend": backend, "tokenizer": str(tmp_path / "tok"), "max_retries": 0}
+        BankBuilder(cfg, components={"source": PromptSource()}).run()
+        assert asked == [6]
+        BankBuilder(cfg, components={"source": PromptSource()}).run(targets={"mug": 8})
+        assert asked == [6, 3]
+        assert "A single mug, front view" in srv.requests[-1]["messages"][-1]["content"]   # "do not repeat"
+    st = InstanceBank(tmp_path / "bank.lmdb").get_status("prompts:p:mug")
+    assert st["prompts"] == [f"A single mug, {v} view" for v in ["front", "side", "top", "back", "low angle",
+                                                                   "close-up"]]

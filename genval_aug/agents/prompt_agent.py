@@ -203,12 +203,15 @@ class PromptAgent:
                 result.rejected.append((p, reason))
 
     # --- running ------------------------------------------------------------------------------------
-    def run_many(self, categories: list[str], n: int, definitions: dict[str, str] | None = None) -> list[PromptResult]:
+    def run_many(self, categories: list[str], n: int, definitions: dict[str, str] | None = None,
+                 existing: dict[str, list[str]] | None = None) -> list[PromptResult]:
         """Prompts for several categories; each round batches every unfinished category in one
-        ``chat_batch`` call. Never raises on bad model output: see :attr:`PromptResult.failures`."""
+        ``chat_batch`` call. Never raises on bad model output: see :attr:`PromptResult.failures`.
+        ``existing``: prompts a category already has (kept first, not re-checked); only the missing ones are
+        asked for, and the model is told not to repeat them."""
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
-        results = [PromptResult(c) for c in categories]
+        results = [PromptResult(c, prompts=list((existing or {}).get(c) or [])) for c in categories]
         defs = {c: self.definition_for(c, (definitions or {}).get(c)) for c in categories}
         for attempt in range(self.max_retries + 1):
             todo = [r for r in results if len(r.prompts) < n]

@@ -18,6 +18,10 @@ does not load, ...) settles nothing: it stops the run and a later run retries; s
 they would use up every class's attempts. Targets are minimum counts per category, measured on what
 the bank holds.
 
+Prompts are cached in the bank status ``prompts:<build>:<category>``. A cached set shorter than
+``prompts.n`` (the model returned fewer) is used as is and completed once per run: the prompt maker is asked
+for the missing ones (told the cached ones when it takes ``existing``), which are appended after them.
+
 Scheduling never overshoots (with ``pipeline.overgenerate: 1``): for a category with deficit ``d``
 and no units in flight, the next ``d`` untried indices are scheduled. The kept instances are then
 exactly "the first units, in index order, until the target is reached", independent of batching,
@@ -158,6 +162,17 @@ def _keep(v: Any) -> bool:
     return bool(d.get("keep", False)) and "error" not in d
 
 
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _json_str(s: str) -> str:
     import json
 
@@ -282,6 +297,7 @@ class BankBuilder:
         self.progress = config.pipeline.progress if progress is None else progress
         self.on_commit = on_commit
         self._prompts: dict[str, list[str]] = {}
+        self._short: set[str] = set()    # classes whose prompt set is short of prompts.n (completed next run)
         self._rules = None
         self.status: dict[str, Any] = {}
 
@@ -336,24 +352,35 @@ class BankBuilder:
         pc = self.config.prompts
         bank_exists = os.path.isfile(os.path.join(self.bank_path, "data.mdb"))
         missing = []
+        short: dict[str, list[str]] = {}   # cached sets with fewer than prompts.n prompts: completed below
         for spec in specs:
             if spec.name in self._prompts:
                 continue
             key, fp = self._prompt_key(spec)
             cached = bank.get_status(key) if bank_exists else None
             if cached and cached.get("fingerprint") == fp and cached.get("prompts"):
-                self._prompts[spec.name] = list(cached["prompts"])
-            else:
-                missing.append(spec)
+                have = [p for p in cached["prompts"] if isinstance(p, str) and p.strip()]
+                if len(have) >= pc.n:
+                    self._prompts[spec.name] = have
+                    continue
+                short[spec.name] = have
+                log.info("build %s: class %r has %d of %d prompts cached; asking the prompt maker for the rest",
+                         self.config.name, spec.name, len(have), pc.n)
+            missing.append(spec)
         failed: set[str] = set()
         if missing:
             maker = self._component("prompts")
             made: dict[str, list[str]] = {}
             if hasattr(maker, "prompts_many"):
+                takes_existing = _accepts(maker.prompts_many, "existing")
                 for k in range(0, len(missing), 64):
                     chunk = missing[k:k + 64]
+                    have = {c.name: short[c.name] for c in chunk if c.name in short}
                     try:
-                        made.update(maker.prompts_many(chunk, pc.n))
+                        if have and takes_existing:   # the maker writes only the missing ones, unlike these
+                            made.update(maker.prompts_many(chunk, pc.n, existing=have))
+                        else:
+                            made.update(maker.prompts_many(chunk, pc.n))
                     except (ConfigError, BackendError):  # misconfigured maker or server down (after the
                         raise                               # backend's retries): every class would fail too
                     except Exception as e:  # a broken chunk: fall back to one class at a time
@@ -373,15 +400,23 @@ class BankBuilder:
                 got = made.get(spec.name) or []
                 if isinstance(got, str):   # one prompt, not one prompt per character
                     got = [got]
-                prompts = [p for p in got if isinstance(p, str) and p.strip()]
+                fresh = [p for p in got if isinstance(p, str) and p.strip()]
+                have = short.get(spec.name, [])
+                # cached prompts first (and kept when the maker fails), new distinct ones after, up to n
+                prompts = (have + [p for p in dict.fromkeys(fresh) if p not in set(have)])[:max(pc.n, len(have))]
                 if not prompts:
                     failed.add(spec.name)
                     report.rejected["prompt_error"] += 1
                     continue
-                key, fp = self._prompt_key(spec)
-                writer.set_status(key, {"fingerprint": fp, "prompts": prompts})
+                if len(prompts) < pc.n:
+                    self._short.add(spec.name)   # asked again at the next run (a worker's next cycle)
+                    log.warning("build %s: class %r has %d of %d prompts (units cycle over those); the rest is "
+                                "asked for again at the next run", self.config.name, spec.name, len(prompts), pc.n)
+                if prompts != have:
+                    key, fp = self._prompt_key(spec)
+                    writer.set_status(key, {"fingerprint": fp, "prompts": prompts})
                 self._prompts[spec.name] = prompts
-                report.stages["prompts"].items += len(prompts)
+                report.stages["prompts"].items += len(prompts) - len(have)
             report.stages["prompts"].batches += 1
         report.stages["prompts"].busy_s += time.monotonic() - t0
         return failed
@@ -527,6 +562,9 @@ class BankBuilder:
         """Build until every class reaches its target (``targets`` overrides the config's), the
         attempt limit, or ``stop`` is set. Returns a report; the bank holds everything committed."""
         t_start = time.monotonic()
+        for name in self._short:          # short prompt sets: ask for the missing prompts once per run
+            self._prompts.pop(name, None)
+        self._short.clear()
         report = BuildReport(stages={k: StageStats(k) for k in ("prompts", "generate", "prefilter", "validate", "write")})
         cfg = self.config
         # a finished build must not even load its models: check deficits first
