@@ -41,6 +41,11 @@ class BackendUnavailableError(BackendError):
     body) is permanent: the same request fails the same way."""
 
 
+class BuildStageError(GenValAugError):
+    """A bank-build stage (the source or the validator) failed on several batches in a row: the build stops
+    instead of settling every unit of every class as failed."""
+
+
 class AgentOutputError(AgentError):
     """An agent's model kept answering with output that does not parse (after retries)."""
 

@@ -228,3 +228,105 @@ def test_prompt_agent_is_asked_only_for_the_missing_prompts(tmp_path):
     st = InstanceBank(tmp_path / "bank.lmdb").get_status("prompts:p:mug")
     assert st["prompts"] == [f"A single mug, {v} view" for v in ["front", "side", "top", "back", "low angle",
                                                                    "close-up"]]
+
+
+# ----------------------------------------------------------------------------- 4. stages failing on every batch
+
+
+def stage_cfg(tmp: Path, target: int = 12, **over):
+    from genval_aug.build import load_config
+
+    cfg = {"name": "s", "seed": 2, "output": {"bank": "bank.lmdb"}, "classes": {"names": ["mug", "kite"],
+           "target": target}, "source": {"kind": "shapes", "batch_size": 4, "params": {"size": 48}},
+           "validator": {"kind": "none", "batch_size": 2}, "prefilter": None, "pipeline": {"progress": False},
+           **over}
+    p = tmp / "s.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return load_config(p)
+
+
+def settled(bank) -> int:
+    from genval_aug.build.pipeline import scan_units
+
+    return sum(len(v) for v in scan_units(InstanceBank(bank), "s").values())
+
+
+def test_validator_raising_on_every_batch_stops_the_run_instead_of_burning_every_unit(tmp_path):
+    # every batch was marked validator_error: 2 classes x 12 x max_attempts_factor (3) = 72 units used up
+    from genval_aug.build import BankBuilder
+    from genval_aug.build.pipeline import MAX_FAILED_BATCHES
+    from genval_aug.errors import BuildStageError
+
+    class Broken:
+        name = "broken"
+        calls = 0
+
+        def validate(self, rgbas, categories):
+            Broken.calls += 1
+            raise TypeError("validate() got an unexpected keyword argument 'size'")
+
+    with pytest.raises(BuildStageError, match=r"validator 'none' failed on 3 batches in a row \(last: TypeError: "
+                                              r"validate\(\) got an unexpected"):
+        BankBuilder(stage_cfg(tmp_path), components={"validator": Broken()}).run()
+    assert Broken.calls == MAX_FAILED_BATCHES == 3
+    assert settled(tmp_path / "bank.lmdb") == 2 * 2          # the first two failed batches of 2 instances
+    st = InstanceBank(tmp_path / "bank.lmdb").get_status("build:s")
+    assert st["state"] == "failed" and "BuildStageError" in st["error"]
+
+
+def test_intermittent_validator_failures_do_not_stop_the_run(tmp_path):
+    from genval_aug.build import BankBuilder
+
+    class Flaky:
+        name = "flaky"
+        calls = 0
+
+        def validate(self, rgbas, categories):
+            Flaky.calls += 1
+            if Flaky.calls % 3:                              # two failures, one success, ...
+                raise ValueError("cannot judge")
+            return [{"keep": True, "score": 1.0} for _ in rgbas]
+
+    r = BankBuilder(stage_cfg(tmp_path, target=3), components={"validator": Flaky()}).run()
+    assert r.total_added == 6 and r.rejected["validator_error"] > 0
+
+
+def test_generator_failing_on_every_batch_stops_the_run(tmp_path):
+    # GeneratorSource catches generate() errors and retries unit by unit: every unit became generation_error
+    from genval_aug.build import BankBuilder
+    from genval_aug.build.sources import GeneratorSource
+    from genval_aug.errors import BuildStageError
+
+    class BrokenGenerator:
+        name = "broken-gen"
+        calls = 0
+
+        def generate(self, prompts, seeds, negative_prompt=None):
+            BrokenGenerator.calls += 1
+            raise TypeError("expected Tensor as element 0 in argument 0, but got NoneType")
+
+    cfg = stage_cfg(tmp_path, prompts={"kind": "template", "n": 2})
+    with pytest.raises(BuildStageError, match=r"source 'shapes' failed on 3 batches in a row \(last: every unit "
+                                              r"failed \(generation_error: TypeError"):
+        BankBuilder(cfg, components={"source": GeneratorSource(BrokenGenerator())}).run()
+    assert BrokenGenerator.calls == 3 * (1 + 4)                 # each batch of 4, then unit by unit
+    assert settled(tmp_path / "bank.lmdb") == 2 * 4
+
+
+def test_source_produce_raising_on_every_batch_stops_the_run(tmp_path):
+    from genval_aug.build import BankBuilder
+    from genval_aug.errors import BuildStageError
+
+    class Broken:
+        name = "broken"
+        needs_prompts = False
+
+        def capacity(self, cls):  # noqa: ARG002
+            return None
+
+        def produce(self, units):
+            raise KeyError("weights")
+
+    with pytest.raises(BuildStageError, match=r"source 'shapes' failed on 3 batches in a row \(last: KeyError"):
+        BankBuilder(stage_cfg(tmp_path), components={"source": Broken()}).run()
+    assert settled(tmp_path / "bank.lmdb") == 2 * 4

@@ -15,8 +15,13 @@ indices go to the bank status ``unstored:<build>:<category>`` (written with the 
 does not make them again every poll. A chat server that is down (``BackendError``, after the backend's
 retries) or a ``ConfigError`` raised by the source or the validator while working (a model path that
 does not load, ...) settles nothing: it stops the run and a later run retries; settled as failures,
-they would use up every class's attempts. Targets are minimum counts per category, measured on what
-the bank holds.
+they would use up every class's attempts. Any other exception from the source's ``produce`` or the
+validator's ``validate`` settles that batch's units as ``source_error`` / ``validator_error`` (a unit that
+breaks a model must not be retried forever), but :data:`MAX_FAILED_BATCHES` (3) failed batches *in a row*
+(for the source: ``produce`` raised, or every unit of the batch is an exception error such as the
+generator's ``generation_error``) stop the run with a :class:`~genval_aug.errors.BuildStageError`: a plug-in
+that raises on every batch would otherwise burn every class's attempts. Targets are minimum counts per
+category, measured on what the bank holds.
 
 Prompts are cached in the bank status ``prompts:<build>:<category>``. A cached set shorter than
 ``prompts.n`` (the model returned fewer) is used as is and completed once per run: the prompt maker is asked
@@ -48,12 +53,13 @@ from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, ClassSpec
 from genval_aug.build.lock import build_lock
 from genval_aug.build.registry import Candidate, WorkUnit, build_component
-from genval_aug.errors import BackendError, BadInstanceError, ConfigError
+from genval_aug.errors import BackendError, BadInstanceError, BuildStageError, ConfigError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BankBuilder", "BuildReport", "StageStats", "build_bank", "scan_units", "unit_seed"]
 
+MAX_FAILED_BATCHES = 3          # consecutive failed source / validator batches that stop a run
 UNSTORED_PREFIX = "unstored:"   # bank status "unstored:<build>:<category>" -> {"units": [...], "reasons": {...}}
 UNITS_PREFIX = "units:"         # bank status "units:<build>:<category>" -> {"names": [...]}: unit i = names[i]
 
@@ -160,6 +166,23 @@ def _keep(v: Any) -> bool:
         return False
     d = v if isinstance(v, dict) else (v.to_dict() if hasattr(v, "to_dict") else {"keep": getattr(v, "keep", False)})
     return bool(d.get("keep", False)) and "error" not in d
+
+
+def _exception_error(error: str | None) -> bool:
+    """A candidate error that records an exception (``source_error:TypeError``, ``generation_error: ...``), not
+    a data problem of that unit (a missing or unreadable file)."""
+    return bool(error) and error.split(":")[0].strip() in ("source_error", "generation_error")
+
+
+def _check_failures(failed_in_row: int, stage: str, error: BaseException | str) -> None:
+    """Raise :class:`BuildStageError` once ``stage`` has failed on :data:`MAX_FAILED_BATCHES` batches in a row."""
+    if failed_in_row < MAX_FAILED_BATCHES:
+        return
+    what = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+    raise BuildStageError(
+        f"{stage} failed on {failed_in_row} batches in a row (last: {what}"[:400] + "); stopping the build "
+        "instead of settling every unit as failed; the units of the failing batch are not settled, so a "
+        "re-run after the fix retries them") from (error if isinstance(error, BaseException) else None)
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -609,6 +632,7 @@ class BankBuilder:
             return False
 
         def gen_loop():
+            failed_in_row = 0
             try:
                 while not abort.is_set():
                     try:
@@ -626,8 +650,17 @@ class BankBuilder:
                     except (BackendError, ConfigError):  # a server is down or the source is misconfigured
                         raise                               # (it would fail every unit): stop, settle nothing
                     except Exception as e:  # a broken batch is reported per unit, the build goes on
+                        failed_in_row += 1
+                        _check_failures(failed_in_row, f"source {cfg.source.kind!r}", e)
                         log.warning("source %s failed on a batch of %d units: %s", cfg.source.kind, len(units), e)
                         cands = [Candidate(u, None, error=f"source_error:{type(e).__name__}") for u in units]
+                    else:
+                        if cands and all(_exception_error(c.error) for c in cands):   # caught inside the source
+                            failed_in_row += 1
+                            _check_failures(failed_in_row, f"source {cfg.source.kind!r}",
+                                            f"every unit failed ({cands[-1].error})")
+                        else:
+                            failed_in_row = 0
                     st_g = report.stages["generate"]
                     st_g.busy_s += time.monotonic() - t0
                     st_g.items += len(units)
@@ -644,6 +677,7 @@ class BankBuilder:
                 abort.set()
 
         def val_loop():
+            failed_in_row = 0
             try:
                 while not abort.is_set():
                     try:
@@ -667,8 +701,12 @@ class BankBuilder:
                         except (BackendError, ConfigError):  # the VLM server is down or the validator is
                             raise                               # misconfigured: stop the run, settle nothing
                         except Exception as e:
+                            failed_in_row += 1
+                            _check_failures(failed_in_row, f"validator {cfg.validator.kind!r}", e)
                             log.warning("validator failed on %d instances: %s", len(idx), e)
                             vs = [{"error": f"validator_error:{type(e).__name__}"}] * len(idx)
+                        else:
+                            failed_in_row = 0
                         for i, v in zip(idx, vs, strict=True):
                             verdicts[i] = _check_verdict(v)
                     st_v = report.stages["validate"]
