@@ -6,8 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.genval-aug-installed
 STAMP_KEY := $(shell cat pyproject.toml | sha1sum | cut -c1-16)-$(shell pwd | sha1sum | cut -c1-8)
 PYTEST_ARGS ?=
+# the oldest Ultralytics pyproject.toml allows (ultralytics>=8.3): `make test-compat` runs the Ultralytics
+# tests against it, installed beside the environment (no other package changes)
+ULTRALYTICS_MIN := 8.3.0
+COMPAT := $(VENV)/compat/ultralytics-$(ULTRALYTICS_MIN)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-compat lint bench clean
 
 $(PY):
 	@$(PYTHON) -m venv $(VENV)
@@ -26,6 +30,12 @@ demo: install
 
 test: install
 	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-compat: install
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(COMPAT) \
+		ultralytics==$(ULTRALYTICS_MIN) 2>&1 | grep -v "is ignored: it is neither" || true
+	@PYTHONPATH=$(abspath $(COMPAT)) $(PY) -c "import ultralytics as u; assert u.__version__ == '$(ULTRALYTICS_MIN)', u.__version__"
+	@PYTHONPATH=$(abspath $(COMPAT)) $(PY) -m pytest -q -p no:cacheprovider tests/test_ultralytics.py
 
 lint: install
 	@$(VENV)/bin/ruff check genval_aug tests benchmarks examples
