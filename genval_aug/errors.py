@@ -34,6 +34,18 @@ class BackendError(AgentError):
     """A chat backend request failed (HTTP status, timeout, bad response body, model error)."""
 
 
+class BackendUnavailableError(BackendError):
+    """The backend could not answer *for now*: connection refused or reset, timeout, HTTP 408/409/425/429 or a
+    5xx other than 501, after the backend's own retries. Worth trying again later (the top-up worker does);
+    any other :class:`BackendError` (HTTP 400/401/403/404, a local ``generate()`` error, an unusable response
+    body) is permanent: the same request fails the same way."""
+
+
+class BuildStageError(GenValAugError):
+    """A bank-build stage (the source or the validator) failed on several batches in a row: the build stops
+    instead of settling every unit of every class as failed."""
+
+
 class AgentOutputError(AgentError):
     """An agent's model kept answering with output that does not parse (after retries)."""
 

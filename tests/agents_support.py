@@ -25,7 +25,7 @@ class ChatServer:
 
     Each request pops the next action (the last one repeats): ``("ok", content)``,
     ``("status", code, body_dict, headers)``, ``("sleep", seconds, content)``, ``("raw", body_text)``,
-    or a callable ``request_json -> content``.
+    or a callable ``request_json -> content`` (or ``-> action``, e.g. a status once the "server" goes down).
     """
 
     def __init__(self, script: list[Any]):
@@ -49,7 +49,9 @@ class ChatServer:
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if callable(action):
-                    return self._send(200, completion_body(action(body), body.get("model", "")))
+                    action = action(body)
+                    if not isinstance(action, tuple):   # the reply text; a tuple is an action as below
+                        return self._send(200, completion_body(action, body.get("model", "")))
                 kind = action[0]
                 if kind == "ok":
                     return self._send(200, completion_body(action[1], body.get("model", "")))

@@ -147,10 +147,10 @@ class DeadServerPrompts:
     calls = 0
 
     def _fail(self):
-        from genval_aug.errors import BackendError
+        from genval_aug.errors import BackendUnavailableError  # what the HTTP backend raises: server down
 
         DeadServerPrompts.calls += 1
-        raise BackendError("POST http://127.0.0.1:9/v1/chat/completions (model 'llm') failed after 5 attempts")
+        raise BackendUnavailableError("POST http://127.0.0.1:9/v1/chat/completions (model 'llm') failed after 5 attempts")
 
     def prompts_many(self, classes, n):  # noqa: ARG002
         self._fail()

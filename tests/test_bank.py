@@ -377,7 +377,7 @@ def test_merge_dedupes_and_pools_priors(tmp_path):
         w.set_size_prior("x", {"rel_sqrt_area_mean": 0.3, "rel_sqrt_area_std": 0.0, "n": 1})
         w.record_rejections({"too_small": 1, "coverage": 4})
     res = merge(out, [a, b])
-    assert res == {"added": 15, "duplicates": 5, "skipped": 0}
+    assert res == {"added": 15, "duplicates": 5, "skipped": 0, "errors": []}
     bank = InstanceBank(out)
     assert set(bank.ids()) == set(InstanceBank(a).ids()) | set(InstanceBank(b).ids())
     prior = bank.size_prior("x")
@@ -937,3 +937,118 @@ def test_export_import_round_trip_keeps_size_priors(tmp_path):
         w.set_size_prior("a", mine)
     import_folder(tmp_path / "other.lmdb", tmp_path / "exp")
     assert InstanceBank(tmp_path / "other.lmdb").size_prior("a") == mine
+
+
+def _flip_image(path, rid, edit):
+    """Apply ``edit`` (bytearray -> None) to the stored image bytes of record ``rid``."""
+    env = lmdb.open(path, max_dbs=8)
+    images = env.open_db(b"images")
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(rid.encode(), db=images))
+        edit(raw)
+        txn.put(rid.encode(), bytes(raw), db=images)
+    env.close()
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zlib"])
+@pytest.mark.parametrize("h, w", [(16000, 16000), (100000, 100000), (0, 7)])
+def test_a_header_claiming_huge_dimensions_fails_without_allocating(bank_path, codec, h, w):
+    """The raw codecs' 12-byte header gives height and width; a corrupt one claiming 16000x16000 made the LZ4
+    decoder reserve 1 GB (np.empty) before failing, 100000x100000 got as far as numpy refusing 37 GiB. The
+    declared size is now checked against the stored byte length first."""
+    import struct
+    import tracemalloc
+
+    with BankWriter(bank_path, codec=codec) as w_:
+        rid = w_.add(make_rgba(0), category="a")
+        good = w_.add(make_rgba(1), category="a")
+    _flip_image(bank_path, rid, lambda raw: struct.pack_into("<II", raw, 4, h, w))
+    bank = InstanceBank(bank_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadRecordError) as err:
+            bank.get(rid)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"decoding the corrupt header allocated {peak / 2**20:.0f} MiB"
+    assert rid in str(err.value) and f"declares {h}x{w}" in str(err.value), err.value
+    assert bank.get(good).rgba.shape == (24, 32, 4)
+    assert any(rid in e for e in verify(bank_path).errors)
+
+
+def test_instances_over_the_pixel_limit_are_refused_on_write(bank_path, monkeypatch):
+    """What the reader refuses as implausibly large must never be written in the first place."""
+    from genval_aug.bank import record
+
+    monkeypatch.setattr(record, "MAX_PIXELS", 24 * 32 - 1)
+    with BankWriter(bank_path) as w:
+        with pytest.raises(BadInstanceError, match="limit"):
+            w.add(make_rgba(0), category="a")
+        w.add(make_rgba(0, h=23), category="a")
+    assert InstanceBank(bank_path).count() == 1
+
+
+def test_merge_does_not_spread_corrupt_images(tmp_path, caplog):
+    """merge copied image bytes without decoding them: an input record whose LZ4 bytes had a flipped bit (still
+    decodes, to other pixels than its content id was hashed from) ended up in the output, where only verify
+    caught it. Each copied record is now checked like verify does; bad ones are skipped, counted, listed."""
+    import struct
+
+    src, out = str(tmp_path / "src.lmdb"), str(tmp_path / "out.lmdb")
+    with BankWriter(src) as w:
+        ids = [w.add(make_rgba(i), category="a") for i in range(12)]
+    _flip_image(src, ids[3], lambda raw: raw.__setitem__(40, raw[40] ^ 0x01))  # decodes, other pixels
+    _flip_image(src, ids[7], lambda raw: struct.pack_into("<II", raw, 4, 32, 24))  # transposed header
+    assert InstanceBank(src).get(ids[3]).rgba.shape == (24, 32, 4)  # the reader cannot tell
+    with caplog.at_level("WARNING", logger="genval_aug.bank.maintenance"):
+        res = merge(out, [src], batch_size=4)
+    assert (res["added"], res["skipped"]) == (10, 2)
+    assert [e for e in res["errors"] if ids[3] in e and "content id" in e]
+    assert [e for e in res["errors"] if ids[7] in e and "metadata says" in e]
+    assert len([r for r in caplog.records if "skipped 2 corrupt" in r.message]) == 1  # logged once
+    bank = InstanceBank(out)
+    assert ids[3] not in bank and ids[7] not in bank and bank.count() == 10
+    assert verify(bank).ok
+    res = merge(str(tmp_path / "unchecked.lmdb"), [src], check=False)  # the old byte copy, for trusted inputs
+    assert res["skipped"] == 0 and not verify(str(tmp_path / "unchecked.lmdb")).ok
+
+
+def test_a_read_longer_than_the_fork_wait_starts_again_after_the_fork(bank_path, monkeypatch):
+    """A fork waits FORK_READ_WAIT s for other threads' reads, then closes the handle anyway: a read still running
+    (a long scan of a big bank) failed with lmdb.Error ('closed/deleted/dropped object'). It now starts again
+    once through a fresh handle."""
+    import threading
+
+    from genval_aug.bank import store
+
+    monkeypatch.setattr(store, "FORK_READ_WAIT", 0.2)
+    fill(bank_path, 6)
+    bank = InstanceBank(bank_path)
+    ids = sorted(bank.ids())
+    inside, go, calls, got = threading.Event(), threading.Event(), [], []
+
+    def slow_scan(txn, dbs):  # reads, waits past the fork, reads again in the same transaction
+        calls.append(1)
+        first = txn.get(ids[0].encode(), db=dbs["records"])
+        inside.set()
+        go.wait(10)
+        return first, [k.decode() for k in txn.cursor(db=dbs["records"]).iternext(values=False)]
+
+    def reader():
+        try:
+            got.append(bank._read(slow_scan))
+        except BaseException as e:  # noqa: BLE001 - the test reports whatever the reader hit
+            got.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert inside.wait(10)
+    ctx = mp.get_context("fork")
+    try:
+        assert _count_in_forked_child(bank_path, ctx, ctx.Queue()) == 6
+    finally:
+        go.set()
+        t.join(20)
+    assert not isinstance(got[0], BaseException), f"the parent's read failed: {got[0]!r}"
+    assert got[0][1] == ids and len(calls) == 2 and bank.count() == 6

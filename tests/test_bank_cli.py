@@ -250,3 +250,25 @@ def test_export_of_dot_named_categories_stays_inside_the_export_folder(tmp_path)
     import_folder(tmp_path / "back.lmdb", out)
     back = InstanceBank(tmp_path / "back.lmdb")
     assert {rid: back.get_meta(rid)["category"] for rid in back.ids()} == ids
+
+
+def test_merge_lists_the_corrupt_input_records_it_skipped(tmp_path, capsys):
+    import lmdb
+    from bank_helpers import make_rgba
+
+    from genval_aug.bank import BankWriter
+
+    src = tmp_path / "src.lmdb"
+    with BankWriter(src) as w:
+        ids = [w.add(make_rgba(i), category="a") for i in range(3)]
+    env = lmdb.open(str(src), max_dbs=8)
+    with env.begin(write=True) as txn:
+        images = env.open_db(b"images", txn=txn)
+        raw = bytearray(txn.get(ids[1].encode(), db=images))
+        raw[40] ^= 0x01
+        txn.put(ids[1].encode(), bytes(raw), db=images)
+    env.close()
+    assert main(["bank", "merge", "--out", str(tmp_path / "m.lmdb"), str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "2 added" in out and "1 corrupt input record(s) skipped" in out and ids[1] in out, out
+    assert ids[1] not in InstanceBank(tmp_path / "m.lmdb")

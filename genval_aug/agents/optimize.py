@@ -10,7 +10,10 @@
 * :func:`optimize_validation_agent`: loss from the misjudged examples of a labeled set.
 * Each step is scored on a validation set and reverted when it scores worse than the current prompt.
   The best prompt is written as a new versioned YAML file (parent version, scores, optimizer model, date,
-  step history) that the agents load by version.
+  step history) that the agents load by version. The file is created exclusively: two runs that finish
+  together get two versions, never one overwritten by the other.
+* An error at step *k* (a server that goes down, ...) raises :class:`OptimizationStopped` naming the step and
+  the cause, after saving the best prompt of steps < *k* (its history ends with the failed step).
 
 TextGrad is imported by :func:`import_textgrad` with its import side effects neutralized: its log directory
 goes to a temporary directory unless ``$TEXTGRAD_LOG_DIR`` is set, and litellm uses its bundled model cost map
@@ -32,11 +35,11 @@ from typing import Any
 from genval_aug.agents.backends.base import ChatBackend, text_part
 from genval_aug.agents.categories import CategoryDefinitions, display_name
 from genval_aug.agents.evaluation import LabeledInstance, evaluate
-from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object
+from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object, truncation_note
 from genval_aug.agents.prompt_agent import PromptAgent, PromptResult, object_request
 from genval_aug.agents.prompt_files import PromptFile, load_prompt, next_version, user_prompt_dir, utc_now
 from genval_aug.agents.validation_agent import CRITERIA, ValidationAgent, Verdict
-from genval_aug.errors import ConfigError
+from genval_aug.errors import AgentError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +92,8 @@ def textgrad_engine(backend: ChatBackend, **params: Any):
                 messages = [{"role": "system", "content": system_prompt or self.system_prompt},
                             {"role": "user", "content": parts}]
                 self.calls += 1
-                return self.backend.chat(messages, **{**self.params, **kwargs})
+                # a plain str: TextGrad's Variable accepts exactly str/int/bytes, not our ChatReply subclass
+                return str(self.backend.chat(messages, **{**self.params, **kwargs}))
 
             def __call__(self, content, system_prompt: str | None = None, **kwargs: Any) -> str:
                 return self.generate(content, system_prompt=system_prompt, **kwargs)
@@ -198,19 +202,60 @@ def _batches(items: Sequence[Any], size: int, steps: int, seed: int) -> list[lis
 
 def _save(result: OptimizationResult, out_dir: str | os.PathLike | None, optimizer_model: str, task_model: str,
           extra_scores: dict[str, Any], notes: str) -> PromptFile | None:
+    """Write the best prompt as the next free version. Created exclusively: when another run takes the same
+    version first, the next one is used (never overwritten)."""
     if not result.changed:
         logger.info("no step improved the validation score; no new prompt version written")
         return None
     out = Path(out_dir) if out_dir is not None else user_prompt_dir()
-    pf = PromptFile(agent=result.agent, version=next_version(result.agent, out), system=result.system,
+    pf = PromptFile(agent=result.agent, version="", system=result.system,
                     parent=result.parent.version, created=utc_now(), optimizer_model=optimizer_model,
                     task_model=task_model,
                     scores={"val_before": round(result.val_before, 6), "val_after": round(result.val_after, 6),
                             **extra_scores},
                     history=[h.to_dict() for h in result.history], notes=notes)
-    pf.save(out)
+    floor = 0
+    for _ in range(1000):
+        number = max(int(next_version(result.agent, out)[1:]), floor + 1)
+        pf.version = f"v{number}"
+        try:
+            pf.save(out, exclusive=True)
+            break
+        except FileExistsError:   # another optimization wrote this version between our look and our write
+            logger.info("%s exists already (written by another run); trying v%d", pf.id, number + 1)
+            floor = number
+    else:  # pragma: no cover - a thousand concurrent writers
+        raise ConfigError(f"{out}: could not find a free version for {result.agent}")
     result.prompt_file = pf
     return pf
+
+
+class OptimizationStopped(AgentError):
+    """An optimization failed at a step (a server went down, ...). The best prompt found before it was saved
+    (``result.prompt_file``, unless no step had improved it); ``step`` is the step that failed."""
+
+    def __init__(self, message: str, result: OptimizationResult, step: int):
+        super().__init__(message)
+        self.result = result
+        self.step = step
+
+
+def _stopped(result: OptimizationResult, error: BaseException, step: int, steps: int, batch: list[str],
+             save: Callable[[str], PromptFile | None] | None, label: str) -> OptimizationStopped:
+    """Record the failed step, save the best prompt so far and build the error that says where it stopped."""
+    why = f"{type(error).__name__}: {error}"[:400]
+    result.history.append(StepRecord(step, batch, None, False, f"failed: {why}"))
+    best_step = max((h.step for h in result.history if h.accepted), default=None)
+    pf = save(f"stopped at step {step} of {steps}: {why}") if save is not None else None
+    if pf is not None:
+        kept = (f"the best prompt so far (val {result.val_after:.3f}, step {best_step}) was saved as {pf.path} "
+                f"(version {pf.version})")
+    elif result.changed:
+        kept = f"the best prompt so far (val {result.val_after:.3f}, step {best_step}) is in the error's result"
+    else:
+        kept = "no earlier step had improved the prompt; nothing saved"
+    return OptimizationStopped(f"{label} optimization stopped at step {step} of {steps} ({why}); {kept}",
+                               result, step)
 
 
 def _tgd_step(tg, optimizer, param, losses) -> str | None:
@@ -256,6 +301,26 @@ def _end_step(result: OptimizationResult, rec: StepRecord, best: float, bar, on_
     if bar is not None:
         bar.update(1)
         bar.set_postfix(best=f"{best:.3f}")
+
+
+@contextlib.contextmanager
+def _keep_progress(result: OptimizationResult, where: Callable[[], tuple[int, list[str]]], steps: int,
+                   save: Callable[[str], PromptFile | None] | None, label: str):
+    """Turn an error inside the step loop into :class:`OptimizationStopped` after saving the best prompt so far
+    (a Ctrl-C saves it too and stays a KeyboardInterrupt)."""
+    try:
+        yield
+    except BaseException as e:
+        step, batch = where()
+        try:
+            stopped = _stopped(result, e, step, steps, batch, save, label)
+        except Exception as save_error:  # noqa: BLE001 - the original error matters more than the failed save
+            logger.error("%s optimization: could not save the best prompt after the failure: %s", label, save_error)
+            raise e from None
+        logger.error("%s", stopped)
+        if isinstance(e, Exception):
+            raise stopped from e
+        raise
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -358,7 +423,9 @@ class PromptAgentObjective:
                     raise OutputParseError(f"score {s!r} not in 0..10")
                 out.append(float(s) / 10.0)
             except OutputParseError as e:
-                logger.info("evaluator rating for %r unusable (%s): %r", r.category, e, excerpt(reply))
+                cut = truncation_note(reply, self.evaluator_backend.model)
+                (logger.warning if cut else logger.info)("evaluator rating for %r unusable (%s): %r", r.category,
+                                                         f"{cut} ({e})" if cut else e, excerpt(reply))
                 out.append(0.0)
         return out
 
@@ -400,7 +467,17 @@ def optimize_prompt_agent(task_backend: ChatBackend, optimizer_backend: ChatBack
     best = objective.score(start.system, val)
     result = OptimizationResult("prompt_agent", start, start.system, best, best)
     n = objective.n
-    with _explicit_backward_engine(), _progress(steps, progress, "optimize prompt agent") as bar:
+    notes = (f"TextGrad TGD, {steps} steps, batch {batch_size}, {n_prompts} prompts per category, "
+             f"evaluator {evaluator_backend.model}")
+
+    def write(extra_note: str = "") -> PromptFile | None:
+        result.val_after = best
+        return _save(result, out_dir, optimizer_backend.model, task_backend.model, {"val_categories": len(val)},
+                     notes=f"{notes}; {extra_note}" if extra_note else notes)
+
+    step, batch = 0, []
+    with _explicit_backward_engine(), _progress(steps, progress, "optimize prompt agent") as bar, \
+            _keep_progress(result, lambda: (step, batch), steps, write if save else None, "prompt agent"):
         optimizer = tg.TGD(parameters=[system], engine=opt_engine, constraints=PROMPT_AGENT_CONSTRAINTS)
         critique = tg.TextLoss(PROMPT_EVALUATOR, engine=eval_engine)
         for step, batch in enumerate(_batches(list(train), batch_size, steps, seed), start=1):
@@ -427,13 +504,12 @@ def optimize_prompt_agent(task_backend: ChatBackend, optimizer_backend: ChatBack
             if accepted:
                 best = score
                 result.system = system.value
+                result.val_after = best
             rec = StepRecord(step, list(batch), score, accepted, note)
             _end_step(result, rec, best, bar, on_step, "prompt agent", "reverted")
     result.val_after = best
     if save:
-        _save(result, out_dir, optimizer_backend.model, task_backend.model, {"val_categories": len(val)},
-              notes=f"TextGrad TGD, {steps} steps, batch {batch_size}, {n_prompts} prompts per category, "
-                    f"evaluator {evaluator_backend.model}")
+        write()
     return result
 
 
@@ -528,7 +604,20 @@ def optimize_validation_agent(task_backend: ChatBackend, optimizer_backend: Chat
     best = objective.value(metrics_before)
     result = OptimizationResult("validation_agent", start, start.system, best, best, metrics_before=metrics_before,
                                 metrics_after=metrics_before)
-    with _explicit_backward_engine(), _progress(steps, progress, "optimize validation agent") as bar:
+    def write(extra_note: str = "") -> PromptFile | None:
+        result.val_after = best
+        mb, ma = result.metrics_before, result.metrics_after
+        notes = f"TextGrad TGD, {steps} steps, batch {batch_size}, loss from misjudged examples"
+        return _save(result, out_dir, optimizer_backend.model, task_backend.model,
+                     {"metric": metric, "val_instances": len(val),
+                      "precision_before": mb.get("precision"), "recall_before": mb.get("recall"),
+                      "precision_after": ma.get("precision"), "recall_after": ma.get("recall")},
+                     notes=f"{notes}; {extra_note}" if extra_note else notes)
+
+    step, batch = 0, []
+    with _explicit_backward_engine(), _progress(steps, progress, "optimize validation agent") as bar, \
+            _keep_progress(result, lambda: (step, [lab.image.name for lab in batch]), steps,
+                           write if save else None, "validation agent"):
         optimizer = tg.TGD(parameters=[system], engine=opt_engine, constraints=VALIDATOR_CONSTRAINTS)
         for step, batch in enumerate(_batches(list(train), batch_size, steps, seed), start=1):
             optimizer.zero_grad()
@@ -565,14 +654,10 @@ def optimize_validation_agent(task_backend: ChatBackend, optimizer_backend: Chat
                     best = score
                     result.system = system.value
                     result.metrics_after = metrics
+                    result.val_after = best
                 rec = StepRecord(step, names, score, accepted, note or f"{len(losses)} misjudged")
             _end_step(result, rec, best, bar, on_step, "validator", "not taken")
     result.val_after = best
     if save:
-        mb, ma = result.metrics_before, result.metrics_after
-        _save(result, out_dir, optimizer_backend.model, task_backend.model,
-              {"metric": metric, "val_instances": len(val),
-               "precision_before": mb.get("precision"), "recall_before": mb.get("recall"),
-               "precision_after": ma.get("precision"), "recall_after": ma.get("recall")},
-              notes=f"TextGrad TGD, {steps} steps, batch {batch_size}, loss from misjudged examples")
+        write()
     return result

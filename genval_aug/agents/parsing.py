@@ -61,6 +61,19 @@ def extract_json_object(text: str) -> dict[str, Any]:
     return obj
 
 
+def truncation_note(reply: Any, model: str, setting: str = "max_tokens") -> str | None:
+    """Why a reply that does not parse is incomplete, when the backend says it was cut at its token limit
+    (``finish_reason == "length"``, see :class:`~genval_aug.agents.backends.base.ChatReply`); else None.
+    ``setting`` names where the user raises the limit."""
+    if getattr(reply, "finish_reason", None) != "length":
+        return None
+    limit = getattr(reply, "max_tokens", None)
+    at = f"max_tokens={limit}" if limit is not None else "its max_tokens"
+    more = f" (e.g. {2 * limit})" if limit is not None else ""
+    return (f"reply truncated at {at} by model {model!r} (finish_reason 'length'): the JSON is incomplete; "
+            f"raise {setting}{more}")
+
+
 def excerpt(text: Any, n: int = 160) -> str:
     s = " ".join(str(text).split())
     return s if len(s) <= n else s[: n - 3] + "..."

@@ -15,7 +15,7 @@ from typing import Any
 
 from genval_aug.agents.backends.base import ChatBackend, Message
 from genval_aug.agents.categories import CategoryDefinitions, display_name, head_name
-from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object
+from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object, truncation_note
 from genval_aug.agents.prompt_files import PromptFile, load_prompt
 from genval_aug.errors import AgentOutputError, ConfigError
 
@@ -32,6 +32,9 @@ def object_request(category: str, definition: str | None = None) -> str:
     name = display_name(category)
     return f"An image of a single {name}, {definition.rstrip('.')}." if definition else f"An image of a single {name}."
 
+
+# where the reply length limit is raised (named when a reply was cut at it)
+TRUNCATION_SETTING = "max_tokens in PromptAgent(params={'max_tokens': ...}) (build config: prompts.params.params)"
 
 _LIST_MARKER = re.compile(r"^(?:\d{1,3}[.)]|[-*\u2022])\s+")  # "1. ", "2) ", "- ", "* ", "\u2022 " kept by some LLMs
 
@@ -200,12 +203,15 @@ class PromptAgent:
                 result.rejected.append((p, reason))
 
     # --- running ------------------------------------------------------------------------------------
-    def run_many(self, categories: list[str], n: int, definitions: dict[str, str] | None = None) -> list[PromptResult]:
+    def run_many(self, categories: list[str], n: int, definitions: dict[str, str] | None = None,
+                 existing: dict[str, list[str]] | None = None) -> list[PromptResult]:
         """Prompts for several categories; each round batches every unfinished category in one
-        ``chat_batch`` call. Never raises on bad model output: see :attr:`PromptResult.failures`."""
+        ``chat_batch`` call. Never raises on bad model output: see :attr:`PromptResult.failures`.
+        ``existing``: prompts a category already has (kept first, not re-checked); only the missing ones are
+        asked for, and the model is told not to repeat them."""
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
-        results = [PromptResult(c) for c in categories]
+        results = [PromptResult(c, prompts=list((existing or {}).get(c) or [])) for c in categories]
         defs = {c: self.definition_for(c, (definitions or {}).get(c)) for c in categories}
         for attempt in range(self.max_retries + 1):
             todo = [r for r in results if len(r.prompts) < n]
@@ -220,8 +226,11 @@ class PromptAgent:
                 try:
                     candidates = parse_prompts(reply)
                 except OutputParseError as e:
-                    r.failures.append(f"attempt {attempt + 1}: {e}: {excerpt(reply)!r}")
-                    logger.info("prompt agent: unparseable reply for %r (%s)", r.category, e)
+                    cut = truncation_note(reply, self.backend.model, TRUNCATION_SETTING)
+                    why = f"{cut} ({e})" if cut else str(e)
+                    r.failures.append(f"attempt {attempt + 1}: {why}: {excerpt(reply)!r}")
+                    (logger.warning if cut else logger.info)("prompt agent: unparseable reply for %r (%s)",
+                                                             r.category, why)
                     continue
                 self._accept(r, candidates, n)
         for r in results:

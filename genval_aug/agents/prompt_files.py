@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,30 @@ class PromptFile:
         d.pop("path")
         return d
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, *, exclusive: bool = False) -> Path:
+        """Write ``<agent>-<version>.yaml`` in ``directory`` (complete or not at all: written to a temporary
+        file first). ``exclusive=True`` raises ``FileExistsError`` instead of replacing an existing file, so two
+        runs that picked the same next version never overwrite each other's prompt."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.agent}-{self.version}.yaml"
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110))
+            if not exclusive:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)           # atomic, and fails if the name exists
+                except FileExistsError:
+                    raise
+                except OSError:                  # a file system without hard links: exclusive create
+                    with open(path, "x", encoding="utf-8") as f:
+                        f.write(tmp.read_text(encoding="utf-8"))
+        finally:
+            tmp.unlink(missing_ok=True)
         self.path = path
         return path
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from genval_aug.agents.backends.base import ChatBackend, Message, image_part, text_part
 from genval_aug.agents.categories import CategoryDefinitions, display_name
-from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object
+from genval_aug.agents.parsing import OutputParseError, excerpt, extract_json_object, truncation_note
 from genval_aug.agents.prompt_files import PromptFile, load_prompt
 from genval_aug.errors import ConfigError
 from genval_aug.quality import QualityRules, alpha_stats, check_instance
@@ -34,6 +34,10 @@ OUTPUT_FORMAT = (
     ' "confidence": <number from 0 to 1>}\n'
     '"keep" must be true if and only if every criterion passes.'
 )
+
+
+# where the reply length limit is raised (named when a reply was cut at it)
+TRUNCATION_SETTING = "max_tokens in ValidationAgent(params={'max_tokens': ...}) (build config: validator.params.params)"
 
 
 @dataclass
@@ -227,7 +231,10 @@ class ValidationAgent:
                 try:
                     keep, score, crit, reasons, desc = parse_verdict(reply)
                 except OutputParseError as e:
-                    errors[i] = f"{e}: {excerpt(reply)!r}"
+                    cut = truncation_note(reply, self.backend.model, TRUNCATION_SETTING)
+                    errors[i] = f"{cut} ({e}): {excerpt(reply)!r}" if cut else f"{e}: {excerpt(reply)!r}"
+                    if cut:
+                        logger.warning("validation agent: %s", cut)
                     retry.append(i)
                     continue
                 verdicts[i] = Verdict(keep, score, crit, reasons, self.backend.model, self.prompt_version,

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from genval_aug.bank.priors import pool_priors
-from genval_aug.bank.record import content_id, loads
+from genval_aug.bank.record import check_image, loads
 from genval_aug.bank.store import BankWriter, InstanceBank, NewerSchemaError
 from genval_aug.errors import BadInstanceError, BadRecordError, BankError
 
@@ -110,13 +110,7 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
             report.errors.append(f"record {rid}: image missing")
         elif decode:
             try:
-                rgba = bank.get(rid).rgba
-                if rgba.shape[:2] != (meta["height"], meta["width"]):
-                    report.errors.append(f"record {rid}: image is {rgba.shape[:2]}, metadata says "
-                                         f"{(meta['height'], meta['width'])}")
-                elif content_id(category, rgba) != rid:  # LZ4/zlib-raw bytes have no checksum of their own
-                    report.errors.append(f"record {rid}: decoded pixels do not match the record's content id "
-                                         f"(the image bytes were altered)")
+                check_image(rid, category, bank.get_raw(rid)[1], shape=(meta["height"], meta["width"]))
             except BadRecordError as e:
                 report.errors.append(str(e))
     for rid in images - records.keys():
@@ -136,9 +130,10 @@ def verify(bank: InstanceBank | str | os.PathLike, *, decode: bool = True) -> Ve
     return report
 
 
-def _checked_meta(rid: str, raw: bytes) -> dict[str, Any]:
-    """A record's metadata with the fields the bank relies on type-checked; ``BadRecordError`` naming the field."""
-    meta = loads(raw, what=f"record {rid}")
+def _checked_meta(rid: str, raw: bytes | dict[str, Any]) -> dict[str, Any]:
+    """A record's metadata (raw JSON or parsed) with the fields the bank relies on type-checked;
+    ``BadRecordError`` naming the field."""
+    meta = loads(raw, what=f"record {rid}") if isinstance(raw, (bytes, bytearray, memoryview)) else raw
     if not isinstance(meta, dict):
         raise BadRecordError(f"record {rid}: metadata is a JSON {type(meta).__name__}, not an object")
     category = meta.get("category")
@@ -164,17 +159,21 @@ def bank_identity(bank: InstanceBank) -> str:
     return "content-" + h.hexdigest()[:32]
 
 
-def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_size: int = 256) -> dict[str, int]:
+def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_size: int = 256,
+          check: bool = True) -> dict[str, Any]:
     """Combine shard banks into ``out`` (created if missing), deduplicating by record id.
 
-    Records are copied byte for byte (a corrupt input record is skipped, logged and counted in ``skipped``;
-    ``verify`` the inputs to find all of them); size priors are pooled with the output's own; rejection counts are
-    added. The output keeps what each input contributed (status ``merge/<identity>``, see
+    Records are copied byte for byte once checked as :func:`verify` does (metadata fields, image decodes to the
+    metadata's size and to the pixels its content id was hashed from), so a merge never spreads corruption:
+    a corrupt input record is skipped, counted in ``skipped`` and its error listed in ``errors`` (logged once per
+    input). ``check=False`` copies without decoding (only for inputs just verified). Size priors are pooled with
+    the output's own; rejection counts are added. The output keeps what each input contributed (status ``merge/<identity>``, see
     :func:`bank_identity`), so merging the same input (or a copy, or a grown version of it) again replaces
     its earlier contribution instead of counting it twice.
     """
     out_path = Path(out).resolve()
-    added = dup = skipped = 0
+    added = dup = 0
+    errors: list[str] = []
     with BankWriter(out_path, batch_size=batch_size) as w:
         target = InstanceBank(out_path)
         priors: dict[str, dict[str, float] | None] = {}  # output priors changed by this merge
@@ -199,15 +198,22 @@ def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_
             old_reasons = previous.get("rejections", {})
             for k in set(new_reasons) | set(old_reasons):
                 reasons[k] += new_reasons.get(k, 0) - int(old_reasons.get(k, 0))
+            bad: list[str] = []
             for rid in bank.ids():
                 try:
                     meta, image = bank.get_raw(rid)
                     if not isinstance(meta, dict) or meta.get("id") != rid:
                         raise BadRecordError(f"record {rid}: metadata is not an object with this id")
+                    if check:
+                        _checked_meta(rid, meta)
+                        check_image(rid, meta["category"], image, shape=(meta["height"], meta["width"]))
                     w.add_encoded(meta, image)
                 except BadRecordError as e:  # a corrupt input record must not stop the merge halfway
-                    skipped += 1
-                    log.warning("merge into %s: skipping %s (input %s)", out_path, e, bank.path)
+                    bad.append(f"{bank.path}: {e}")
+            if bad:
+                log.warning("merge into %s: skipped %d corrupt record(s) of %s, e.g. %s", out_path, len(bad),
+                            bank.path, bad[0])
+                errors += bad
             statuses[key] = {"input": bank.path, "identity": ident, "records": int(stats["total"]),
                              "size_priors": contributed, "rejections": new_reasons}
             bank.close()
@@ -225,7 +231,7 @@ def merge(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, batch_
         for key, status in statuses.items():
             w.set_status(key, status, commit=False)
         w.flush()  # priors, rejection counts and the bookkeeping commit in one transaction
-    return {"added": added, "duplicates": dup, "skipped": skipped}
+    return {"added": added, "duplicates": dup, "skipped": len(errors), "errors": errors}
 
 
 def export_folder(bank: InstanceBank | str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -26,6 +26,10 @@ DEFAULT_CODEC = "lz4"
 _HEADER = struct.Struct("<4sII")  # magic, height, width; then the compressed raw RGBA bytes
 _ZLIB_MAGIC = b"GVZ1"
 _LZ4_MAGIC = b"GVL1"
+# The most raw bytes one compressed byte can stand for (LZ4 block: 255, deflate: 1032), plus slack for short
+# inputs: a header declaring more pixels than its body can hold is corrupt, and is refused before any allocation.
+_MAX_EXPANSION = {_LZ4_MAGIC: 256, _ZLIB_MAGIC: 1040}
+MAX_PIXELS = 1 << 28  # 16384 x 16384 (1 GiB of RGBA): larger instances are refused on write and on read
 
 
 @dataclass
@@ -70,6 +74,8 @@ def normalize_rgba(rgba: np.ndarray, *, what: str = "instance") -> np.ndarray:
         raise BadInstanceError(f"{what}: expected uint8 RGBA, got dtype {a.dtype}")
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise BadInstanceError(f"{what}: empty image of shape {a.shape}")
+    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+        raise BadInstanceError(f"{what}: {a.shape[0]}x{a.shape[1]} pixels, more than the bank's limit of {MAX_PIXELS}")
     if not a[..., 3].any():
         raise BadInstanceError(f"{what}: alpha channel is empty (fully transparent)")
     out = np.ascontiguousarray(a).copy()
@@ -82,8 +88,21 @@ def content_id(category: str, rgba: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(category.encode("utf-8"))
     h.update(np.asarray(rgba.shape, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(rgba).tobytes())
+    h.update(np.ascontiguousarray(rgba))  # hashed through the buffer protocol: no copy of the pixels
     return h.hexdigest()[:32]
+
+
+def check_image(record_id: str, category: str, data: bytes, *, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode a stored image and check it is the one its record names: the (H, W) ``shape`` of the metadata when
+    given, and the content id (category + pixels), the only integrity check LZ4/zlib-raw bytes have.
+    Returns the pixels; ``BadRecordError`` naming the record otherwise."""
+    rgba = decode_rgba(data, record_id=record_id)
+    if shape is not None and rgba.shape[:2] != tuple(shape):
+        raise BadRecordError(f"record {record_id}: image is {rgba.shape[:2]}, metadata says {tuple(shape)}")
+    if content_id(category, rgba) != record_id:
+        raise BadRecordError(f"record {record_id}: decoded pixels do not match the record's content id "
+                             f"(the image bytes were altered)")
+    return rgba
 
 
 def encode_rgba(rgba: np.ndarray, codec: str = DEFAULT_CODEC) -> bytes:
@@ -115,16 +134,27 @@ def decode_rgba(data: bytes, *, record_id: str = "?") -> np.ndarray:
         try:
             _, h, w = _HEADER.unpack_from(data)
             body = memoryview(data)[_HEADER.size:]
+            size = h * w * 4
+            # the header is checked against the stored bytes before anything is allocated: a corrupt one
+            # claiming e.g. 100000x100000 pixels must fail at once, not reserve 40 GB first
+            if not h or not w or h * w > MAX_PIXELS or size > _MAX_EXPANSION[magic] * len(body):
+                raise ValueError(f"header declares {h}x{w} pixels, impossible for {len(body)} compressed bytes")
             if magic == _LZ4_MAGIC:
                 import cramjam
 
+                stored = int.from_bytes(body[:4], "little")  # cramjam's block format leads with the raw size
+                if stored != size:
+                    raise ValueError(f"header declares {h}x{w}x4 = {size} bytes, the LZ4 block {stored}")
                 # straight into the array (its size is known from the header): no intermediate copy
                 out = np.empty((h, w, 4), np.uint8)
                 n = cramjam.lz4.decompress_block_into(body, out.reshape(-1))
                 if n != out.size:
                     raise ValueError(f"{n} bytes decoded, {h}x{w}x4 = {out.size} expected")
                 return out
-            raw = bytearray(zlib.decompress(body))
+            z = zlib.decompressobj()
+            raw = bytearray(z.decompress(body, size + 1))  # never (much) more than the header says
+            if len(raw) != size or not z.eof:
+                raise ValueError(f"the zlib stream does not hold exactly {h}x{w}x4 = {size} bytes")
             return np.frombuffer(raw, np.uint8).reshape(h, w, 4)
         except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt record
             raise BadRecordError(f"record {record_id}: corrupt {magic.decode(errors='replace')} image ({e})") from None

@@ -18,7 +18,10 @@ sub-database       content
 py-lmdb refuses to open one environment twice in a process and an environment inherited over
 ``fork`` is unusable, so every process keeps at most one handle per bank (``_Registry``) and read-only
 and writable handles are closed just before the process forks (``os.register_at_fork``; the fork first waits
-for reads and commits in other threads to finish); they reopen lazily. Resizing the map (a writer's growth, or adopting another
+for reads and commits in other threads to finish, up to ``FORK_READ_WAIT`` s; a read still running then starts
+again once through a fresh handle); they reopen lazily. Closing only in the child is no option: LMDB allows
+an environment (its close included) only in the process that opened it ("not after fork()"), and py-lmdb's own
+locks inherited over fork may be held by a parent thread that does not exist in the child. Resizing the map (a writer's growth, or adopting another
 process's), replacing a read-only handle by a writable one and closing the handle likewise wait for the
 process's other reads: LMDB allows a resize only without open transactions, and a closed env fails them.
 """
@@ -118,10 +121,11 @@ def _index_key(category: str, seq: int) -> bytes:
 
 
 class _Handle:
-    __slots__ = ("env", "dbs", "writable", "pid")
+    __slots__ = ("env", "dbs", "writable", "pid", "closed_by_fork")
 
     def __init__(self, env: lmdb.Environment, dbs: dict[str, Any], writable: bool):
         self.env, self.dbs, self.writable, self.pid = env, dbs, writable, os.getpid()
+        self.closed_by_fork = False  # a fork closed it while a read may still have been running through it
 
 
 class _Registry:
@@ -305,14 +309,15 @@ class _Registry:
             deadline = time.monotonic() + FORK_READ_WAIT
             while self._readers or self._resizing:  # a resize/close of another thread finishes first
                 left = deadline - time.monotonic()
-                if left <= 0:  # e.g. the forking thread itself is reading: old behaviour, close anyway
-                    log.warning("forking while %d bank read(s)/commit(s) are still running; they may fail",
-                                self._readers)
+                if left <= 0:  # a long read (or the forking thread's own): close anyway, reads retry once
+                    log.warning("forking while %d bank read(s)/commit(s) are still running; reads start again "
+                                "through a fresh handle", self._readers)
                     break
                 self._idle.wait(left)
         self._lock.acquire()
         for path, h in list(self._handles.items()):
             if h.pid == os.getpid():
+                h.closed_by_fork = True
                 try:
                     h.env.close()
                 finally:
@@ -368,7 +373,8 @@ class InstanceBank:
         return _REGISTRY.get(self.path, write=False, lock=self.lock)
 
     def _read(self, fn):
-        """Run ``fn(txn, dbs)`` in a fresh read transaction; adopt a grown map once if needed."""
+        """Run ``fn(txn, dbs)`` in a fresh read transaction; adopt a grown map once if needed, and start again
+        once if a fork closed the handle under the read (it waits ``FORK_READ_WAIT`` s for reads, not longer)."""
         for attempt in range(2):
             with _REGISTRY.reading(self.path, self.lock) as h:
                 txn = None
@@ -378,9 +384,15 @@ class InstanceBank:
                 except lmdb.MapResizedError:
                     if attempt:
                         raise
+                    resized = True
+                except lmdb.Error:
+                    if attempt or not h.closed_by_fork:
+                        raise
+                    resized = False  # the next reading() opens a fresh handle once the fork is done
                 finally:
                     del txn  # freed inside the read: lmdb 1.x crashes if a close() runs into its dealloc
-            _REGISTRY.reopen_resized(self.path)  # outside the read: it waits for this process's other reads
+            if resized:
+                _REGISTRY.reopen_resized(self.path)  # outside the read: it waits for this process's other reads
         raise AssertionError("unreachable")
 
     def close(self) -> None:

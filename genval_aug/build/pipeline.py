@@ -15,8 +15,17 @@ indices go to the bank status ``unstored:<build>:<category>`` (written with the 
 does not make them again every poll. A chat server that is down (``BackendError``, after the backend's
 retries) or a ``ConfigError`` raised by the source or the validator while working (a model path that
 does not load, ...) settles nothing: it stops the run and a later run retries; settled as failures,
-they would use up every class's attempts. Targets are minimum counts per category, measured on what
-the bank holds.
+they would use up every class's attempts. Any other exception from the source's ``produce`` or the
+validator's ``validate`` settles that batch's units as ``source_error`` / ``validator_error`` (a unit that
+breaks a model must not be retried forever), but :data:`MAX_FAILED_BATCHES` (3) failed batches *in a row*
+(for the source: ``produce`` raised, or every unit of the batch is an exception error such as the
+generator's ``generation_error``) stop the run with a :class:`~genval_aug.errors.BuildStageError`: a plug-in
+that raises on every batch would otherwise burn every class's attempts. Targets are minimum counts per
+category, measured on what the bank holds.
+
+Prompts are cached in the bank status ``prompts:<build>:<category>``. A cached set shorter than
+``prompts.n`` (the model returned fewer) is used as is and completed once per run: the prompt maker is asked
+for the missing ones (told the cached ones when it takes ``existing``), which are appended after them.
 
 Scheduling never overshoots (with ``pipeline.overgenerate: 1``): for a category with deficit ``d``
 and no units in flight, the next ``d`` untried indices are scheduled. The kept instances are then
@@ -44,12 +53,13 @@ from genval_aug.bank import BankWriter, InstanceBank
 from genval_aug.build.config import BuildConfig, ClassSpec
 from genval_aug.build.lock import build_lock
 from genval_aug.build.registry import Candidate, WorkUnit, build_component
-from genval_aug.errors import BackendError, BadInstanceError, ConfigError
+from genval_aug.errors import BackendError, BadInstanceError, BuildStageError, ConfigError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BankBuilder", "BuildReport", "StageStats", "build_bank", "scan_units", "unit_seed"]
 
+MAX_FAILED_BATCHES = 3          # consecutive failed source / validator batches that stop a run
 UNSTORED_PREFIX = "unstored:"   # bank status "unstored:<build>:<category>" -> {"units": [...], "reasons": {...}}
 UNITS_PREFIX = "units:"         # bank status "units:<build>:<category>" -> {"names": [...]}: unit i = names[i]
 
@@ -156,6 +166,34 @@ def _keep(v: Any) -> bool:
         return False
     d = v if isinstance(v, dict) else (v.to_dict() if hasattr(v, "to_dict") else {"keep": getattr(v, "keep", False)})
     return bool(d.get("keep", False)) and "error" not in d
+
+
+def _exception_error(error: str | None) -> bool:
+    """A candidate error that records an exception (``source_error:TypeError``, ``generation_error: ...``), not
+    a data problem of that unit (a missing or unreadable file)."""
+    return bool(error) and error.split(":")[0].strip() in ("source_error", "generation_error")
+
+
+def _check_failures(failed_in_row: int, stage: str, error: BaseException | str) -> None:
+    """Raise :class:`BuildStageError` once ``stage`` has failed on :data:`MAX_FAILED_BATCHES` batches in a row."""
+    if failed_in_row < MAX_FAILED_BATCHES:
+        return
+    what = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+    raise BuildStageError(
+        f"{stage} failed on {failed_in_row} batches in a row (last: {what}"[:400] + "); stopping the build "
+        "instead of settling every unit as failed; the units of the failing batch are not settled, so a "
+        "re-run after the fix retries them") from (error if isinstance(error, BaseException) else None)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _json_str(s: str) -> str:
@@ -282,6 +320,7 @@ class BankBuilder:
         self.progress = config.pipeline.progress if progress is None else progress
         self.on_commit = on_commit
         self._prompts: dict[str, list[str]] = {}
+        self._short: set[str] = set()    # classes whose prompt set is short of prompts.n (completed next run)
         self._rules = None
         self.status: dict[str, Any] = {}
 
@@ -336,24 +375,35 @@ class BankBuilder:
         pc = self.config.prompts
         bank_exists = os.path.isfile(os.path.join(self.bank_path, "data.mdb"))
         missing = []
+        short: dict[str, list[str]] = {}   # cached sets with fewer than prompts.n prompts: completed below
         for spec in specs:
             if spec.name in self._prompts:
                 continue
             key, fp = self._prompt_key(spec)
             cached = bank.get_status(key) if bank_exists else None
             if cached and cached.get("fingerprint") == fp and cached.get("prompts"):
-                self._prompts[spec.name] = list(cached["prompts"])
-            else:
-                missing.append(spec)
+                have = [p for p in cached["prompts"] if isinstance(p, str) and p.strip()]
+                if len(have) >= pc.n:
+                    self._prompts[spec.name] = have
+                    continue
+                short[spec.name] = have
+                log.info("build %s: class %r has %d of %d prompts cached; asking the prompt maker for the rest",
+                         self.config.name, spec.name, len(have), pc.n)
+            missing.append(spec)
         failed: set[str] = set()
         if missing:
             maker = self._component("prompts")
             made: dict[str, list[str]] = {}
             if hasattr(maker, "prompts_many"):
+                takes_existing = _accepts(maker.prompts_many, "existing")
                 for k in range(0, len(missing), 64):
                     chunk = missing[k:k + 64]
+                    have = {c.name: short[c.name] for c in chunk if c.name in short}
                     try:
-                        made.update(maker.prompts_many(chunk, pc.n))
+                        if have and takes_existing:   # the maker writes only the missing ones, unlike these
+                            made.update(maker.prompts_many(chunk, pc.n, existing=have))
+                        else:
+                            made.update(maker.prompts_many(chunk, pc.n))
                     except (ConfigError, BackendError):  # misconfigured maker or server down (after the
                         raise                               # backend's retries): every class would fail too
                     except Exception as e:  # a broken chunk: fall back to one class at a time
@@ -373,15 +423,23 @@ class BankBuilder:
                 got = made.get(spec.name) or []
                 if isinstance(got, str):   # one prompt, not one prompt per character
                     got = [got]
-                prompts = [p for p in got if isinstance(p, str) and p.strip()]
+                fresh = [p for p in got if isinstance(p, str) and p.strip()]
+                have = short.get(spec.name, [])
+                # cached prompts first (and kept when the maker fails), new distinct ones after, up to n
+                prompts = (have + [p for p in dict.fromkeys(fresh) if p not in set(have)])[:max(pc.n, len(have))]
                 if not prompts:
                     failed.add(spec.name)
                     report.rejected["prompt_error"] += 1
                     continue
-                key, fp = self._prompt_key(spec)
-                writer.set_status(key, {"fingerprint": fp, "prompts": prompts})
+                if len(prompts) < pc.n:
+                    self._short.add(spec.name)   # asked again at the next run (a worker's next cycle)
+                    log.warning("build %s: class %r has %d of %d prompts (units cycle over those); the rest is "
+                                "asked for again at the next run", self.config.name, spec.name, len(prompts), pc.n)
+                if prompts != have:
+                    key, fp = self._prompt_key(spec)
+                    writer.set_status(key, {"fingerprint": fp, "prompts": prompts})
                 self._prompts[spec.name] = prompts
-                report.stages["prompts"].items += len(prompts)
+                report.stages["prompts"].items += len(prompts) - len(have)
             report.stages["prompts"].batches += 1
         report.stages["prompts"].busy_s += time.monotonic() - t0
         return failed
@@ -527,6 +585,9 @@ class BankBuilder:
         """Build until every class reaches its target (``targets`` overrides the config's), the
         attempt limit, or ``stop`` is set. Returns a report; the bank holds everything committed."""
         t_start = time.monotonic()
+        for name in self._short:          # short prompt sets: ask for the missing prompts once per run
+            self._prompts.pop(name, None)
+        self._short.clear()
         report = BuildReport(stages={k: StageStats(k) for k in ("prompts", "generate", "prefilter", "validate", "write")})
         cfg = self.config
         # a finished build must not even load its models: check deficits first
@@ -571,6 +632,7 @@ class BankBuilder:
             return False
 
         def gen_loop():
+            failed_in_row = 0
             try:
                 while not abort.is_set():
                     try:
@@ -588,8 +650,17 @@ class BankBuilder:
                     except (BackendError, ConfigError):  # a server is down or the source is misconfigured
                         raise                               # (it would fail every unit): stop, settle nothing
                     except Exception as e:  # a broken batch is reported per unit, the build goes on
+                        failed_in_row += 1
+                        _check_failures(failed_in_row, f"source {cfg.source.kind!r}", e)
                         log.warning("source %s failed on a batch of %d units: %s", cfg.source.kind, len(units), e)
                         cands = [Candidate(u, None, error=f"source_error:{type(e).__name__}") for u in units]
+                    else:
+                        if cands and all(_exception_error(c.error) for c in cands):   # caught inside the source
+                            failed_in_row += 1
+                            _check_failures(failed_in_row, f"source {cfg.source.kind!r}",
+                                            f"every unit failed ({cands[-1].error})")
+                        else:
+                            failed_in_row = 0
                     st_g = report.stages["generate"]
                     st_g.busy_s += time.monotonic() - t0
                     st_g.items += len(units)
@@ -606,6 +677,7 @@ class BankBuilder:
                 abort.set()
 
         def val_loop():
+            failed_in_row = 0
             try:
                 while not abort.is_set():
                     try:
@@ -629,8 +701,12 @@ class BankBuilder:
                         except (BackendError, ConfigError):  # the VLM server is down or the validator is
                             raise                               # misconfigured: stop the run, settle nothing
                         except Exception as e:
+                            failed_in_row += 1
+                            _check_failures(failed_in_row, f"validator {cfg.validator.kind!r}", e)
                             log.warning("validator failed on %d instances: %s", len(idx), e)
                             vs = [{"error": f"validator_error:{type(e).__name__}"}] * len(idx)
+                        else:
+                            failed_in_row = 0
                         for i, v in zip(idx, vs, strict=True):
                             verdicts[i] = _check_verdict(v)
                     st_v = report.stages["validate"]

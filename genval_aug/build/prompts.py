@@ -50,11 +50,14 @@ def _make_agent(spec, config, device=None):
         def prompts(self, cls, n: int) -> list[str]:
             return list(agent.prompts(cls.name.replace("_", " "), n, definition=cls.definition))
 
-        def prompts_many(self, classes, n: int) -> dict[str, list[str]]:
-            """All classes in batched chat calls (one request per class per round, sent together)."""
+        def prompts_many(self, classes, n: int, existing: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+            """All classes in batched chat calls (one request per class per round, sent together). ``existing``:
+            prompts a class already has (class name -> prompts); only the missing ones are asked for, and the
+            model is told not to repeat those."""
             names = [c.name.replace("_", " ") for c in classes]
             defs = {nm: c.definition for nm, c in zip(names, classes, strict=True) if c.definition}
-            results = agent.run_many(names, n, defs or None)
+            have = {nm: list((existing or {}).get(c.name) or []) for nm, c in zip(names, classes, strict=True)}
+            results = agent.run_many(names, n, defs or None, existing={k: v for k, v in have.items() if v} or None)
             return {c.name: list(r.prompts) for c, r in zip(classes, results, strict=True)}
 
     return _Adapter()

@@ -76,6 +76,11 @@ def _agent(spec, config, device=None):
     kwargs: dict[str, Any] = {}
     if "prompt_version" in params:
         kwargs["prompt_version"] = params.pop("prompt_version")
+    if "params" in params:   # generation parameters of the judge requests, e.g. {max_tokens: 2048}
+        gen = params.pop("params")
+        if not isinstance(gen, dict):
+            raise ConfigError(f"validator.params.params: expected a mapping such as {{max_tokens: 2048}}, got {gen!r:.60}")
+        kwargs["params"] = dict(gen)
     from genval_aug.quality import QualityRules
 
     # the agent re-checks the pipeline's pre-filter rules (cheap); `prefilter: null` turns both off
@@ -83,5 +88,6 @@ def _agent(spec, config, device=None):
                        QualityRules(min_area=None, min_side=None, coverage=None, min_largest_fraction=None,
                                     max_aspect=None))
     if params:
-        raise ConfigError(f"validator.params.{sorted(params)[0]}: unknown field (allowed: backend, prompt_version)")
+        raise ConfigError(f"validator.params.{sorted(params)[0]}: unknown field (allowed: backend, prompt_version, "
+                          f"params)")
     return _AgentValidator(ValidationAgent(backend, **kwargs), {c.name: c.definition for c in config.classes})

@@ -11,6 +11,13 @@ record; a restart resumes from what the bank holds.
     # leaving the block stops the worker cleanly
 
 Progress is stored in the bank (``InstanceBank(path).get_status("worker")``, ``genval-aug bank stats``).
+
+Errors: a chat server that is *unavailable* (:class:`~genval_aug.errors.BackendUnavailableError`: connection
+refused, timeout, HTTP 408/409/425/429/5xx after the backend's retries) is retried every poll interval, with
+``last_error`` in the status. Any other error (a permanent ``BackendError`` such as HTTP 400/401/403/404 for a
+wrong model name or key, a local ``generate()`` failure, a ``ConfigError``, a stage failing batch after batch)
+stops the worker: the status says ``state: failed`` with the ``error``, ``run_worker`` raises it and
+``genval-aug worker`` exits with code 2.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from genval_aug.build.config import BuildConfig, load_config
 from genval_aug.build.draws import default_draws_dir, read_draws
 from genval_aug.build.lock import build_lock
 from genval_aug.build.pipeline import BankBuilder
-from genval_aug.errors import BackendError, BankError, ConfigError
+from genval_aug.errors import BackendError, BackendUnavailableError, BankError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +123,14 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
     builder = BankBuilder(cfg, bank=bank_path, device=device, status_name=STATUS_NAME, progress=False)
     classes = [c.name for c in cfg.classes]
     final: dict[str, Any] = {}
+    failure: str | None = None
     try:
         while not stop.is_set():
             targets = {c.name: c.target + extra.get(c.name, 0) for c in cfg.classes}
             try:
                 report = builder.run(targets, stop=stop, extra_status=extra_status("filling"))
-            except BackendError as e:   # a chat server is down (after the backend's retries): try again later
-                if exit_when_done:
+            except BackendUnavailableError as e:   # a chat server is down or busy (after the backend's retries):
+                if exit_when_done:                     # try again later
                     raise
                 totals["cycles"] += 1
                 totals["last_error"] = str(e)
@@ -164,12 +172,19 @@ def run_worker(config: BuildConfig | str | os.PathLike, bank: str | os.PathLike 
                 break
             final = _write_status(bank_path, {**builder.status, **extra_status("idle")()})
             stop.wait(poll)
+    except Exception as e:   # a permanent error (wrong model name or key, ConfigError, ...): retrying would
+        failure = f"{type(e).__name__}: {e}"[:500]    # fail the same way every poll, forever
+        totals["last_error"] = str(e)[:500]
+        if isinstance(e, BackendError):
+            log.error("top-up worker: stopping on a permanent backend error (not retried): %s", e)
+        raise
     finally:
         builder.close()
-        state = "stopped" if stop.is_set() else "finished"
+        state = "failed" if failure else "stopped" if stop.is_set() else "finished"
+        extra_fields = {"error": failure} if failure else {}
         try:
             final = _write_status(bank_path, {**(builder.status or {}), **extra_status(state)(),
-                                              "state": state, "pid": os.getpid()})
+                                              "state": state, "pid": os.getpid(), **extra_fields})
         finally:
             lock.__exit__(None, None, None)
     return final

@@ -333,7 +333,11 @@ def cmd_merge(args) -> int:
             raise BankError(f"no instance bank at {p}")
     res = merge(args.out, args.inputs)
     print(f"merged {len(args.inputs)} bank(s) into {args.out}: {res['added']} added, {res['duplicates']} duplicates"
-          + (f", {res['skipped']} corrupt input record(s) skipped" if res.get("skipped") else ""))
+          + (f", {res['skipped']} corrupt input record(s) skipped (not copied):" if res["skipped"] else ""))
+    for e in res["errors"][:20]:
+        print(f"  {e}")
+    if len(res["errors"]) > 20:
+        print(f"  ... and {len(res['errors']) - 20} more (`genval-aug bank verify INPUT` lists them)")
     return 0
 
 

@@ -113,8 +113,8 @@ def mask_to_polygon(
     mode = cv2.RETR_CCOMP if parts == "all" else cv2.RETR_EXTERNAL
     contours, _ = cv2.findContours(m, mode, cv2.CHAIN_APPROX_SIMPLE)
     contours = [c.reshape(-1, 2) for c in contours if len(c)]
-    if not contours:
-        return np.zeros((0, 2), np.float32)
+    if len(contours) < 2:  # empty, or one part without holes (most pasted objects): nothing to order or join
+        return contours[0].astype(np.float32) if contours else np.zeros((0, 2), np.float32)
     # ~ pixel count incl. boundary (Pick: area + boundary / 2 + 1); the boundary is the contour's length, not its
     # vertex count (CHAIN_APPROX_SIMPLE keeps 2 vertices of a 1-px-thin part of any length)
     sizes = np.array([cv2.contourArea(c) + 0.5 * cv2.arcLength(c, True) + 1.0 for c in contours])

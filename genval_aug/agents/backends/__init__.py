@@ -8,6 +8,7 @@ from typing import Any
 
 from genval_aug.agents.backends.base import (
     ChatBackend,
+    ChatReply,
     Message,
     cache_identity,
     decode_image_data_url,
@@ -55,7 +56,7 @@ def load_backend(kind: str, model: str, *, base_url: str | None = None, api_key_
 
 
 __all__ = [
-    "BACKEND_KINDS", "CachedBackend", "ChatBackend", "Message", "OpenAICompatibleBackend", "ResponseCache",
+    "BACKEND_KINDS", "CachedBackend", "ChatBackend", "ChatReply", "Message", "OpenAICompatibleBackend", "ResponseCache",
     "TransformersChatBackend", "TransformersVisionBackend", "cache_identity", "decode_image_data_url",
     "default_cache_path", "encode_image_data_url", "image_part", "load_backend", "text_part",
 ]

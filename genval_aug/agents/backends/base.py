@@ -18,6 +18,31 @@ from genval_aug.errors import BackendError
 Message = dict[str, Any]
 
 
+class ChatReply(str):
+    """The assistant text (a ``str``) plus how generation ended, where the backend knows it.
+
+    ``finish_reason``: ``"stop"``, ``"length"`` (cut at the token limit), ... or None; ``max_tokens``: the limit
+    the request had, or None. Plain ``str`` replies (a response cache hit, a plug-in backend) mean "unknown".
+    """
+
+    finish_reason: str | None
+    max_tokens: int | None
+
+    def __new__(cls, text: str, finish_reason: str | None = None, max_tokens: int | None = None):
+        obj = super().__new__(cls, text)
+        obj.finish_reason = finish_reason if isinstance(finish_reason, str) else None
+        obj.max_tokens = int(max_tokens) if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None
+        return obj
+
+    @property
+    def truncated(self) -> bool:
+        """The model stopped because it reached ``max_tokens``, not because it was done."""
+        return self.finish_reason == "length"
+
+    def __reduce__(self):
+        return (ChatReply, (str(self), self.finish_reason, self.max_tokens))
+
+
 @runtime_checkable
 class ChatBackend(Protocol):
     """A chat model: OpenAI-compatible server, local transformers LLM or vision-language model."""

@@ -146,7 +146,10 @@ class CachedBackend:
             fresh = self.backend.chat_batch([batch[i] for i in todo], **params)
             for i, r in zip(todo, fresh, strict=True):
                 out[i] = r
-                if isinstance(r, str) and r.strip():   # an empty reply (content null: filtered, or a reasoning
-                    self.cache.put(keys[i], r, ident)  # model out of tokens) is asked again, not replayed forever
+                # an empty reply (content null: filtered, or a reasoning model out of tokens) is asked again, not
+                # replayed forever; so is one cut at max_tokens (replayed as plain text, the agents could no
+                # longer say it was truncated)
+                if isinstance(r, str) and r.strip() and getattr(r, "finish_reason", None) != "length":
+                    self.cache.put(keys[i], r, ident)
         logger.debug("response cache: %d hits, %d misses", len(batch) - len(todo), len(todo))
         return [r for r in out if r is not None]

@@ -16,8 +16,8 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from genval_aug.agents.backends.base import Message
-from genval_aug.errors import BackendError, ConfigError
+from genval_aug.agents.backends.base import ChatReply, Message
+from genval_aug.errors import BackendError, BackendUnavailableError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +36,22 @@ def resolve_api_key_env(api_key_env: str | None, base_url: str) -> str | None:
     if api_key_env == AUTO_KEY:
         return "OPENAI_API_KEY" if (urlsplit(base_url).hostname or "").lower() == OPENAI_HOST else None
     return api_key_env
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({408, 409, 425, 429})   # plus every 5xx but 501 Not Implemented: see is_transient_status
+
+
+def is_transient_status(status: int) -> bool:
+    """HTTP statuses worth retrying (the server is busy, restarting or behind a failing proxy): 408, 409, 425,
+    429 and 5xx except 501. Other 4xx (bad request, key, model name) fail the same way every time."""
+    return status in RETRY_STATUS or (500 <= status < 600 and status != 501)
 
 
 class OpenAICompatibleBackend:
     """Chat completions client with timeouts, retries (429/5xx/timeouts, exponential backoff with jitter,
     ``Retry-After`` honoured), a concurrency limit for :meth:`chat_batch` and clear errors on other 4xx.
+
+    Failures that outlast the retries (connection errors, timeouts, HTTP 408/409/425/429/5xx) raise
+    :class:`~genval_aug.errors.BackendUnavailableError` (try again later); anything else (HTTP 400/401/403/404,
+    a redirect, an unusable body) raises a plain :class:`~genval_aug.errors.BackendError` (permanent).
 
     Args:
         model: model name sent in each request.
@@ -145,8 +155,10 @@ class OpenAICompatibleBackend:
         url = f"{self._shown_url}/chat/completions"
         where = f"POST {url} (model {self.model!r})"
         last = ""
+        transient = True    # the last failure was the server being unreachable or busy (not a broken body)
         for attempt in range(self.max_retries + 1):
             response = None
+            transient = True
             try:
                 response = self._post(body)
             except httpx.TimeoutException as e:
@@ -155,6 +167,7 @@ class OpenAICompatibleBackend:
                 last = self._redact(f"connection failed: {e}")
             except httpx.DecodingError as e:   # a corrupt gzip/deflate body: was a bare httpx error
                 last = self._redact(f"undecodable response body: {e}")
+                transient = False
             except _TooLarge as e:   # not retried: the same request would get the same answer
                 raise BackendError(f"{where}: {e}") from None
             else:
@@ -163,9 +176,9 @@ class OpenAICompatibleBackend:
                     raise BackendError(f"{where} -> HTTP {response.status_code} redirect to {target} (not followed; "
                                        f"set base_url to the server's real address, including /v1)")
                 if response.status_code < 300:
-                    return self._parse(response, where)
+                    return self._parse(response, where, body)
                 detail = self._redact(_error_detail(response))
-                if response.status_code not in RETRY_STATUS:
+                if not is_transient_status(response.status_code):
                     hint = ""
                     if response.status_code in (401, 403):
                         hint = f" (check the API key in ${self.api_key_env})" if self.api_key_env else " (no API key sent)"
@@ -175,7 +188,8 @@ class OpenAICompatibleBackend:
                 delay = self._delay(attempt, response)
                 logger.warning("%s %s; retry %d/%d in %.1f s", where, last, attempt + 1, self.max_retries, delay)
                 time.sleep(delay)
-        raise BackendError(f"{where} failed after {self.max_retries + 1} attempts: {last}")
+        error = BackendUnavailableError if transient else BackendError
+        raise error(f"{where} failed after {self.max_retries + 1} attempts: {last}")
 
     def _post(self, body: dict[str, Any]) -> httpx.Response:
         """One request whose whole exchange (not only each read) ends within ``timeout`` seconds: a server
@@ -198,22 +212,24 @@ class OpenAICompatibleBackend:
             return httpx.Response(response.status_code, headers=headers, content=b"".join(chunks),
                                   request=response.request)
 
-    def _parse(self, response: httpx.Response, where: str) -> str:
+    def _parse(self, response: httpx.Response, where: str, body: dict[str, Any]) -> ChatReply:
         try:
             data = response.json()
         except ValueError as e:
             raise BackendError(f"{where}: HTTP {response.status_code} response body is not JSON: "
                                f"{self._redact(response.text[:200])!r}") from e
         try:
-            content = data["choices"][0]["message"].get("content")
+            choice = data["choices"][0]
+            content = choice["message"].get("content")
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise BackendError(f"{where}: response has no choices[0].message: "
                                f"{self._redact(str(data)[:200])!r}") from e
         if content is None:
-            return ""
-        if isinstance(content, list):  # some servers return content parts
-            return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-        return str(content)
+            content = ""
+        elif isinstance(content, list):  # some servers return content parts
+            content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
+        return ChatReply(str(content), choice.get("finish_reason"), limit)
 
     def chat_batch(self, batch: list[list[Message]], **params: Any) -> list[str]:
         if len(batch) <= 1 or self.concurrency == 1:

@@ -8,7 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from genval_aug.agents.backends.base import Message, decode_image_data_url, iter_parts, message_text
+from genval_aug.agents.backends.base import (
+    ChatReply,
+    Message,
+    decode_image_data_url,
+    iter_parts,
+    message_text,
+)
 from genval_aug.errors import BackendError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -116,6 +122,21 @@ class _GenerateMixin:
             kw["pad_token_id"] = pad_token_id
         return kw
 
+    def _replies(self, new, texts: list[str], kw: dict[str, Any], tokenizer) -> list[ChatReply]:
+        """Replies with ``finish_reason``: ``"length"`` when a row used all ``max_new_tokens`` and its last token
+        is no end-of-sequence (or pad) token, else ``"stop"``."""
+        limit = int(kw["max_new_tokens"])
+        ends: set[int] = set()
+        for src in (getattr(self.model_obj, "generation_config", None), tokenizer):
+            for attr in ("eos_token_id", "pad_token_id"):
+                v = getattr(src, attr, None) if src is not None else None
+                ends.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x is not None)
+        out = []
+        for row, text in zip(new.tolist(), texts, strict=True):
+            cut = len(row) >= limit and bool(row) and row[-1] not in ends
+            out.append(ChatReply(text.strip(), "length" if cut else "stop", limit))
+        return out
+
     def chat(self, messages: list[Message], **params: Any) -> str:
         return self.chat_batch([messages], **params)[0]
 
@@ -169,7 +190,7 @@ class TransformersChatBackend(_GenerateMixin):
         except Exception as e:  # noqa: BLE001 - surface as a backend error naming the model
             raise BackendError(f"{self.model}: generate() failed: {e}") from e
         new = ids[:, enc["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return self._replies(new, self.tokenizer.batch_decode(new, skip_special_tokens=True), kw, self.tokenizer)
 
 
 class TransformersVisionBackend(_GenerateMixin):
@@ -231,4 +252,4 @@ class TransformersVisionBackend(_GenerateMixin):
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"{self.model}: processing or generate() failed: {e}") from e
         new = ids[:, enc["input_ids"].shape[1]:]
-        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        return self._replies(new, self.processor.batch_decode(new, skip_special_tokens=True), kw, tok)
