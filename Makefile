@@ -10,6 +10,24 @@ PYTEST_ARGS ?=
 # tests against it, installed beside the environment (no other package changes)
 ULTRALYTICS_MIN := 8.3.0
 COMPAT := $(VENV)/compat/ultralytics-$(ULTRALYTICS_MIN)
+# the oldest versions pyproject.toml allows for the other extras and core packages whose wheels work here, with
+# the oldest tokenizers / huggingface_hub / httpcore those accept; `make test-compat` runs the tests of each
+# set against it, installed beside the environment in $(VENV)/compat/<name> (nothing else changes)
+GEN_MIN := transformers==4.45.2 tokenizers==0.20.3 huggingface_hub==0.34.0 diffusers==0.35.2 \
+	accelerate==0.30.0 safetensors==0.4.1
+AGENTS_MIN := transformers==4.49.0 tokenizers==0.21.1 huggingface_hub==0.26.5 httpx==0.25.0 httpcore==0.18.0
+CORE_MIN := lmdb==1.4.1 cramjam==2.7.0 pillow==9.2.0 pyyaml==6.0 tqdm==4.60.0 albumentations==2.0.7 \
+	pycocotools==2.0.8
+# $(call compat,<name>,<pinned packages>,<test files>): install the set, check it is what gets imported, test
+define compat
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --only-binary=:all: --upgrade \
+		--target $(VENV)/compat/$(1) $(2) 2>&1 | grep -v "is ignored: it is neither" || true
+	@PYTHONPATH=$(abspath $(VENV)/compat/$(1)) $(PY) -c "import sys, importlib.metadata as m; \
+		bad = [p for p in sys.argv[1:] if m.version(p.split('==')[0]) != p.split('==')[1]]; \
+		sys.exit(f'compat $(1): not installed as pinned: {bad}' if bad else 0)" $(2)
+	@echo "== compat $(1): $(2)"
+	@PYTHONPATH=$(abspath $(VENV)/compat/$(1)) $(PY) -m pytest -q -p no:cacheprovider $(3)
+endef
 
 .PHONY: install demo test test-compat lint bench clean
 
@@ -36,6 +54,11 @@ test-compat: install
 		ultralytics==$(ULTRALYTICS_MIN) 2>&1 | grep -v "is ignored: it is neither" || true
 	@PYTHONPATH=$(abspath $(COMPAT)) $(PY) -c "import ultralytics as u; assert u.__version__ == '$(ULTRALYTICS_MIN)', u.__version__"
 	@PYTHONPATH=$(abspath $(COMPAT)) $(PY) -m pytest -q -p no:cacheprovider tests/test_ultralytics.py
+	$(call compat,gen-min,$(GEN_MIN),tests/test_layerdiffusion.py)
+	$(call compat,agents-min,$(AGENTS_MIN),tests/test_agents_backends.py tests/test_agents_validator.py \
+		tests/test_agents_prompt.py tests/test_agents_optimize.py)
+	$(call compat,core-min,$(CORE_MIN),tests/test_bank.py tests/test_bank_cache.py tests/test_build.py \
+		tests/test_datasets.py tests/test_albumentations.py tests/test_harvest.py)
 
 lint: install
 	@$(VENV)/bin/ruff check genval_aug tests benchmarks examples

@@ -135,6 +135,33 @@ def byte_chars() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
 
 
+# transformers 4.x vs 5 (pyproject allows both; CI also runs these tests on the oldest 4.x it allows, see
+# `make test-compat`): 4.x BPE tokenizers read vocab/merges from files only, 5 takes them as objects and
+# silently swallows vocab_file=; 4.x VL configs are flat with rope_scaling, 5 nests text_config with
+# rope_parameters; the Qwen2.5-VL processor takes a video processor only in newer versions.
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def _bpe_tokenizer(cls, vocab: dict[str, int], **kwargs):
+    """``cls`` (a byte-level BPE tokenizer class) with ``vocab`` and no merges, in any transformers version."""
+    import inspect
+    import os
+    import tempfile
+
+    if "vocab_file" not in inspect.signature(cls.__init__).parameters:
+        return cls(vocab=vocab, merges=[], **kwargs)
+    with tempfile.TemporaryDirectory() as d:
+        vocab_file, merges_file = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+        return cls(vocab_file, merges_file, **kwargs)
+
+
 def tiny_clip_tokenizer(max_length: int = 77):
     """Byte-level CLIPTokenizer: every byte one token (+ ``</w>`` forms), start/end tokens added."""
     from transformers import CLIPTokenizer
@@ -145,7 +172,7 @@ def tiny_clip_tokenizer(max_length: int = 77):
         vocab.setdefault(c, len(vocab))
     for c in chars:
         vocab.setdefault(c + "</w>", len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token="!")
+    tok = _bpe_tokenizer(CLIPTokenizer, vocab, model_max_length=max_length, pad_token="!")
     assert len(tok) == 514, len(tok)
     return tok
 
@@ -192,14 +219,16 @@ VL_TEMPLATE = (
 
 def tiny_qwen25_vl(seed: int = 0):
     """Tiny random Qwen2.5-VL with an offline processor (shared/docs/tiny-models.md section 5)."""
+    import inspect
+
     import torch
+    import transformers
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
         Qwen2Tokenizer,
         Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -207,20 +236,27 @@ def tiny_qwen25_vl(seed: int = 0):
     vocab = {s: i for i, s in enumerate(specials)}
     for c in byte_chars():
         vocab.setdefault(c, len(vocab))
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    tok = _bpe_tokenizer(Qwen2Tokenizer, vocab, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                          additional_special_tokens=specials[1:])
     assert len(tok) == 263, len(tok)
     ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                temporal_patch_size=2)
-    proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, chat_template=VL_TEMPLATE,
-                               video_processor=Qwen2VLVideoProcessor())
+    video = {}
+    if "video_processor" in inspect.signature(Qwen2_5_VLProcessor.__init__).parameters:  # mandatory in 5
+        video["video_processor"] = transformers.Qwen2VLVideoProcessor()
+    proc = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, chat_template=VL_TEMPLATE, **video)
     ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
     torch.manual_seed(seed)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    if _transformers_major() >= 5:
+        text = {"text_config": dict(text, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                           "mrope_section": [1, 1, 2]})}
+    else:  # 4.x: flat text settings
+        text.update(rope_theta=1e4, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]},
-                         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        **text,
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),

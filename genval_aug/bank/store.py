@@ -288,6 +288,8 @@ class _Registry:
             h = self._handles.get(path)
             if h is not None and h.pid == os.getpid():
                 h.env.set_mapsize(size)
+                # lmdb 2.2 no longer accepts the old database handles after a resize: reopen them (a lookup)
+                h.dbs = {n: h.env.open_db(n.encode(), create=False) for n in h.dbs}
 
     def close(self, path: str) -> None:
         if path not in self._handles:
@@ -375,6 +377,7 @@ class InstanceBank:
         once if a fork closed the handle under the read (it waits ``FORK_READ_WAIT`` s for reads, not longer)."""
         for attempt in range(2):
             with _REGISTRY.reading(self.path, self.lock) as h:
+                txn = None
                 try:
                     with h.env.begin(buffers=False) as txn:
                         return fn(txn, h.dbs)
@@ -386,6 +389,8 @@ class InstanceBank:
                     if attempt or not h.closed_by_fork:
                         raise
                     resized = False  # the next reading() opens a fresh handle once the fork is done
+                finally:
+                    del txn  # freed inside the read: lmdb 1.x crashes if a close() runs into its dealloc
             if resized:
                 _REGISTRY.reopen_resized(self.path)  # outside the read: it waits for this process's other reads
         raise AssertionError("unreachable")

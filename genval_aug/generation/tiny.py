@@ -6,6 +6,10 @@ decoder with narrow channels (so image sides stay multiples of 64, as for the re
 """
 from __future__ import annotations
 
+import inspect
+import json
+import os
+import tempfile
 from typing import Any
 
 import torch
@@ -36,7 +40,18 @@ def tiny_clip_tokenizer(max_length: int = 16):
         vocab.setdefault(c, len(vocab))
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token="!")
+    kw = dict(model_max_length=max_length, pad_token="!")
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:
+        # transformers 4.x: the (slow) tokenizer reads its vocabulary and merges from files only
+        with tempfile.TemporaryDirectory() as d:
+            vocab_file, merges_file = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
+            with open(vocab_file, "w", encoding="utf-8") as f:
+                json.dump(vocab, f, ensure_ascii=False)
+            with open(merges_file, "w", encoding="utf-8") as f:
+                f.write("#version: 0.2\n")
+            tok = CLIPTokenizer(vocab_file, merges_file, **kw)
+    else:  # transformers 5: vocab/merges objects (vocab_file= would be swallowed silently)
+        tok = CLIPTokenizer(vocab=vocab, merges=[], **kw)
     if len(tok) != 514:
         raise RuntimeError(f"tiny tokenizer has {len(tok)} tokens, expected 514")
     return tok

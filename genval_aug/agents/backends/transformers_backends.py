@@ -36,6 +36,14 @@ def _torch_dtype(dtype: Any):
         raise ConfigError(f"dtype must be one of float32/float16/bfloat16/auto, got {dtype!r}") from None
 
 
+def _dtype_keyword(transformers_version: str) -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before (where
+    ``dtype=`` would reach the model's ``__init__`` and fail)."""
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers_version).release >= (4, 56) else "torch_dtype"
+
+
 def _resolve_device(device: str | None) -> str:
     import torch
 
@@ -78,9 +86,9 @@ class _GenerateMixin:
         if local_files_only is not None:
             hub["local_files_only"] = local_files_only
         proc = getattr(transformers, auto_processor).from_pretrained(model_id_or_path, **hub)
+        hub[_dtype_keyword(transformers.__version__)] = _torch_dtype(dtype)
         try:  # safetensors only: without this transformers falls back to unpickling pytorch_model.bin
-            model = getattr(transformers, auto_model).from_pretrained(model_id_or_path, dtype=_torch_dtype(dtype),
-                                                                      use_safetensors=True, **hub)
+            model = getattr(transformers, auto_model).from_pretrained(model_id_or_path, use_safetensors=True, **hub)
         except OSError as e:
             raise ConfigError(f"{model_id_or_path}: cannot load {auto_model} weights (only .safetensors files are "
                               f"accepted, no pickle formats): {e}") from e
@@ -156,6 +164,11 @@ class TransformersChatBackend(_GenerateMixin):
             raise ConfigError(f"tokenizer of {self.model!r} has no chat_template; set tokenizer.chat_template")
         self.model_obj.to(self.device).eval()
 
+    def _accepts(self, name: str) -> bool:
+        import inspect
+
+        return name in inspect.signature(self.model_obj.forward).parameters
+
     @classmethod
     def from_pretrained(cls, model_id_or_path: str, *, device: str | None = None, dtype: Any = "auto",
                         local_files_only: bool | None = None, trust_remote_code: bool = False, **kwargs: Any):
@@ -168,6 +181,8 @@ class TransformersChatBackend(_GenerateMixin):
         convs = [[{"role": m["role"], "content": message_text(m)} for m in msgs] for msgs in batch]
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if "token_type_ids" in enc and not self._accepts("token_type_ids"):
+            del enc["token_type_ids"]  # tokenizers may add them; transformers 4.x generate() rejects unused inputs
         kw = self._generation_kwargs(params, self.tokenizer.pad_token_id)
         try:
             with torch.inference_mode():
