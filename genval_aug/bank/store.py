@@ -288,8 +288,10 @@ class _Registry:
             h = self._handles.get(path)
             if h is not None and h.pid == os.getpid():
                 h.env.set_mapsize(size)
-                # lmdb 2.2 no longer accepts the old database handles after a resize: reopen them (a lookup)
-                h.dbs = {n: h.env.open_db(n.encode(), create=False) for n in h.dbs}
+                # lmdb 2.2 no longer accepts the old database handles after a resize: look them up again, in a
+                # read transaction (a writable env would otherwise take LMDB's writer lock for the lookup)
+                with h.env.begin() as txn:
+                    h.dbs = {n: h.env.open_db(n.encode(), txn=txn, create=False) for n in h.dbs}
 
     def close(self, path: str) -> None:
         if path not in self._handles:
