@@ -540,6 +540,56 @@ def test_detect_training_on_box_data_with_the_cli(box_yaml, bank, tmp_path, monk
     assert (tmp_path / "det" / "weights" / "last.pt").is_file()
 
 
+def test_rtdetr_dataset_items_are_pasted_before_and_after_close_mosaic(box_yaml, bank):
+    """RT-DETR (Ultralytics' RTDETRDataset: its own transform list, stretched to imgsz) gets the paste the same
+    way, also after close_mosaic rebuilds the transforms."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.models.rtdetr.val import RTDETRDataset
+
+    cfg = get_cfg(overrides={"imgsz": IMGSZ, "task": "detect"})
+    data = check_det_dataset(str(box_yaml))
+    ds = RTDETRDataset(img_path=data["train"], imgsz=IMGSZ, batch_size=4, augment=True, hyp=cfg, rect=False,
+                       data=data)
+    t = PasteSpec(bank, **PASTE).make_transform(ds)
+    hook_dataset(ds, t)
+    for phase in ("mosaic", "closed"):
+        if phase == "closed":
+            ds.close_mosaic(hyp=copy(cfg))
+        assert "YoloPaste" in names_of(ds.transforms), phase
+        pasted = sum(check_formatted_sample(ds[i], use_masks=False) for i in range(len(ds)))
+        assert pasted >= len(ds), phase
+    assert t.stats["errors"] == 0 and t.stats["images"] == 2 * len(ds)
+
+
+@pytest.mark.slow
+def test_rtdetr_training_with_attach(box_yaml, bank, tmp_path):
+    """attach() on an RTDETR model: its trainer builds RTDETRDataset through the hooked build_dataset."""
+    from ultralytics import RTDETR
+
+    torch.set_num_threads(1)
+    seen = []
+
+    def record(trainer):  # every batch: the dataset class, its transforms, how many bank-class objects
+        pre = trainer.preprocess_batch
+
+        def preprocess(batch):
+            ds = trainer.train_loader.dataset
+            seen.append((type(ds).__name__, names_of(ds.transforms),
+                         int(np.isin(batch["cls"].numpy().reshape(-1), PASTED_IDS).sum())))
+            return pre(batch)
+
+        trainer.preprocess_batch = preprocess
+
+    model = attach(RTDETR("rtdetr-l.yaml"), bank=bank, **PASTE)
+    model.add_callback("on_pretrain_routine_end", record)
+    model.train(data=str(box_yaml), epochs=1, imgsz=IMGSZ, batch=4, device="cpu", workers=0, plots=False,
+                val=False, amp=False, project=str(tmp_path), name="rtdetr", exist_ok=True, seed=0, verbose=False,
+                fraction=0.67)
+    assert seen and all(name == "RTDETRDataset" and "YoloPaste" in tf for name, tf, _ in seen)
+    assert sum(n for _, _, n in seen) >= len(seen)  # objects of the bank's classes (absent from the images)
+
+
 def test_cli_single_class_id():
     """``paste_classes=0`` is one class id, as Ultralytics' own ``classes=0``; not an int to iterate."""
     from genval_aug.cli.yolo import parse_overrides
