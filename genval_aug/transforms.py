@@ -365,7 +365,11 @@ def _parse_sample(sample: Any, flat: list[Any], extra_fields: Mapping[str, Any])
             return None
         val = target[key]
         if not isinstance(val, torch.Tensor) or id(val) not in leaf_index:
-            raise TargetsError(f"{key}: expected a tensor, got {type(val).__name__}")
+            hint = ""
+            if isinstance(val, (list, tuple)):  # e.g. COCO's raw per-object lists, which no v2 transform updates
+                hint = (" (torchvision's wrap_dataset_for_transforms_v2(..., target_keys='all') keeps COCO's raw "
+                        "per-object lists; pass target_keys=('boxes', 'labels', 'masks', 'image_id') instead)")
+            raise TargetsError(f"{key}: expected a tensor, got {type(val).__name__}{hint}")
         if val.ndim < 1 or val.shape[0] != n:
             raise TargetsError(f"{key}: {tuple(val.shape)[:1] or 'scalar'} entries for {n} boxes")
         return leaf_index[id(val)]

@@ -452,3 +452,53 @@ def test_float_images_of_every_channel_count(channels):
     assert len(out["labels"]) == 1 and obj.any()
     assert torch.equal(out_img[:, ~obj], img[:, ~obj])
     assert torch.allclose(out_img[:3, obj], torch.tensor(200 / 255), atol=0.51 / 255)  # gray 200 stays 200
+
+
+def test_torchvision_coco_detection_wrapped_for_v2(bank_path, shared_data):
+    """The torchvision tutorial's way to read COCO json: ``CocoDetection`` + ``wrap_dataset_for_transforms_v2``
+    (PIL image -> tv_tensors target), on the labelme VOC examples' real COCO annotations, with GenValPaste first
+    in the dataset's v2 transforms. ``target_keys="all"`` keeps COCO's raw per-object lists, which no transform
+    updates: that is a clear error naming them, not silently stale labels."""
+    import json
+
+    pytest.importorskip("pycocotools")
+    from torchvision import datasets
+
+    root = shared_data / "labelme_voc_examples" / "data_dataset_coco"
+    cats = json.loads((root / "annotations.json").read_text())["categories"]
+    by_id = {c["id"]: c["name"] for c in cats}
+    cm = class_map_from_names([by_id.get(i, "N/A") for i in range(max(by_id) + 1)], bank_path)
+    assert cm == {"car": 7, "person": 15, "potted plant": 16}  # VOC ids of the bank's classes; elephant: none
+
+    def dataset(keys):
+        t = v2.Compose([GenValPaste(bank_path, class_map=cm, n=3, seed=0), v2.RandomHorizontalFlip(p=0.5),
+                        v2.SanitizeBoundingBoxes()])
+        coco = datasets.CocoDetection(root, root / "annotations.json", transforms=t)
+        raw = datasets.wrap_dataset_for_transforms_v2(datasets.CocoDetection(root, root / "annotations.json"),
+                                                      target_keys=keys)
+        return datasets.wrap_dataset_for_transforms_v2(coco, target_keys=keys), raw
+
+    pasted = 0
+    for keys in (None, ("boxes", "labels", "masks", "image_id")):
+        ds, raw = dataset(keys)
+        for i in range(len(ds)):
+            img, out = ds[i]
+            _, before = raw[i]
+            assert isinstance(img, PILImage.Image) and out["image_id"] == before["image_id"]
+            n, nk = len(out["labels"]), len(before["labels"])
+            assert out["boxes"].shape == (n, 4) and out["boxes"].canvas_size == before["boxes"].canvas_size
+            new = out["labels"][nk:] if n > nk else out["labels"][:0]
+            pasted += len(new)
+            assert set(new.tolist()) <= set(cm.values())
+            if keys is not None:  # masks: every pasted object's box is its mask's extent
+                m = out["masks"].numpy().astype(bool)
+                assert m.shape[0] == n
+                for k in range(n - len(new), n):
+                    ys, xs = np.nonzero(m[k])
+                    box = F.convert_bounding_box_format(out["boxes"], new_format="XYXY")[k].tolist()
+                    assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert pasted >= 2 * 3  # two key sets x three images, 1-3 pasted each (placement may skip some)
+
+    ds, _ = dataset("all")
+    with pytest.raises(TargetsError, match=r"area: expected a tensor, got list.*target_keys"):
+        ds[0]
