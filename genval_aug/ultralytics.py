@@ -347,16 +347,30 @@ class PasteSpec:
             logger.warning("genval_aug: bank %s has no instances; nothing will be pasted", _bank_repr(self.bank))
         return cats
 
-    def make_transform(self, dataset: Any) -> YoloPaste:
-        """Map bank categories onto ``dataset.data['names']`` and build the transform."""
+    def make_transform(self, dataset: Any, include_class: Iterable[int] | None = None) -> YoloPaste:
+        """Map bank categories onto ``dataset.data['names']`` and build the transform.
+
+        ``include_class``: Ultralytics' ``classes=`` training argument (the dataset keeps only these class ids;
+        the hooks pass ``trainer.args.classes``): bank categories mapped to other ids are not pasted. A dataset
+        with ``single_cls`` labels every object 0 (Ultralytics 8.4 also renames its classes to ``item``), so
+        every bank category (narrowed by ``classes``/``class_map`` as names) is pasted as class 0.
+        """
         names = (getattr(dataset, "data", None) or {}).get("names")
         if names is None:
             raise ConfigError(f"dataset {type(dataset).__name__} has no data['names'] to map bank categories to")
         # reading opens the bank in this process; genval_aug.bank closes read-only handles before every fork,
         # so Ultralytics' forked workers open their own (py-lmdb refuses inherited environments)
         cats = list(_instance_bank(self.bank).categories())
-        mapping, unmapped = build_class_map(cats, names, synonyms=self.synonyms, class_map=self.class_map,
-                                            classes=self.classes)
+        filtered: list[str] = []
+        if getattr(dataset, "single_cls", False):
+            mapping, unmapped = self._single_class_map(cats), []
+        else:
+            mapping, unmapped = build_class_map(cats, names, synonyms=self.synonyms, class_map=self.class_map,
+                                                classes=self.classes)
+            if include_class is not None:
+                keep = {int(c) for c in np.asarray(include_class).reshape(-1)}
+                filtered = sorted(c for c, v in mapping.items() if v not in keep)
+                mapping = {c: v for c, v in mapping.items() if v in keep}
         unsupported = getattr(dataset, "use_keypoints", False) or getattr(dataset, "use_obb", False)
         if unsupported:
             mapping = {}
@@ -366,12 +380,23 @@ class PasteSpec:
                 logger.warning("genval_aug: pose and OBB datasets are not supported; training runs without pasting")
             elif unmapped:
                 logger.warning("genval_aug: %s", format_unmapped(unmapped))
+            if filtered and not unsupported:
+                logger.info("genval_aug: not pasting %s: their classes are outside the training classes=%s",
+                            ", ".join(filtered), sorted(keep))
             if not mapping and not unsupported:
                 logger.warning("genval_aug: no bank category maps to a dataset class; nothing will be pasted")
             elif mapping:
-                logger.info("genval_aug: pasting %s", ", ".join(f"{k}->{names[v]}" for k, v in sorted(mapping.items())))
+                shown = "0 (single_cls)" if getattr(dataset, "single_cls", False) else None
+                logger.info("genval_aug: pasting %s", ", ".join(f"{k}->{shown or names[v]}" for k, v in sorted(mapping.items())))
         polygons = bool(getattr(dataset, "use_segments", False))
         return YoloPaste(self.bank, self.options, mapping, polygons=polygons, seed=self.seed, cache_mb=self.cache_mb)
+
+    def _single_class_map(self, cats: list[str]) -> dict[str, int]:
+        """Every bank category -> 0, but those ``class_map`` excludes (None) and, when ``classes`` names some,
+        those it does not name."""
+        excluded = {normalize_name(k) for k, v in (self.class_map or {}).items() if v is None}
+        named = {normalize_name(c) for c in self.classes or () if isinstance(c, str)}
+        return {c: 0 for c in cats if normalize_name(c) not in excluded and (not named or normalize_name(c) in named)}
 
 
 class _AttachCallback:
@@ -384,7 +409,7 @@ class _AttachCallback:
         loader = getattr(trainer, "train_loader", None)
         if loader is None:
             return
-        hook_dataset(loader.dataset, self.spec.make_transform(loader.dataset))
+        hook_dataset(loader.dataset, self.spec.make_transform(loader.dataset, trainer.args.classes))
         if hasattr(loader, "reset"):
             loader.reset()  # 8.3 forks workers eagerly: make them see the new transforms
         current = trainer.__dict__.get("build_dataset")
@@ -400,7 +425,7 @@ class _BuildDataset:
         t = self.trainer
         ds = self.inner(img_path, mode, batch) if self.inner else type(t).build_dataset(t, img_path, mode, batch)
         if mode == "train":
-            hook_dataset(ds, self.spec.make_transform(ds))
+            hook_dataset(ds, self.spec.make_transform(ds, t.args.classes))
         return ds
 
 
@@ -476,7 +501,7 @@ class _GenValTrainerMixin:
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
         ds = super().build_dataset(img_path, mode, batch)
         if mode == "train":
-            hook_dataset(ds, self.genval.make_transform(ds))
+            hook_dataset(ds, self.genval.make_transform(ds, self.args.classes))
         return ds
 
 

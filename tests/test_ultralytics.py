@@ -540,6 +540,28 @@ def test_detect_training_on_box_data_with_the_cli(box_yaml, bank, tmp_path, monk
     assert (tmp_path / "det" / "weights" / "last.pt").is_file()
 
 
+@pytest.mark.parametrize("extra", [{"classes": [0, 2]}, {"single_cls": True}])
+def test_training_classes_and_single_cls_are_respected(extra, box_yaml, bank, tmp_path):
+    """Ultralytics' ``classes=`` keeps only those class ids: the elephant (20) of the bank must not be pasted.
+    ``single_cls=True`` labels every object 0 (8.4 renames the classes to "item"): bank objects paste as 0."""
+    from genval_aug.ultralytics import GenValDetectionTrainer, YoloPaste
+
+    tr = GenValDetectionTrainer(overrides={
+        "model": "yolo11n.yaml", "data": str(box_yaml), "imgsz": IMGSZ, "genval": {"bank": str(bank), **PASTE},
+        "project": str(tmp_path), "name": "t", "exist_ok": True, "device": "cpu", **extra})
+    if not hasattr(tr, "data"):  # 8.3 reads the dataset in _setup_train
+        tr.data = tr.get_dataset()
+    tr.model = tr.get_model(cfg="yolo11n.yaml", verbose=False)
+    ds = tr.build_dataset(tr.data["train"], "train", 4)
+    cls = np.concatenate([ds[i]["cls"].numpy().reshape(-1) for i in range(len(ds))]).astype(int)
+    paste = next(t for t in ds.transforms.transforms if isinstance(t, YoloPaste))
+    assert paste.stats["pasted"] >= len(ds) and paste.stats["errors"] == 0
+    if "classes" in extra:
+        assert set(cls) <= {0, 2} and {0, 2} <= set(cls) and sorted(paste.class_map) == ["car", "person"]
+    else:
+        assert set(cls) == {0} and set(paste.class_map.values()) == {0} and len(paste.class_map) == 4
+
+
 def test_rtdetr_dataset_items_are_pasted_before_and_after_close_mosaic(box_yaml, bank):
     """RT-DETR (Ultralytics' RTDETRDataset: its own transform list, stretched to imgsz) gets the paste the same
     way, also after close_mosaic rebuilds the transforms."""
