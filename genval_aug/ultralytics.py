@@ -399,6 +399,11 @@ class PasteSpec:
         return {c: 0 for c in cats if normalize_name(c) not in excluded and (not named or normalize_name(c) in named)}
 
 
+def _train_classes(trainer: Any) -> Any:
+    """The trainer's ``classes=`` argument (class ids the dataset keeps), None when absent."""
+    return getattr(getattr(trainer, "args", None), "classes", None)
+
+
 class _AttachCallback:
     """``on_pretrain_routine_end`` callback installed by :func:`attach` (picklable for 8.4's DDP launcher)."""
 
@@ -409,7 +414,7 @@ class _AttachCallback:
         loader = getattr(trainer, "train_loader", None)
         if loader is None:
             return
-        hook_dataset(loader.dataset, self.spec.make_transform(loader.dataset, trainer.args.classes))
+        hook_dataset(loader.dataset, self.spec.make_transform(loader.dataset, _train_classes(trainer)))
         if hasattr(loader, "reset"):
             loader.reset()  # 8.3 forks workers eagerly: make them see the new transforms
         current = trainer.__dict__.get("build_dataset")
@@ -425,7 +430,7 @@ class _BuildDataset:
         t = self.trainer
         ds = self.inner(img_path, mode, batch) if self.inner else type(t).build_dataset(t, img_path, mode, batch)
         if mode == "train":
-            hook_dataset(ds, self.spec.make_transform(ds, t.args.classes))
+            hook_dataset(ds, self.spec.make_transform(ds, _train_classes(t)))
         return ds
 
 
@@ -501,7 +506,7 @@ class _GenValTrainerMixin:
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
         ds = super().build_dataset(img_path, mode, batch)
         if mode == "train":
-            hook_dataset(ds, self.genval.make_transform(ds, self.args.classes))
+            hook_dataset(ds, self.genval.make_transform(ds, _train_classes(self)))
         return ds
 
 
