@@ -146,7 +146,9 @@ def _transformers_major() -> int:
 
 
 def _bpe_tokenizer(cls, vocab: dict[str, int], **kwargs):
-    """``cls`` (a byte-level BPE tokenizer class) with ``vocab`` and no merges, in any transformers version."""
+    """``cls`` (a byte-level BPE tokenizer class) with ``vocab`` and no merges, in any transformers version.
+    (genval_aug.generation.tiny.bpe_tokenizer does the same, but importing it needs diffusers, which the
+    agents tests must run without.)"""
     import inspect
     import os
     import tempfile

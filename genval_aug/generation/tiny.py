@@ -31,7 +31,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def bpe_tokenizer(cls: Any, vocab: dict[str, int], **kwargs: Any) -> Any:
+    """``cls`` (a byte-level BPE tokenizer class, e.g. ``CLIPTokenizer``) with ``vocab`` and no merges, in any
+    transformers version: 4.x's slow tokenizers read vocabulary and merges from files only, 5.x takes the objects
+    (and would swallow ``vocab_file=`` silently)."""
+    if "vocab_file" not in inspect.signature(cls.__init__).parameters:
+        return cls(vocab=vocab, merges=[], **kwargs)
+    with tempfile.TemporaryDirectory() as d:
+        vocab_file, merges_file = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
+        with open(vocab_file, "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(merges_file, "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+        return cls(vocab_file, merges_file, **kwargs)
+
+
 def tiny_clip_tokenizer(max_length: int = 16):
+    """Byte-level CLIPTokenizer: every byte one token (+ ``</w>`` forms), start/end tokens added (514 tokens)."""
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
@@ -40,18 +56,7 @@ def tiny_clip_tokenizer(max_length: int = 16):
         vocab.setdefault(c, len(vocab))
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
-    kw = dict(model_max_length=max_length, pad_token="!")
-    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:
-        # transformers 4.x: the (slow) tokenizer reads its vocabulary and merges from files only
-        with tempfile.TemporaryDirectory() as d:
-            vocab_file, merges_file = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
-            with open(vocab_file, "w", encoding="utf-8") as f:
-                json.dump(vocab, f, ensure_ascii=False)
-            with open(merges_file, "w", encoding="utf-8") as f:
-                f.write("#version: 0.2\n")
-            tok = CLIPTokenizer(vocab_file, merges_file, **kw)
-    else:  # transformers 5: vocab/merges objects (vocab_file= would be swallowed silently)
-        tok = CLIPTokenizer(vocab=vocab, merges=[], **kw)
+    tok = bpe_tokenizer(CLIPTokenizer, vocab, model_max_length=max_length, pad_token="!")
     if len(tok) != 514:
         raise RuntimeError(f"tiny tokenizer has {len(tok)} tokens, expected 514")
     return tok
