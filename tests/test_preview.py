@@ -80,3 +80,38 @@ def test_preview_with_bank_categories_the_dataset_lacks(harvested_bank, coco128_
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert out.is_file()
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc"])
+def test_preview_reads_coco_json_and_voc_folders(fmt, harvested_bank, shared_data, tmp_path, capsys):
+    """The formats `bank harvest` reads: every object of the chosen images is drawn (one full-image mask each,
+    its box the mask's extent), and the grid is written."""
+    import json
+
+    from PIL import Image
+
+    from genval_aug.cli.preview import _mask_samples
+
+    root = shared_data / "labelme_voc_examples"
+    if fmt == "coco":
+        data = root / "data_dataset_coco" / "annotations.json"
+        expected = sum(not a.get("iscrowd") for a in json.loads(data.read_text())["annotations"])
+    else:
+        data = root / "data_dataset_voc"
+        expected = sum(len(set(np.unique(np.array(Image.open(p)))) - {0, 255})
+                       for p in (data / "SegmentationObject").glob("*.png"))
+    names, samples = _mask_samples(str(data), "train", 10, np.random.default_rng(0))
+    assert len(samples) == 3 and names[15] == "person"
+    objects = 0
+    for _, img, t in samples:
+        assert t.masks.shape == (len(t.classes), *img.shape[:2])
+        for m, box in zip(t.masks, t.boxes, strict=True):
+            ys, xs = np.nonzero(m)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        objects += len(t.classes)
+    assert objects == expected > 0
+
+    out = tmp_path / "grid.png"
+    rc = main(["preview", "--data", str(data), "--bank", str(harvested_bank), "--out", str(out), "--n", "2",
+               "--with-original", "--tile", "160"])
+    assert rc == 0 and "4 tiles" in capsys.readouterr().out and cv2.imread(str(out)) is not None

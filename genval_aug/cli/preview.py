@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("preview", help="draw a grid of augmented samples (pasted objects marked)",
                               description="Draw a grid of augmented dataset samples: boxes, masks and class names, "
                               "pasted objects marked with a white dashed frame and a + before the name.")
-    p.add_argument("--data", required=True, help="dataset yaml or folder (Ultralytics YOLO layout)")
+    p.add_argument("--data", required=True, help="dataset: YOLO yaml or folder, COCO json, or VOC folder "
+                   "(SegmentationObject/), as for `bank harvest`")
     p.add_argument("--bank", required=True, help="instance bank path")
     p.add_argument("--out", required=True, help="output picture (.png / .jpg)")
     p.add_argument("--n", type=int, default=8, help="number of samples (default 8)")
@@ -59,23 +60,30 @@ def run(args: argparse.Namespace) -> int:
     from genval_aug.bank import InstanceBank
     from genval_aug.class_map import class_map_from_names
     from genval_aug.datasets import YoloDataset, read_rgb
+    from genval_aug.harvest.formats import detect_format
     from genval_aug.lazy_engine import make_config
-    from genval_aug.paste import PasteEngine
+    from genval_aug.paste import PasteEngine, Targets
     from genval_aug.viz import draw_labels, make_grid
 
     if args.n < 1:
         raise ConfigError("--n must be at least 1")
-    ds = YoloDataset(args.data)
-    images = ds.images(args.split)
-    if not images:
-        raise DatasetError(f"{args.data}: split {args.split!r} has no images")
+    rng = np.random.default_rng(args.seed)
+    if detect_format(args.data) in ("coco", "voc"):
+        names, samples = _mask_samples(args.data, args.split, args.n, rng)
+    else:
+        ds = YoloDataset(args.data)
+        images = ds.images(args.split)
+        if not images:
+            raise DatasetError(f"{args.data}: split {args.split!r} has no images")
+        chosen = rng.choice(len(images), size=min(args.n, len(images)), replace=False)
+        names, samples = ds.names, [(images[int(i)], None, ds.read_labels(images[int(i)])) for i in chosen]
     bank = InstanceBank(args.bank)
     if not bank.count():
         raise ConfigError(f"{args.bank}: the bank is empty")
     class_map = None
-    if not args.no_class_map and ds.names:
-        class_map = class_map_from_names(ds.names, bank)
-    names = dict(ds.names)
+    if not args.no_class_map and names:
+        class_map = class_map_from_names(names, bank)
+    names = dict(names)
     if class_map is None:
         names.update({v: k for k, v in bank.category_ids().items() if v not in names})
     options = {k: v for k, v in (("n", args.paste_n), ("blend", args.blend), ("harmonize", args.harmonize))
@@ -84,23 +92,21 @@ def run(args: argparse.Namespace) -> int:
         options["sampler_classes"] = sorted(class_map)
     engine = PasteEngine(bank, config=make_config(None, options), class_map=class_map)
 
-    rng = np.random.default_rng(args.seed)
-    chosen = rng.choice(len(images), size=min(args.n, len(images)), replace=False)
     tiles, captions = [], []
-    for idx in chosen:
-        path = images[int(idx)]
-        try:
-            img = read_rgb(path)
-        except DatasetError as e:
-            logger.warning("skipping %s", e)
-            continue
+    for path, img, labels in samples:
+        if img is None:
+            try:
+                img = read_rgb(path)
+            except DatasetError as e:
+                logger.warning("skipping %s", e)
+                continue
         h, w = img.shape[:2]
-        sample = ds.read_labels(path)
-        targets = sample.targets(w, h)
+        targets = labels if isinstance(labels, Targets) else labels.targets(w, h)
         res = engine(img, targets, rng, channel_order="rgb")
         t = res.targets
         if args.with_original:
-            tiles.append(draw_labels(img, targets.boxes, targets.classes, polygons=targets.polygons, names=names))
+            tiles.append(draw_labels(img, targets.boxes, targets.classes, masks=targets.masks,
+                                     polygons=targets.polygons, names=names))
             captions.append(f"{path.name} (original)")
         tiles.append(draw_labels(res.image, t.boxes, t.classes, masks=t.masks, polygons=t.polygons,
                                  names=names, pasted=res.pasted))
@@ -116,3 +122,54 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out}: cannot write the picture (unknown extension or unwritable folder)")
     print(f"wrote {out} ({len(tiles)} tiles, {grid.shape[1]}x{grid.shape[0]})")
     return 0
+
+
+def _mask_samples(data: str, split: str, n: int, rng: np.random.Generator) -> tuple[dict[int, str], list]:
+    """``n`` random images of a COCO json / VOC dataset (read by the harvest readers) as (path, RGB image,
+    Targets with one full-image mask per object); uniform over the dataset in one pass (reservoir sampling)."""
+    from genval_aug.datasets import ImageError, read_rgb
+    from genval_aug.harvest.core import Harvester
+    from genval_aug.harvest.formats import open_source
+    from genval_aug.paste import Targets
+
+    try:
+        source = open_source(data, split=split)
+    except DatasetError:
+        if split != "train":  # a VOC folder without ImageSets/Segmentation/train.txt: the default means all
+            raise
+        source = open_source(data, split=None)
+    keep: list = []
+    for i, sample in enumerate(source):
+        if i < n:
+            keep.append(sample)
+        elif (j := int(rng.integers(0, i + 1))) < n:
+            keep[j] = sample
+    cutter = Harvester()
+    out = []
+    for sample in keep:
+        try:
+            img = sample.image if sample.image is not None else read_rgb(sample.path)
+        except (DatasetError, ImageError) as e:
+            logger.warning("skipping %s", e)
+            continue
+        H, W = img.shape[:2]
+        masks, classes = [], []
+        for ann in sample.annotations:
+            if ann.box is not None and ann.polygons is None and ann.mask is None:
+                continue  # box-only annotations would need GrabCut: not drawn in a preview
+            win, x, y = cutter.instance_mask(img, ann)
+            if win.size == 0 or not win.any():
+                continue
+            m = np.zeros((H, W), bool)
+            m[y:y + win.shape[0], x:x + win.shape[1]] = win >= 128
+            masks.append(m)
+            classes.append(ann.category_id)
+        boxes = np.zeros((len(masks), 4), np.float32)
+        for k, m in enumerate(masks):
+            ys, xs = np.nonzero(m)
+            boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        stack = np.stack(masks) if masks else np.zeros((0, H, W), bool)
+        out.append((sample.path, img, Targets(boxes, np.asarray(classes, np.int64), masks=stack)))
+    if not out:
+        raise DatasetError(f"{data}: none of the chosen images could be read")
+    return dict(source.names), out
