@@ -336,7 +336,11 @@ def _parse_sample(sample: Any, flat: list[Any], extra_fields: Mapping[str, Any])
         raise TargetsError(f"sample: expected exactly one image, found {len(images)}")
     boxes = [i for i, x in enumerate(flat) if isinstance(x, tv_tensors.BoundingBoxes)]
     if len(boxes) != 1:
-        raise TargetsError(f"sample: expected exactly one tv_tensors.BoundingBoxes, found {len(boxes)}")
+        hint = ""
+        if not boxes:  # e.g. the v1 detection references' targets: boxes as a plain tensor
+            hint = (" (wrap plain box tensors: tv_tensors.BoundingBoxes(boxes, format='XYXY', canvas_size=(H, W)), "
+                    "and masks as tv_tensors.Mask; torchvision datasets: wrap_dataset_for_transforms_v2)")
+        raise TargetsError(f"sample: expected exactly one tv_tensors.BoundingBoxes, found {len(boxes)}{hint}")
     bb = flat[boxes[0]]
     if bb.format.name not in _AXIS_ALIGNED:
         raise TargetsError(f"boxes: format {bb.format.name} is not supported (one of {_AXIS_ALIGNED})")

@@ -211,6 +211,7 @@ def test_bad_input_is_a_clear_error(bank_path, samples, tmp_path, caplog):
         "semantic": dict(target, masks=tv_tensors.Mask(torch.zeros(H, W, dtype=torch.uint8))),
         "no labels": {k: v for k, v in target.items() if k != "labels"},
         "scores": dict(target, scores=torch.ones(len(s.classes))),
+        "canvas_size=\\(H, W\\)": dict(target, boxes=torch.from_numpy(s.boxes)),  # v1-style plain tensor
     }
     for what, bad in cases.items():
         with pytest.raises(TargetsError, match=what.split()[0] if what != "lies outside" else "outside"):
