@@ -36,9 +36,9 @@ class BackendError(AgentError):
 
 class BackendUnavailableError(BackendError):
     """The backend could not answer *for now*: connection refused or reset, timeout, HTTP 408/409/425/429 or a
-    5xx other than 501, after the backend's own retries. Worth trying again later (the top-up worker does);
-    any other :class:`BackendError` (HTTP 400/401/403/404, a local ``generate()`` error, an unusable response
-    body) is permanent: the same request fails the same way."""
+    5xx other than 501, after the backend's own retries; a local model out of (GPU) memory. Worth trying again
+    later (the top-up worker does); any other :class:`BackendError` (HTTP 400/401/403/404, another local
+    ``generate()`` error, an unusable response body) is permanent: the same request fails the same way."""
 
 
 class BuildStageError(GenValAugError):

@@ -405,6 +405,35 @@ def test_transformers_chat_backend_batched_and_reloaded(tmp_path, torch_one_thre
         b.chat([{"role": "user", "content": [image_part(np.zeros((4, 4, 3), np.uint8))]}])
 
 
+def test_local_generate_out_of_memory_is_transient(torch_one_thread, monkeypatch):
+    """A GPU out-of-memory error in a local model is worth retrying later (the top-up worker shares the GPU with
+    training): BackendUnavailableError; other generate() failures stay permanent BackendErrors."""
+    import torch
+    from agents_support import tiny_llama
+
+    from genval_aug.agents.backends import TransformersChatBackend
+    from genval_aug.errors import BackendUnavailableError
+
+    model, tok = tiny_llama()
+    b = TransformersChatBackend(model, tok, max_new_tokens=4)
+    conv = [{"role": "user", "content": "u"}]
+
+    def oom(**kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model, "generate", oom)
+    with pytest.raises(BackendUnavailableError, match="out of memory"):
+        b.chat(conv)
+
+    def broken(**kw):
+        raise RuntimeError("shape mismatch in attention")
+
+    monkeypatch.setattr(model, "generate", broken)
+    with pytest.raises(BackendError, match="generate\\(\\) failed: shape mismatch") as e:
+        b.chat(conv)
+    assert not isinstance(e.value, BackendUnavailableError)
+
+
 def test_transformers_vision_backend_reads_data_url_images(tmp_path, torch_one_thread):
     from agents_support import tiny_qwen25_vl
 

@@ -13,9 +13,9 @@ record; a restart resumes from what the bank holds.
 Progress is stored in the bank (``InstanceBank(path).get_status("worker")``, ``genval-aug bank stats``).
 
 Errors: a chat server that is *unavailable* (:class:`~genval_aug.errors.BackendUnavailableError`: connection
-refused, timeout, HTTP 408/409/425/429/5xx after the backend's retries) is retried every poll interval, with
-``last_error`` in the status. Any other error (a permanent ``BackendError`` such as HTTP 400/401/403/404 for a
-wrong model name or key, a local ``generate()`` failure, a ``ConfigError``, a stage failing batch after batch)
+refused, timeout, HTTP 408/409/425/429/5xx after the backend's retries, a local model out of GPU memory) is
+retried every poll interval, with ``last_error`` in the status. Any other error (a permanent ``BackendError``
+such as HTTP 400/401/403/404 for a wrong model name or key, any other local ``generate()`` failure, a ``ConfigError``, a stage failing batch after batch)
 stops the worker: the status says ``state: failed`` with the ``error``, ``run_worker`` raises it and
 ``genval-aug worker`` exits with code 2.
 """

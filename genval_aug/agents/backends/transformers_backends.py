@@ -15,7 +15,7 @@ from genval_aug.agents.backends.base import (
     iter_parts,
     message_text,
 )
-from genval_aug.errors import BackendError, ConfigError
+from genval_aug.errors import BackendError, BackendUnavailableError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,19 @@ def _dtype_keyword(transformers_version: str) -> str:
     from packaging.version import Version
 
     return "dtype" if Version(transformers_version).release >= (4, 56) else "torch_dtype"
+
+
+def _generate_error(model: str, what: str, error: Exception) -> BackendError:
+    """The backend error for a failed local generation: running out of (GPU) memory is worth trying again later
+    (a top-up worker shares the GPU with training, whose memory use varies): ``BackendUnavailableError``;
+    anything else fails the same way every time: ``BackendError``."""
+    import torch
+
+    oom = isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    if oom:
+        return BackendUnavailableError(f"{model}: out of memory in {what} ({error}); retried later by the top-up "
+                                       "worker, or lower the batch size")
+    return BackendError(f"{model}: {what} failed: {error}")
 
 
 def _resolve_device(device: str | None) -> str:
@@ -188,7 +201,7 @@ class TransformersChatBackend(_GenerateMixin):
             with torch.inference_mode():
                 ids = self.model_obj.generate(**enc, **kw)
         except Exception as e:  # noqa: BLE001 - surface as a backend error naming the model
-            raise BackendError(f"{self.model}: generate() failed: {e}") from e
+            raise _generate_error(self.model, "generate()", e) from e
         new = ids[:, enc["input_ids"].shape[1]:]
         return self._replies(new, self.tokenizer.batch_decode(new, skip_special_tokens=True), kw, self.tokenizer)
 
@@ -250,6 +263,6 @@ class TransformersVisionBackend(_GenerateMixin):
             with torch.inference_mode():
                 ids = self.model_obj.generate(**enc, **kw)
         except Exception as e:  # noqa: BLE001
-            raise BackendError(f"{self.model}: processing or generate() failed: {e}") from e
+            raise _generate_error(self.model, "processing or generate()", e) from e
         new = ids[:, enc["input_ids"].shape[1]:]
         return self._replies(new, self.processor.batch_decode(new, skip_special_tokens=True), kw, tok)
