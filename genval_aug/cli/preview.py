@@ -131,6 +131,7 @@ def _mask_samples(data: str, split: str, n: int, rng: np.random.Generator) -> tu
     from genval_aug.harvest.core import Harvester
     from genval_aug.harvest.formats import open_source
     from genval_aug.paste import Targets
+    from genval_aug.paste.labels import mask_extent
 
     try:
         source = open_source(data, split=split)
@@ -153,23 +154,23 @@ def _mask_samples(data: str, split: str, n: int, rng: np.random.Generator) -> tu
             logger.warning("skipping %s", e)
             continue
         H, W = img.shape[:2]
-        masks, classes = [], []
+        masks, boxes, classes = [], [], []
         for ann in sample.annotations:
             if ann.box is not None and ann.polygons is None and ann.mask is None:
                 continue  # box-only annotations would need GrabCut: not drawn in a preview
             win, x, y = cutter.instance_mask(img, ann)
-            if win.size == 0 or not win.any():
+            local = win >= 128
+            ext = mask_extent(local) if local.size else None
+            if ext is None:
                 continue
             m = np.zeros((H, W), bool)
-            m[y:y + win.shape[0], x:x + win.shape[1]] = win >= 128
+            m[y:y + win.shape[0], x:x + win.shape[1]] = local
             masks.append(m)
+            boxes.append((x + ext[0], y + ext[1], x + ext[2], y + ext[3]))
             classes.append(ann.category_id)
-        boxes = np.zeros((len(masks), 4), np.float32)
-        for k, m in enumerate(masks):
-            ys, xs = np.nonzero(m)
-            boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         stack = np.stack(masks) if masks else np.zeros((0, H, W), bool)
-        out.append((sample.path, img, Targets(boxes, np.asarray(classes, np.int64), masks=stack)))
+        out.append((sample.path, img, Targets(np.asarray(boxes, np.float32).reshape(-1, 4),
+                                              np.asarray(classes, np.int64), masks=stack)))
     if not out:
         raise DatasetError(f"{data}: none of the chosen images could be read")
     return dict(source.names), out
