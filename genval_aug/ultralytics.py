@@ -362,7 +362,8 @@ class PasteSpec:
         # so Ultralytics' forked workers open their own (py-lmdb refuses inherited environments)
         cats = list(_instance_bank(self.bank).categories())
         filtered: list[str] = []
-        if getattr(dataset, "single_cls", False):
+        single = bool(getattr(dataset, "single_cls", False))
+        if single:
             mapping, unmapped = self._single_class_map(cats), []
         else:
             mapping, unmapped = build_class_map(cats, names, synonyms=self.synonyms, class_map=self.class_map,
@@ -386,7 +387,7 @@ class PasteSpec:
             if not mapping and not unsupported:
                 logger.warning("genval_aug: no bank category maps to a dataset class; nothing will be pasted")
             elif mapping:
-                shown = "0 (single_cls)" if getattr(dataset, "single_cls", False) else None
+                shown = "0 (single_cls)" if single else None
                 logger.info("genval_aug: pasting %s", ", ".join(f"{k}->{shown or names[v]}" for k, v in sorted(mapping.items())))
         polygons = bool(getattr(dataset, "use_segments", False))
         return YoloPaste(self.bank, self.options, mapping, polygons=polygons, seed=self.seed, cache_mb=self.cache_mb)
