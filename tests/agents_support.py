@@ -136,8 +136,8 @@ def byte_chars() -> list[str]:
 
 
 # transformers 4.x vs 5 (pyproject allows both; CI also runs these tests on the oldest 4.x it allows, see
-# `make test-compat`): 4.x BPE tokenizers read vocab/merges from files only, 5 takes them as objects and
-# silently swallows vocab_file=; 4.x VL configs are flat with rope_scaling, 5 nests text_config with
+# `make test-compat`): BPE tokenizers come from genval_aug.generation.tiny.bpe_tokenizer (4.x reads vocab/merges
+# from files only, 5 takes them as objects); 4.x VL configs are flat with rope_scaling, 5 nests text_config with
 # rope_parameters; the Qwen2.5-VL processor takes a video processor only in newer versions.
 def _transformers_major() -> int:
     import transformers
@@ -145,38 +145,11 @@ def _transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def _bpe_tokenizer(cls, vocab: dict[str, int], **kwargs):
-    """``cls`` (a byte-level BPE tokenizer class) with ``vocab`` and no merges, in any transformers version.
-    (genval_aug.generation.tiny.bpe_tokenizer does the same, but importing it needs diffusers, which the
-    agents tests must run without.)"""
-    import inspect
-    import os
-    import tempfile
-
-    if "vocab_file" not in inspect.signature(cls.__init__).parameters:
-        return cls(vocab=vocab, merges=[], **kwargs)
-    with tempfile.TemporaryDirectory() as d:
-        vocab_file, merges_file = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
-        with open(vocab_file, "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
-        with open(merges_file, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        return cls(vocab_file, merges_file, **kwargs)
-
-
 def tiny_clip_tokenizer(max_length: int = 77):
     """Byte-level CLIPTokenizer: every byte one token (+ ``</w>`` forms), start/end tokens added."""
-    from transformers import CLIPTokenizer
+    from genval_aug.generation.tiny import tiny_clip_tokenizer as tiny
 
-    chars = byte_chars()
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    for c in chars:
-        vocab.setdefault(c + "</w>", len(vocab))
-    tok = _bpe_tokenizer(CLIPTokenizer, vocab, model_max_length=max_length, pad_token="!")
-    assert len(tok) == 514, len(tok)
-    return tok
+    return tiny(max_length)
 
 
 CHAT_TEMPLATE = (
@@ -233,12 +206,14 @@ def tiny_qwen25_vl(seed: int = 0):
         Qwen2VLImageProcessor,
     )
 
+    from genval_aug.generation.tiny import bpe_tokenizer
+
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
     vocab = {s: i for i, s in enumerate(specials)}
     for c in byte_chars():
         vocab.setdefault(c, len(vocab))
-    tok = _bpe_tokenizer(Qwen2Tokenizer, vocab, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    tok = bpe_tokenizer(Qwen2Tokenizer, vocab, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                          additional_special_tokens=specials[1:])
     assert len(tok) == 263, len(tok)
     ip = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,

@@ -10,11 +10,12 @@ import inspect
 import json
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .models.transparent_vae import TransparentVAEDecoder
+if TYPE_CHECKING:  # imported where used: the tokenizers here must not need diffusers (the agents tests use them)
+    from .models.transparent_vae import TransparentVAEDecoder
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -119,6 +120,8 @@ TINY_DECODER_CONFIG = dict(block_out_channels=(4, 4, 8, 8, 8, 8, 8), layers_per_
 def tiny_decoder(seed: int = 0, alpha_bias: float = 0.5) -> TransparentVAEDecoder:
     """Random narrow decoder of the published depth; ``alpha_bias`` lifts the alpha output so that random
     weights give a non-empty foreground."""
+    from .models.transparent_vae import TransparentVAEDecoder
+
     torch.manual_seed(seed)
     dec = TransparentVAEDecoder(**TINY_DECODER_CONFIG)
     with torch.no_grad():
