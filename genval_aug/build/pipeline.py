@@ -426,7 +426,8 @@ class BankBuilder:
                 fresh = [p for p in got if isinstance(p, str) and p.strip()]
                 have = short.get(spec.name, [])
                 # cached prompts first (and kept when the maker fails), new distinct ones after, up to n
-                prompts = (have + [p for p in dict.fromkeys(fresh) if p not in set(have)])[:max(pc.n, len(have))]
+                cached = set(have)
+                prompts = (have + [p for p in dict.fromkeys(fresh) if p not in cached])[:max(pc.n, len(have))]
                 if not prompts:
                     failed.add(spec.name)
                     report.rejected["prompt_error"] += 1
