@@ -21,9 +21,10 @@ and writable handles are closed just before the process forks (``os.register_at_
 for reads and commits in other threads to finish, up to ``FORK_READ_WAIT`` s; a read still running then starts
 again once through a fresh handle); they reopen lazily. Closing only in the child is no option: LMDB allows
 an environment (its close included) only in the process that opened it ("not after fork()"), and py-lmdb's own
-locks inherited over fork may be held by a parent thread that does not exist in the child. Resizing the map (a writer's growth, or adopting another
-process's), replacing a read-only handle by a writable one and closing the handle likewise wait for the
-process's other reads: LMDB allows a resize only without open transactions, and a closed env fails them.
+locks inherited over fork may be held by a parent thread that does not exist in the child. Resizing the map (a
+writer's growth, or adopting another process's), replacing a read-only handle by a writable one and closing the
+handle likewise wait for the process's other reads: LMDB allows a resize only without open transactions, and a
+closed env fails them.
 """
 from __future__ import annotations
 
